@@ -1,0 +1,779 @@
+//! The process port: one worker OS process, its protocol channel, its logs and its death.
+//!
+//! [`ProcessPort::spawn`] starts the command with an explicit environment, the protocol channel
+//! (fds 3/4, or stdin/stdout), its own process group and a parent-death signal, then performs the
+//! init-ping handshake under a timeout. Requests go out through one writer; a reader task routes
+//! replies to their requests by id. Any violation poisons the port: the process group is killed
+//! and every request in flight fails with a typed error. Dropping the port kills the group; a
+//! reaper task always collects the exit status.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use wharf_protocol::message::{FromWorker, InitStatus, ToWorker, Value, PROTOCOL_VERSION};
+use wharf_protocol::{MessageCodec, DEFAULT_MAX_FRAME};
+
+use super::error::{ExitInfo, PortError};
+use super::logs::{self, Stream, Tail};
+
+/// Environment variables a worker inherits by default (when set); everything else is explicit.
+pub const DEFAULT_INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "VIRTUAL_ENV",
+];
+
+/// Where the protocol's frames travel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Channel {
+    /// Frames on fd 3 (to the worker) and fd 4 (from the worker); stdout and stderr are logs.
+    #[default]
+    Fds,
+    /// Frames on stdin and stdout; stderr is a log.
+    Stdio,
+}
+
+/// How to start a worker process.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    /// The program to run (looked up on the worker's `PATH`).
+    pub program: OsString,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// The worker's whole environment, besides the `WHARF_*` variables the port adds.
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory; the runtime's own if `None`.
+    pub cwd: Option<PathBuf>,
+    /// Where frames travel.
+    pub channel: Channel,
+    /// Largest payload either side may send.
+    pub max_frame: usize,
+    /// How long the worker may take to answer the init ping.
+    pub init_timeout: Duration,
+    /// The worker's name in logs and in `WHARF_WORKER_ID`.
+    pub worker_id: String,
+}
+
+impl ProcessSpec {
+    /// A spec for `program` with the default environment ([`DEFAULT_INHERITED_ENV`]), the `fds`
+    /// channel, the default max frame and a 30 s init timeout.
+    pub fn new(program: impl Into<OsString>) -> Self {
+        let env = DEFAULT_INHERITED_ENV
+            .iter()
+            .filter_map(|k| std::env::var_os(k).map(|v| (OsString::from(k), v)))
+            .collect();
+        Self {
+            program: program.into(),
+            args: Vec::new(),
+            env,
+            cwd: None,
+            channel: Channel::Fds,
+            max_frame: DEFAULT_MAX_FRAME,
+            init_timeout: Duration::from_secs(30),
+            worker_id: "worker".into(),
+        }
+    }
+
+    /// Builds a spec from a command line: the program followed by its arguments.
+    pub fn from_argv<I, S>(argv: I) -> Option<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let mut it = argv.into_iter().map(Into::into);
+        let mut spec = Self::new(it.next()?);
+        spec.args = it.collect();
+        Some(spec)
+    }
+
+    /// Adds arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets one environment variable.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        let key = key.into();
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.into()));
+        self
+    }
+
+    /// Sets the channel.
+    pub fn channel(mut self, channel: Channel) -> Self {
+        self.channel = channel;
+        self
+    }
+
+    /// Sets the init timeout.
+    pub fn init_timeout(mut self, timeout: Duration) -> Self {
+        self.init_timeout = timeout;
+        self
+    }
+
+    /// Sets the max frame.
+    pub fn max_frame(mut self, max_frame: usize) -> Self {
+        self.max_frame = max_frame;
+        self
+    }
+
+    /// Sets the worker's name.
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = id.into();
+        self
+    }
+
+    fn program_name(&self) -> String {
+        self.program.to_string_lossy().into_owned()
+    }
+}
+
+/// What a worker said of itself in its init pong.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    /// Its process id as it sees it.
+    pub pid: u32,
+    /// The protocol version it speaks.
+    pub version: u32,
+    /// The methods it offers.
+    pub methods: Vec<String>,
+}
+
+/// One event of a streamed call.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// A chunk, in order.
+    Chunk {
+        /// Its position in the stream.
+        seq: u64,
+        /// The piece.
+        body: Value,
+    },
+    /// The end of the stream: the call's result.
+    End(Result<Value, PortError>),
+}
+
+/// Where a reply goes.
+enum Slot {
+    Init(oneshot::Sender<Result<FromWorker, PortError>>),
+    Unary(oneshot::Sender<Result<Value, PortError>>),
+    Stream(mpsc::UnboundedSender<StreamEvent>),
+    Control(oneshot::Sender<Result<(), PortError>>),
+}
+
+impl Slot {
+    fn fail(self, err: PortError) {
+        match self {
+            Slot::Init(tx) => drop(tx.send(Err(err))),
+            Slot::Unary(tx) => drop(tx.send(Err(err))),
+            Slot::Stream(tx) => drop(tx.send(StreamEvent::End(Err(err)))),
+            Slot::Control(tx) => drop(tx.send(Err(err))),
+        }
+    }
+}
+
+/// Requests in flight, and why the port closed if it did.
+#[derive(Default)]
+struct Pending {
+    slots: HashMap<u64, Slot>,
+    closed: Option<PortError>,
+}
+
+/// State shared between the port and its tasks.
+struct Shared {
+    worker_id: String,
+    pgid: i32,
+    pending: Mutex<Pending>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    stderr: Tail,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn signal_group(&self, signal: Signal) {
+        // ESRCH (the group is already gone) is the expected outcome once the worker has exited.
+        let _ = killpg(Pid::from_raw(self.pgid), signal);
+    }
+
+    /// Waits up to `limit` for the process to be reaped; returns its status if it was.
+    async fn wait_exit(&self, limit: Duration) -> Option<ExitStatus> {
+        let mut exit = self.exit.clone();
+        let reaped = tokio::time::timeout(limit, exit.wait_for(Option::is_some)).await;
+        match reaped {
+            Ok(Ok(status)) => *status,
+            _ => *self.exit.borrow(),
+        }
+    }
+
+    async fn exit_info(&self, limit: Duration) -> ExitInfo {
+        let status = self.wait_exit(limit).await;
+        ExitInfo {
+            status,
+            stderr_tail: self.stderr.lines(),
+        }
+    }
+
+    /// Closes the port for good: kills the group and fails every request in flight.
+    fn poison(&self, err: PortError) {
+        self.signal_group(Signal::SIGKILL);
+        let slots = {
+            let mut pending = self.pending();
+            if pending.closed.is_none() {
+                pending.closed = Some(err.clone());
+            }
+            std::mem::take(&mut pending.slots)
+        };
+        for (_, slot) in slots {
+            slot.fail(err.clone());
+        }
+    }
+}
+
+type Writer = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, MessageCodec<FromWorker, ToWorker>>;
+
+/// One running worker process and its protocol channel.
+///
+/// Cheap operations take `&self`, so one port can serve a call while it is pinged or cancelled.
+/// Dropping the port SIGKILLs the worker's process group.
+pub struct ProcessPort {
+    shared: Arc<Shared>,
+    writer: tokio::sync::Mutex<Writer>,
+    next_id: AtomicU64,
+    pid: u32,
+    info: WorkerInfo,
+}
+
+impl std::fmt::Debug for ProcessPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessPort")
+            .field("worker_id", &self.shared.worker_id)
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+impl Drop for ProcessPort {
+    fn drop(&mut self) {
+        // Kept in Drop so an actor that is killed (and skips its post_stop) still leaves no
+        // process behind. The reaper task collects the status.
+        self.shared.signal_group(Signal::SIGKILL);
+    }
+}
+
+/// Makes a pipe whose two ends are close-on-exec and numbered 10 or above, so that placing the
+/// child's ends on fds 3 and 4 can never clobber one with the other.
+fn high_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let lift = |fd: OwnedFd| -> std::io::Result<OwnedFd> {
+        let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+        // SAFETY: fcntl just returned this new descriptor, which nothing else owns.
+        Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+    };
+    Ok((lift(r)?, lift(w)?))
+}
+
+impl ProcessPort {
+    /// Spawns the worker and performs the init handshake; returns once the worker is ready.
+    pub async fn spawn(spec: &ProcessSpec) -> Result<Self, PortError> {
+        let mut cmd = Command::new(&spec.program);
+        cmd.args(&spec.args)
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .env("WHARF_MAX_FRAME", spec.max_frame.to_string())
+            .env("WHARF_WORKER_ID", &spec.worker_id)
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(cwd) = &spec.cwd {
+            cmd.current_dir(cwd);
+        }
+
+        let mut child_fds: Option<(OwnedFd, OwnedFd)> = None;
+        let mut parent_fds: Option<(OwnedFd, OwnedFd)> = None;
+        let spawn_err = |e: std::io::Error| PortError::SpawnFailed {
+            program: spec.program_name(),
+            reason: e.to_string(),
+        };
+        match spec.channel {
+            Channel::Fds => {
+                let (to_r, to_w) = high_pipe().map_err(spawn_err)?;
+                let (from_r, from_w) = high_pipe().map_err(spawn_err)?;
+                let (cr, cw) = (to_r.as_raw_fd(), from_w.as_raw_fd());
+                cmd.env("WHARF_CHANNEL", "fds")
+                    .env("WHARF_FD_IN", "3")
+                    .env("WHARF_FD_OUT", "4")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped());
+                // SAFETY: the closure runs in the forked child before exec and only calls
+                // async-signal-safe functions (dup2, prctl, getppid).
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if libc::dup2(cr, 3) < 0 || libc::dup2(cw, 4) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        set_parent_death_signal()
+                    });
+                }
+                child_fds = Some((to_r, from_w));
+                parent_fds = Some((from_r, to_w));
+            }
+            Channel::Stdio => {
+                cmd.env("WHARF_CHANNEL", "stdio")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped());
+                // SAFETY: as above; prctl and getppid are async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(set_parent_death_signal);
+                }
+            }
+        }
+
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        drop(child_fds); // the child holds its own copies now
+        let pid = child.id().ok_or_else(|| PortError::SpawnFailed {
+            program: spec.program_name(),
+            reason: "child exited before its pid was read".into(),
+        })?;
+
+        let stderr_tail = Tail::default();
+        let worker_id = spec.worker_id.clone();
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(logs::forward(
+                err,
+                worker_id.clone(),
+                Stream::Stderr,
+                Some(stderr_tail.clone()),
+            ));
+        }
+        let (input, output): (Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>) =
+            match parent_fds {
+                Some((from_r, to_w)) => {
+                    if let Some(out) = child.stdout.take() {
+                        tokio::spawn(logs::forward(out, worker_id.clone(), Stream::Stdout, None));
+                    }
+                    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(from_r).map_err(spawn_err)?;
+                    let tx = tokio::net::unix::pipe::Sender::from_owned_fd(to_w).map_err(spawn_err)?;
+                    (Box::new(rx), Box::new(tx))
+                }
+                None => {
+                    let out = child.stdout.take().expect("stdout is piped");
+                    let inp = child.stdin.take().expect("stdin is piped");
+                    (Box::new(out), Box::new(inp))
+                }
+            };
+
+        // The reaper owns the child and publishes its exit status.
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            let _ = exit_tx.send(status);
+        });
+
+        let shared = Arc::new(Shared {
+            worker_id: worker_id.clone(),
+            pgid: pid as i32,
+            pending: Mutex::new(Pending::default()),
+            exit: exit_rx,
+            stderr: stderr_tail,
+        });
+        let codec = MessageCodec::<FromWorker, ToWorker>::new(spec.max_frame);
+        tokio::spawn(read_loop(
+            FramedRead::new(input, codec.clone()),
+            shared.clone(),
+        ));
+
+        let mut port = ProcessPort {
+            shared,
+            writer: tokio::sync::Mutex::new(FramedWrite::new(output, codec)),
+            next_id: AtomicU64::new(1),
+            pid,
+            info: WorkerInfo {
+                pid,
+                version: PROTOCOL_VERSION,
+                methods: Vec::new(),
+            },
+        };
+        port.info = port.handshake(spec.init_timeout).await?;
+        tracing::debug!(worker = %worker_id, pid, "worker ready");
+        Ok(port)
+    }
+
+    async fn handshake(&self, timeout: Duration) -> Result<WorkerInfo, PortError> {
+        let (tx, rx) = oneshot::channel();
+        self.register(0, Slot::Init(tx))?;
+        let ping = ToWorker::Init {
+            id: 0,
+            version: PROTOCOL_VERSION,
+        };
+        // A worker that dies at once makes this write fail; the reader reports why, below.
+        let _ = self.send(&ping).await;
+        let pong = match tokio::time::timeout(timeout, rx).await {
+            Err(_) => {
+                self.shared.poison(PortError::Closed);
+                let info = self.shared.exit_info(Duration::from_secs(2)).await;
+                return Err(PortError::InitTimeout { after: timeout, info });
+            }
+            Ok(Err(_)) => return Err(PortError::Closed),
+            Ok(Ok(Err(PortError::WorkerDied(_)))) => {
+                let info = self.shared.exit_info(Duration::from_secs(2)).await;
+                return Err(PortError::ExitedBeforeReady(info));
+            }
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Ok(Ok(pong))) => pong,
+        };
+        match pong {
+            FromWorker::InitPong {
+                status: InitStatus::Ok,
+                version,
+                pid,
+                methods,
+                ..
+            } => {
+                if version != PROTOCOL_VERSION {
+                    let err = PortError::IncompatibleVersion {
+                        worker: version,
+                        runtime: PROTOCOL_VERSION,
+                    };
+                    self.shared.poison(err.clone());
+                    return Err(err);
+                }
+                Ok(WorkerInfo { pid, version, methods })
+            }
+            FromWorker::InitPong { message, .. } => {
+                let err = PortError::InitRefused {
+                    message: message.unwrap_or_else(|| "no reason given".into()),
+                };
+                self.shared.poison(err.clone());
+                Err(err)
+            }
+            other => {
+                let err = PortError::ProtocolViolation {
+                    reason: format!("expected init_pong, got {other:?}"),
+                };
+                self.shared.poison(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    fn register(&self, id: u64, slot: Slot) -> Result<(), PortError> {
+        let mut pending = self.shared.pending();
+        if let Some(err) = &pending.closed {
+            return Err(err.clone());
+        }
+        pending.slots.insert(id, slot);
+        Ok(())
+    }
+
+    fn unregister(&self, id: u64) {
+        self.shared.pending().slots.remove(&id);
+    }
+
+    async fn send(&self, msg: &ToWorker) -> Result<(), PortError> {
+        let mut writer = self.writer.lock().await;
+        match writer.send(msg).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_violation() => Err(PortError::from_protocol(&e)),
+            Err(_) => {
+                // The worker is gone (broken pipe): report it as the reader will.
+                drop(writer);
+                let info = self.shared.exit_info(Duration::from_secs(1)).await;
+                let err = PortError::WorkerDied(info);
+                self.shared.poison(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    /// Sends a request registered under `id`; on failure the registration is undone.
+    async fn request(&self, id: u64, slot: Slot, msg: &ToWorker) -> Result<(), PortError> {
+        self.register(id, slot)?;
+        let sent = self.send(msg).await;
+        if sent.is_err() {
+            self.unregister(id);
+        }
+        sent
+    }
+
+    /// Allocates a fresh request id.
+    pub fn next_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Calls `method` and waits for its one result. Chunks, if the worker streams, are a
+    /// protocol violation here: use [`ProcessPort::call_stream`].
+    ///
+    /// If the caller stops waiting, the reply is still read and discarded when it comes.
+    pub async fn call(
+        &self,
+        id: u64,
+        method: &str,
+        body: Value,
+        session: Option<String>,
+        deadline_ms: Option<u64>,
+    ) -> Result<Value, PortError> {
+        let (tx, rx) = oneshot::channel();
+        let msg = ToWorker::Call {
+            id,
+            method: method.to_owned(),
+            body,
+            session,
+            deadline_ms,
+        };
+        self.request(id, Slot::Unary(tx), &msg).await?;
+        rx.await.unwrap_or(Err(PortError::Closed))
+    }
+
+    /// Calls `method` and returns its stream of chunks, ending with the call's result.
+    pub async fn call_stream(
+        &self,
+        id: u64,
+        method: &str,
+        body: Value,
+        session: Option<String>,
+        deadline_ms: Option<u64>,
+    ) -> Result<mpsc::UnboundedReceiver<StreamEvent>, PortError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let msg = ToWorker::Call {
+            id,
+            method: method.to_owned(),
+            body,
+            session,
+            deadline_ms,
+        };
+        self.request(id, Slot::Stream(tx), &msg).await?;
+        Ok(rx)
+    }
+
+    /// Pings the worker; fails if no pong comes within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), PortError> {
+        let id = self.next_request_id();
+        self.control(id, ToWorker::Ping { id }, timeout).await
+    }
+
+    /// Asks the worker to drop all per-session state; waits for its answer up to `timeout`.
+    pub async fn reset(&self, session: Option<String>, timeout: Duration) -> Result<(), PortError> {
+        let id = self.next_request_id();
+        self.control(id, ToWorker::Reset { id, session }, timeout).await
+    }
+
+    async fn control(&self, id: u64, msg: ToWorker, timeout: Duration) -> Result<(), PortError> {
+        let (tx, rx) = oneshot::channel();
+        self.request(id, Slot::Control(tx), &msg).await?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(PortError::Closed),
+            Err(_) => Err(PortError::Timeout(timeout)),
+        }
+    }
+
+    /// Asks the worker to stop the call `id` early (best effort; its reply still comes).
+    pub async fn cancel(&self, id: u64) -> Result<(), PortError> {
+        self.send(&ToWorker::Cancel { id }).await
+    }
+
+    /// Stops the worker gracefully: `shutdown` message, `grace`, SIGTERM to the group, `grace`,
+    /// SIGKILL. Always reaps; returns how the worker ended.
+    pub async fn shutdown(&self, grace: Duration) -> ExitInfo {
+        let _ = tokio::time::timeout(grace, self.send(&ToWorker::Shutdown { id: None })).await;
+        // Closing our end of the channel is the worker's EOF, the dead-man switch.
+        let _ = tokio::time::timeout(grace, async { self.writer.lock().await.close().await }).await;
+        let mut status = self.shared.wait_exit(grace).await;
+        if status.is_none() {
+            self.shared.signal_group(Signal::SIGTERM);
+            status = self.shared.wait_exit(grace).await;
+        }
+        // SIGKILL the group in any case: grandchildren may outlive the leader.
+        self.shared.signal_group(Signal::SIGKILL);
+        if status.is_none() {
+            status = self.shared.wait_exit(Duration::from_secs(5)).await;
+        }
+        self.shared.poison(PortError::Closed);
+        ExitInfo {
+            status,
+            stderr_tail: self.shared.stderr.lines(),
+        }
+    }
+
+    /// SIGKILLs the worker's process group at once and waits (briefly) for the reap.
+    pub async fn kill(&self) -> ExitInfo {
+        self.shared.poison(PortError::Closed);
+        self.shared.exit_info(Duration::from_secs(5)).await
+    }
+
+    /// The worker's OS process id (also its process group id).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// What the worker said of itself in its init pong.
+    pub fn info(&self) -> &WorkerInfo {
+        &self.info
+    }
+
+    /// The worker's name in logs.
+    pub fn worker_id(&self) -> &str {
+        &self.shared.worker_id
+    }
+
+    /// Whether the port still accepts requests (the worker is alive and unpoisoned).
+    pub fn is_open(&self) -> bool {
+        self.shared.pending().closed.is_none() && self.shared.exit.borrow().is_none()
+    }
+
+    /// Why the port closed, if it did.
+    pub fn close_reason(&self) -> Option<PortError> {
+        self.shared.pending().closed.clone()
+    }
+
+    /// How many requests are waiting for a reply.
+    pub fn in_flight(&self) -> usize {
+        self.shared.pending().slots.len()
+    }
+
+    /// The exit status, once the worker has been reaped.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        *self.shared.exit.borrow()
+    }
+
+    /// Waits until the worker has been reaped, or the port has closed, whichever comes first.
+    pub async fn closed(&self) {
+        let mut exit = self.shared.exit.clone();
+        let _ = exit.wait_for(Option::is_some).await;
+    }
+
+    /// The last lines the worker wrote to stderr.
+    pub fn stderr_tail(&self) -> Vec<String> {
+        self.shared.stderr.lines()
+    }
+}
+
+fn set_parent_death_signal() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid are async-signal-safe and touch no memory.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The parent may have died between fork and prctl: then we were re-parented already.
+        if libc::getppid() == 1 {
+            libc::_exit(1);
+        }
+    }
+    Ok(())
+}
+
+/// Routes every frame from the worker to the request it answers; poisons the port on any
+/// violation or on EOF.
+async fn read_loop(
+    mut frames: FramedRead<Box<dyn AsyncRead + Send + Unpin>, MessageCodec<FromWorker, ToWorker>>,
+    shared: Arc<Shared>,
+) {
+    let failure = loop {
+        let msg = match frames.next().await {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                break PortError::ProtocolViolation {
+                    reason: e.to_string(),
+                }
+            }
+            None => {
+                // The worker closed its channel: it died, or it is useless. Make sure of the
+                // former, then tell every waiter how it ended.
+                shared.signal_group(Signal::SIGKILL);
+                let info = shared.exit_info(Duration::from_secs(2)).await;
+                break PortError::WorkerDied(info);
+            }
+        };
+        if let Err(violation) = route(&shared, msg) {
+            break violation;
+        }
+    };
+    tracing::debug!(worker = %shared.worker_id, error = %failure, "worker channel closed");
+    shared.poison(failure);
+}
+
+fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
+    let id = msg.id();
+    let mut pending = shared.pending();
+    let Some(slot) = pending.slots.remove(&id) else {
+        return Err(PortError::ProtocolViolation {
+            reason: format!("reply with unknown request id {id}: {}", describe(&msg)),
+        });
+    };
+    match (slot, msg) {
+        (Slot::Stream(tx), FromWorker::Chunk { seq, body, .. }) => {
+            let _ = tx.send(StreamEvent::Chunk { seq, body });
+            pending.slots.insert(id, Slot::Stream(tx));
+        }
+        (Slot::Stream(tx), FromWorker::Ok { body, .. }) => {
+            let _ = tx.send(StreamEvent::End(Ok(body)));
+        }
+        (Slot::Stream(tx), FromWorker::Error { kind, message, .. }) => {
+            let _ = tx.send(StreamEvent::End(Err(PortError::Remote { kind, message })));
+        }
+        (Slot::Unary(tx), FromWorker::Ok { body, .. }) => {
+            let _ = tx.send(Ok(body));
+        }
+        (Slot::Unary(tx), FromWorker::Error { kind, message, .. }) => {
+            let _ = tx.send(Err(PortError::Remote { kind, message }));
+        }
+        (Slot::Control(tx), FromWorker::Pong { .. } | FromWorker::Ok { .. }) => {
+            let _ = tx.send(Ok(()));
+        }
+        (Slot::Control(tx), FromWorker::Error { kind, message, .. }) => {
+            let _ = tx.send(Err(PortError::Remote { kind, message }));
+        }
+        (Slot::Init(tx), msg @ FromWorker::InitPong { .. }) => {
+            let _ = tx.send(Ok(msg));
+        }
+        (slot, msg) => {
+            let reason = format!("unexpected {} for request {id}", describe(&msg));
+            drop(pending);
+            slot.fail(PortError::ProtocolViolation {
+                reason: reason.clone(),
+            });
+            return Err(PortError::ProtocolViolation { reason });
+        }
+    }
+    Ok(())
+}
+
+fn describe(msg: &FromWorker) -> &'static str {
+    match msg {
+        FromWorker::InitPong { .. } => "init_pong",
+        FromWorker::Ok { .. } => "ok",
+        FromWorker::Error { .. } => "error",
+        FromWorker::Chunk { .. } => "chunk",
+        FromWorker::Pong { .. } => "pong",
+    }
+}

@@ -1,0 +1,326 @@
+//! A small Rust worker SDK: register handlers, then [`Worker::serve`] them on the channel the
+//! runtime set up (fds 3/4, or stdin/stdout in `stdio` mode), following `docs/protocol.md`.
+//!
+//! ```no_run
+//! use wharf_protocol::worker::{Worker, Value};
+//!
+//! Worker::new()
+//!     .method("echo", |call| Ok(call.body.clone()))
+//!     .serve()
+//!     .expect("worker failed");
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Write};
+
+use thiserror::Error;
+
+use crate::error::ProtocolError;
+use crate::frame::{decode, encode, read_frame, DEFAULT_MAX_FRAME};
+use crate::message::{kinds, FromWorker, InitStatus, ToWorker, PROTOCOL_VERSION};
+
+pub use crate::message::Value;
+
+/// What a handler sees of one call.
+#[derive(Debug, Clone)]
+pub struct Call {
+    /// Request id.
+    pub id: u64,
+    /// Method name.
+    pub method: String,
+    /// Argument.
+    pub body: Value,
+    /// Session the call belongs to, if any.
+    pub session: Option<String>,
+    /// The caller's remaining budget in milliseconds.
+    pub deadline_ms: Option<u64>,
+}
+
+/// An error a handler returns: becomes an `error` reply; the worker keeps serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    /// Error kind, e.g. `bad_request` or a type name.
+    pub kind: String,
+    /// Human-readable description.
+    pub message: String,
+}
+
+impl HandlerError {
+    /// A handler error of the given kind.
+    pub fn new(kind: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why [`Worker::serve`] stopped other than by a clean EOF or `shutdown`.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The environment describes a channel that cannot be used.
+    #[error("bad channel configuration: {0}")]
+    Config(String),
+    /// The init hook failed; the init pong reported it.
+    #[error("init failed: {0}")]
+    Init(String),
+    /// The runtime broke the protocol, or the channel failed.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Sends the chunks of a streamed result.
+pub struct ChunkSink<'a> {
+    out: &'a mut dyn Write,
+    id: u64,
+    seq: u64,
+    max_frame: usize,
+}
+
+impl ChunkSink<'_> {
+    /// Sends one chunk.
+    pub fn send(&mut self, body: Value) -> Result<(), ProtocolError> {
+        let msg = FromWorker::Chunk {
+            id: self.id,
+            seq: self.seq,
+            body,
+        };
+        self.seq += 1;
+        write_msg(self.out, &msg, self.max_frame)
+    }
+}
+
+type Unary = Box<dyn FnMut(&Call) -> Result<Value, HandlerError>>;
+type Streaming = Box<dyn FnMut(&Call, &mut ChunkSink<'_>) -> Result<Value, HandlerError>>;
+type Hook = Box<dyn FnMut() -> Result<(), HandlerError>>;
+
+enum Handler {
+    Unary(Unary),
+    Streaming(Streaming),
+}
+
+/// A worker: a set of handlers and hooks, served with [`Worker::serve`].
+#[derive(Default)]
+pub struct Worker {
+    handlers: BTreeMap<String, Handler>,
+    on_init: Vec<Hook>,
+    on_reset: Vec<Hook>,
+}
+
+impl Worker {
+    /// A worker with no methods yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a method whose handler returns one result.
+    pub fn method<F>(mut self, name: &str, handler: F) -> Self
+    where
+        F: FnMut(&Call) -> Result<Value, HandlerError> + 'static,
+    {
+        self.handlers
+            .insert(name.to_owned(), Handler::Unary(Box::new(handler)));
+        self
+    }
+
+    /// Registers a method that streams chunks through the sink, then returns a final result.
+    pub fn stream_method<F>(mut self, name: &str, handler: F) -> Self
+    where
+        F: FnMut(&Call, &mut ChunkSink<'_>) -> Result<Value, HandlerError> + 'static,
+    {
+        self.handlers
+            .insert(name.to_owned(), Handler::Streaming(Box::new(handler)));
+        self
+    }
+
+    /// Registers a hook run before the init pong is sent (heavy setup goes here).
+    pub fn on_init<F>(mut self, hook: F) -> Self
+    where
+        F: FnMut() -> Result<(), HandlerError> + 'static,
+    {
+        self.on_init.push(Box::new(hook));
+        self
+    }
+
+    /// Registers a hook run on `reset`: it must drop all per-session state.
+    pub fn on_reset<F>(mut self, hook: F) -> Self
+    where
+        F: FnMut() -> Result<(), HandlerError> + 'static,
+    {
+        self.on_reset.push(Box::new(hook));
+        self
+    }
+
+    /// Serves on the channel named by the environment (`WHARF_CHANNEL`, `WHARF_FD_IN`,
+    /// `WHARF_FD_OUT`, `WHARF_MAX_FRAME`). Returns on EOF or `shutdown`.
+    pub fn serve(self) -> Result<(), ServeError> {
+        let env = |k: &str| std::env::var(k).ok();
+        let max_frame = match env("WHARF_MAX_FRAME") {
+            Some(v) => v
+                .parse()
+                .map_err(|_| ServeError::Config(format!("WHARF_MAX_FRAME={v} is not a number")))?,
+            None => DEFAULT_MAX_FRAME,
+        };
+        match env("WHARF_CHANNEL").as_deref() {
+            None | Some("fds") => {
+                let fd = |k: &str, default: i32| -> Result<File, ServeError> {
+                    let n: i32 = match env(k) {
+                        Some(v) => v
+                            .parse()
+                            .map_err(|_| ServeError::Config(format!("{k}={v} is not an fd")))?,
+                        None => default,
+                    };
+                    open_fd(n)
+                };
+                let input = fd("WHARF_FD_IN", 3)?;
+                let output = fd("WHARF_FD_OUT", 4)?;
+                self.serve_on(BufReader::new(input), output, max_frame)
+            }
+            Some("stdio") => {
+                let stdin = std::io::stdin().lock();
+                let stdout = std::io::stdout().lock();
+                self.serve_on(stdin, stdout, max_frame)
+            }
+            Some(other) => Err(ServeError::Config(format!(
+                "WHARF_CHANNEL={other}: expected fds or stdio"
+            ))),
+        }
+    }
+
+    /// Serves on the given reader and writer. Returns on EOF or `shutdown`.
+    pub fn serve_on<R: Read, W: Write>(
+        mut self,
+        mut input: R,
+        mut output: W,
+        max_frame: usize,
+    ) -> Result<(), ServeError> {
+        while let Some(payload) = read_frame(&mut input, max_frame)? {
+            let msg: ToWorker = decode(&payload)?;
+            match msg {
+                ToWorker::Init { id, .. } => {
+                    let failure = self
+                        .on_init
+                        .iter_mut()
+                        .find_map(|hook| hook().err())
+                        .map(|e| format!("{}: {}", e.kind, e.message));
+                    let pong = FromWorker::InitPong {
+                        id,
+                        status: if failure.is_some() {
+                            InitStatus::Error
+                        } else {
+                            InitStatus::Ok
+                        },
+                        version: PROTOCOL_VERSION,
+                        pid: std::process::id(),
+                        methods: self.handlers.keys().cloned().collect(),
+                        message: failure.clone(),
+                    };
+                    write_msg(&mut output, &pong, max_frame)?;
+                    if let Some(reason) = failure {
+                        return Err(ServeError::Init(reason));
+                    }
+                }
+                ToWorker::Call {
+                    id,
+                    method,
+                    body,
+                    session,
+                    deadline_ms,
+                } => {
+                    let call = Call {
+                        id,
+                        method,
+                        body,
+                        session,
+                        deadline_ms,
+                    };
+                    let result = match self.handlers.get_mut(&call.method) {
+                        None => Err(HandlerError::new(
+                            kinds::UNKNOWN_METHOD,
+                            format!("no method named {:?}", call.method),
+                        )),
+                        Some(Handler::Unary(f)) => f(&call),
+                        Some(Handler::Streaming(f)) => {
+                            let mut sink = ChunkSink {
+                                out: &mut output,
+                                id,
+                                seq: 0,
+                                max_frame,
+                            };
+                            f(&call, &mut sink)
+                        }
+                    };
+                    reply(&mut output, id, result, max_frame)?;
+                }
+                ToWorker::Reset { id, .. } => {
+                    let result = self
+                        .on_reset
+                        .iter_mut()
+                        .find_map(|hook| hook().err())
+                        .map_or(Ok(Value::Nil), Err);
+                    reply(&mut output, id, result, max_frame)?;
+                }
+                ToWorker::Ping { id } => write_msg(&mut output, &FromWorker::Pong { id }, max_frame)?,
+                // Calls run one at a time, so the call a cancel names has already finished.
+                ToWorker::Cancel { .. } => {}
+                ToWorker::Shutdown { .. } => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reply(
+    out: &mut dyn Write,
+    id: u64,
+    result: Result<Value, HandlerError>,
+    max_frame: usize,
+) -> Result<(), ProtocolError> {
+    let msg = match result {
+        Ok(body) => FromWorker::Ok { id, body },
+        Err(e) => FromWorker::Error {
+            id,
+            kind: e.kind,
+            message: e.message,
+        },
+    };
+    match write_msg(out, &msg, max_frame) {
+        Err(ProtocolError::Encode { reason }) => {
+            let msg = FromWorker::Error {
+                id,
+                kind: kinds::FRAME_TOO_LARGE.to_owned(),
+                message: reason,
+            };
+            write_msg(out, &msg, max_frame)
+        }
+        other => other,
+    }
+}
+
+fn write_msg(out: &mut dyn Write, msg: &FromWorker, max_frame: usize) -> Result<(), ProtocolError> {
+    let frame = encode(msg, max_frame)?;
+    out.write_all(&frame)?;
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn open_fd(fd: i32) -> Result<File, ServeError> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fcntl(F_GETFD) only queries the descriptor; it fails with EBADF if it is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(ServeError::Config(format!(
+            "fd {fd} is not open: start this worker under the wharf runtime, or set WHARF_CHANNEL=stdio"
+        )));
+    }
+    // SAFETY: the runtime handed this descriptor to us for our exclusive use; it is open (checked
+    // above) and nothing else in the process owns it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(not(unix))]
+fn open_fd(_fd: i32) -> Result<File, ServeError> {
+    Err(ServeError::Config("fds mode needs a unix system; use WHARF_CHANNEL=stdio".into()))
+}
