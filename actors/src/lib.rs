@@ -1,6 +1,12 @@
 //! # wharf-actors
 //!
-//! The lifecycle layer of wharf: [`port`] owns one external worker process and its protocol
-//! channel. This crate knows nothing of checkout: it starts, watches and stops workers.
+//! The lifecycle layer of wharf. [`port`] owns one external worker process and its protocol
+//! channel; [`worker`] is the actor that owns one port; [`supervisor`] starts, watches and
+//! restarts a pool's workers under the policy in [`restart`]. This crate knows nothing of
+//! checkout: it tells its embedder of ready and exited workers through
+//! [`supervisor::PoolEvents`].
 
 pub mod port;
+pub mod restart;
+pub mod supervisor;
+pub mod worker;

@@ -212,6 +212,8 @@ struct Shared {
     pending: Mutex<Pending>,
     exit: watch::Receiver<Option<ExitStatus>>,
     stderr: Tail,
+    /// Woken whenever a request leaves `pending`.
+    settled: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -255,6 +257,7 @@ impl Shared {
         for (_, slot) in slots {
             slot.fail(err.clone());
         }
+        self.settled.notify_waiters();
     }
 }
 
@@ -404,6 +407,7 @@ impl ProcessPort {
             pending: Mutex::new(Pending::default()),
             exit: exit_rx,
             stderr: stderr_tail,
+            settled: tokio::sync::Notify::new(),
         });
         let codec = MessageCodec::<FromWorker, ToWorker>::new(spec.max_frame);
         tokio::spawn(read_loop(
@@ -496,6 +500,7 @@ impl ProcessPort {
 
     fn unregister(&self, id: u64) {
         self.shared.pending().slots.remove(&id);
+        self.shared.settled.notify_waiters();
     }
 
     async fn send(&self, msg: &ToWorker) -> Result<(), PortError> {
@@ -660,6 +665,27 @@ impl ProcessPort {
         self.shared.pending().slots.len()
     }
 
+    /// Waits until no request is in flight (every reply has come, or the port closed). Frames
+    /// still buffered by an abandoned send are flushed first, so their replies can come.
+    pub async fn quiesce(&self) {
+        let _ = self.writer.lock().await.flush().await;
+        loop {
+            let settled = self.shared.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
+
+    /// SIGKILLs the worker's process group now and fails every request in flight with `reason`.
+    /// Synchronous, for Drop guards and for callers that must not wait.
+    pub fn terminate(&self, reason: PortError) {
+        self.shared.poison(reason);
+    }
+
     /// The exit status, once the worker has been reaped.
     pub fn exit_status(&self) -> Option<ExitStatus> {
         *self.shared.exit.borrow()
@@ -669,6 +695,14 @@ impl ProcessPort {
     pub async fn closed(&self) {
         let mut exit = self.shared.exit.clone();
         let _ = exit.wait_for(Option::is_some).await;
+    }
+
+    /// A future, independent of the port's lifetime, that completes once the worker is reaped.
+    pub fn closed_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut exit = self.shared.exit.clone();
+        async move {
+            let _ = exit.wait_for(Option::is_some).await;
+        }
     }
 
     /// The last lines the worker wrote to stderr.
@@ -714,7 +748,9 @@ async fn read_loop(
                 break PortError::WorkerDied(info);
             }
         };
-        if let Err(violation) = route(&shared, msg) {
+        let routed = route(&shared, msg);
+        shared.settled.notify_waiters();
+        if let Err(violation) = routed {
             break violation;
         }
     };

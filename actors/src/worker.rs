@@ -1,0 +1,390 @@
+//! The worker actor: owns one port for the life of one worker process.
+//!
+//! Its `pre_start` launches the process and performs the init handshake (under the port's init
+//! timeout), so a supervisor that spawns it from a separate task never waits on a start. While it
+//! runs it pings the worker when idle, notices when the process dies, and retires it on request.
+//! It stops itself when its worker is gone; its supervisor learns why from [`WorkerShared`].
+//!
+//! Calls do not pass through the actor's mailbox: a [`WorkerHandle`] gives the port to whoever
+//! holds the worker (one caller at a time, by the pool's checkout), and the actor stays on the
+//! lifecycle path only.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::port::{PortError, ProcessPort, ProcessSpec};
+
+/// A worker's place in its pool's lifecycle, as the pool sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum WorkerState {
+    /// Launching and waiting for the init pong.
+    Starting = 0,
+    /// Ready and idle, waiting for a caller.
+    Ready = 1,
+    /// Checked out by a caller.
+    Busy = 2,
+    /// Finishing an abandoned call before it can be reused.
+    Draining = 3,
+    /// Being stopped (retired, shut down).
+    Stopping = 4,
+    /// Gone.
+    Dead = 5,
+}
+
+impl WorkerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Starting,
+            1 => Self::Ready,
+            2 => Self::Busy,
+            3 => Self::Draining,
+            4 => Self::Stopping,
+            _ => Self::Dead,
+        }
+    }
+}
+
+/// Why a worker ended.
+#[derive(Debug, Clone)]
+pub enum ExitKind {
+    /// It exited with status 0 by itself.
+    Normal,
+    /// It crashed, was killed from outside, closed its channel or broke the protocol.
+    Crashed(PortError),
+    /// It stopped answering health pings and was killed.
+    Unresponsive,
+    /// A call overran its deadline and the runtime killed it.
+    DeadlineKilled,
+    /// The runtime retired it (max calls, max lifetime, max RSS, session end policy, idle
+    /// overflow, or a call abandoned mid-flight that did not settle).
+    Recycled(String),
+    /// The supervisor stopped it (shutdown, or a sibling's restart under one_for_all or
+    /// rest_for_one).
+    Stopped,
+}
+
+impl ExitKind {
+    /// Whether this is an abnormal exit in OTP's sense (it decides transient restarts).
+    pub fn is_abnormal(&self) -> bool {
+        matches!(self, ExitKind::Crashed(_) | ExitKind::Unresponsive)
+    }
+
+    /// Whether the runtime itself ended the worker on purpose and wants it replaced at once,
+    /// outside the restart policy (no intensity, no backoff).
+    pub fn is_replacement(&self) -> bool {
+        matches!(self, ExitKind::DeadlineKilled | ExitKind::Recycled(_))
+    }
+}
+
+/// What a worker's actor and its holders share: its state, counters and how it ended.
+#[derive(Debug)]
+pub struct WorkerShared {
+    /// The worker's name, e.g. `pool-3.7` (slot 3, seventh start).
+    pub id: String,
+    /// Its slot in the supervisor.
+    pub slot: usize,
+    state: AtomicU8,
+    calls: AtomicU64,
+    started: Instant,
+    last_used_ms: AtomicU64,
+    exit: Mutex<Option<ExitKind>>,
+    port: OnceLock<Arc<ProcessPort>>,
+}
+
+impl WorkerShared {
+    /// A worker in the `Starting` state.
+    pub fn new(id: String, slot: usize) -> Self {
+        Self {
+            id,
+            slot,
+            state: AtomicU8::new(WorkerState::Starting as u8),
+            calls: AtomicU64::new(0),
+            started: Instant::now(),
+            last_used_ms: AtomicU64::new(0),
+            exit: Mutex::new(None),
+            port: OnceLock::new(),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state unconditionally.
+    pub fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u8, Ordering::Release);
+    }
+
+    /// Moves from `from` to `to` only if the state is still `from`.
+    pub fn transition(&self, from: WorkerState, to: WorkerState) -> bool {
+        self.state
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// Counts one call; returns the count so far.
+    pub fn count_call(&self) -> u64 {
+        self.calls.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Calls served so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// How long since the worker was launched.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Notes that the worker was just used (returned to the idle set).
+    pub fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_used_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the worker was last used (or launched).
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
+    fn set_port(&self, port: Arc<ProcessPort>) {
+        let _ = self.port.set(port);
+    }
+
+    /// The worker's port, once it has started.
+    pub fn port(&self) -> Option<&Arc<ProcessPort>> {
+        self.port.get()
+    }
+
+    /// Records why the worker ends; the first reason recorded wins.
+    pub fn record_exit(&self, kind: ExitKind) {
+        let mut exit = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if exit.is_none() {
+            *exit = Some(kind);
+        }
+    }
+
+    /// Why the worker ended, if it has.
+    pub fn exit_kind(&self) -> Option<ExitKind> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Everything needed to use a ready worker: its port, its shared state and its actor.
+#[derive(Debug, Clone)]
+pub struct WorkerHandle {
+    /// The worker's shared state.
+    pub shared: Arc<WorkerShared>,
+    /// The worker's port.
+    pub port: Arc<ProcessPort>,
+    /// The worker's actor.
+    pub actor: ActorRef<WorkerMsg>,
+}
+
+impl WorkerHandle {
+    /// Kills the worker at once (its actor then stops, and its supervisor replaces it).
+    pub fn kill(&self, kind: ExitKind) {
+        self.shared.record_exit(kind);
+        self.shared.set_state(WorkerState::Dead);
+        self.port.terminate(PortError::Closed);
+    }
+
+    /// Asks the actor to stop the worker gracefully and have it replaced.
+    pub fn retire(&self, reason: impl Into<String>) {
+        self.shared.set_state(WorkerState::Stopping);
+        self.shared.record_exit(ExitKind::Recycled(reason.into()));
+        if self.actor.cast(WorkerMsg::Retire).is_err() {
+            self.port.terminate(PortError::Closed);
+        }
+    }
+
+    /// Whether the worker can still serve.
+    pub fn is_alive(&self) -> bool {
+        self.shared.state() != WorkerState::Dead && self.port.is_open()
+    }
+}
+
+/// Health checking of idle workers.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthCheck {
+    /// How often an idle worker is pinged; `None` disables pings.
+    pub interval: Option<Duration>,
+    /// How long a ping may take.
+    pub timeout: Duration,
+    /// Consecutive missed pings after which the worker is declared dead.
+    pub max_missed: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval: Some(Duration::from_secs(5)),
+            timeout: Duration::from_secs(2),
+            max_missed: 2,
+        }
+    }
+}
+
+/// Messages to a worker actor.
+#[derive(Debug)]
+pub enum WorkerMsg {
+    /// The port closed: the worker died or was killed.
+    PortClosed,
+    /// Time to ping, if idle.
+    HealthTick,
+    /// Stop gracefully (shutdown message, grace, signals) and end the actor.
+    Retire,
+}
+
+/// What a worker actor is started with.
+pub struct WorkerArgs {
+    /// How to launch the process.
+    pub spec: ProcessSpec,
+    /// State shared with the supervisor and the pool.
+    pub shared: Arc<WorkerShared>,
+    /// Health checking.
+    pub health: HealthCheck,
+    /// Grace period for a graceful stop.
+    pub shutdown_grace: Duration,
+}
+
+/// The worker actor.
+#[derive(Debug, Default)]
+pub struct WorkerActor;
+
+/// The worker actor's state.
+pub struct WorkerActorState {
+    port: Arc<ProcessPort>,
+    shared: Arc<WorkerShared>,
+    health: HealthCheck,
+    shutdown_grace: Duration,
+    missed: u32,
+}
+
+impl WorkerActorState {
+    /// The worker's port.
+    pub fn port(&self) -> &Arc<ProcessPort> {
+        &self.port
+    }
+}
+
+impl Drop for WorkerActorState {
+    fn drop(&mut self) {
+        // An actor that is killed skips post_stop: the process group still dies with its state.
+        self.port.terminate(PortError::Closed);
+    }
+}
+
+impl Actor for WorkerActor {
+    type Msg = WorkerMsg;
+    type State = WorkerActorState;
+    type Arguments = WorkerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        args: WorkerArgs,
+    ) -> Result<WorkerActorState, ActorProcessingErr> {
+        let port = match ProcessPort::spawn(&args.spec).await {
+            Ok(port) => Arc::new(port),
+            Err(e) => {
+                args.shared.set_state(WorkerState::Dead);
+                return Err(Box::new(e));
+            }
+        };
+        args.shared.set_port(port.clone());
+        // Wait on a clone of the exit signal, not on the port, so the port is free to drop.
+        let closed = port.closed_signal();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            closed.await;
+            let _ = me.cast(WorkerMsg::PortClosed);
+        });
+        if let Some(interval) = args.health.interval {
+            myself.send_interval(interval, || WorkerMsg::HealthTick);
+        }
+        Ok(WorkerActorState {
+            port,
+            shared: args.shared,
+            health: args.health,
+            shutdown_grace: args.shutdown_grace,
+            missed: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<WorkerMsg>,
+        msg: WorkerMsg,
+        state: &mut WorkerActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WorkerMsg::PortClosed => {
+                let kind = match (state.port.exit_status(), state.port.close_reason()) {
+                    (_, Some(PortError::ProtocolViolation { reason })) => {
+                        ExitKind::Crashed(PortError::ProtocolViolation { reason })
+                    }
+                    (Some(status), _) if status.success() => ExitKind::Normal,
+                    _ => ExitKind::Crashed(PortError::WorkerDied(crate::port::ExitInfo {
+                        status: state.port.exit_status(),
+                        stderr_tail: state.port.stderr_tail(),
+                    })),
+                };
+                state.shared.record_exit(kind);
+                state.shared.set_state(WorkerState::Dead);
+                myself.stop(None);
+            }
+            WorkerMsg::HealthTick => {
+                if state.shared.state() != WorkerState::Ready {
+                    state.missed = 0;
+                    return Ok(());
+                }
+                let calls_before = state.shared.calls();
+                match state.port.ping(state.health.timeout).await {
+                    Ok(()) => state.missed = 0,
+                    // A caller took the worker while we pinged: the pong may wait behind its call.
+                    Err(_) if state.shared.calls() != calls_before => state.missed = 0,
+                    Err(PortError::Timeout(_)) => {
+                        state.missed += 1;
+                        tracing::warn!(worker = %state.shared.id, missed = state.missed, "worker missed a health ping");
+                        if state.missed >= state.health.max_missed
+                            && state.shared.transition(WorkerState::Ready, WorkerState::Dead)
+                        {
+                            state.shared.record_exit(ExitKind::Unresponsive);
+                            state.port.terminate(PortError::Closed);
+                        }
+                    }
+                    // The port closed: PortClosed follows.
+                    Err(_) => {}
+                }
+            }
+            WorkerMsg::Retire => {
+                state.shared.set_state(WorkerState::Stopping);
+                state.shared.record_exit(ExitKind::Recycled("retired".into()));
+                state.port.shutdown(state.shutdown_grace).await;
+                state.shared.set_state(WorkerState::Dead);
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<WorkerMsg>,
+        state: &mut WorkerActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.shared.set_state(WorkerState::Dead);
+        if state.port.is_open() {
+            state.port.shutdown(state.shutdown_grace).await;
+        }
+        Ok(())
+    }
+}
