@@ -1,0 +1,239 @@
+//! A pool's configuration and its builder.
+
+use std::time::Duration;
+
+use wharf_actors::port::{Channel, ProcessSpec};
+use wharf_actors::restart::{Backoff, Intensity, RestartPolicy, RestartType, Strategy};
+use wharf_actors::worker::HealthCheck;
+
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+
+/// What happens to a session's worker when the session ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Send the protocol's `reset`; the worker drops its session state and is reused.
+    #[default]
+    Reset,
+    /// Stop the worker and start a fresh one (for workers whose state cannot be trusted to
+    /// reset).
+    Recycle,
+}
+
+/// Everything that shapes a pool. Build one with [`Pool::builder`].
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The pool's name, in logs and worker names.
+    pub name: String,
+    /// How to launch a worker.
+    pub spec: ProcessSpec,
+    /// Core workers.
+    pub size: usize,
+    /// Extra workers started while callers wait, stopped after `overflow_idle`.
+    pub max_overflow: usize,
+    /// How long an overflow worker may sit idle before it is stopped.
+    pub overflow_idle: Duration,
+    /// Start the core workers at once (default) or on demand.
+    pub eager: bool,
+    /// Most worker launches in progress at once.
+    pub startup_concurrency: usize,
+    /// Longest a call may run before its worker is killed and replaced.
+    pub call_timeout: Duration,
+    /// Longest a caller waits for a free worker.
+    pub checkout_timeout: Duration,
+    /// Restart strategy, restart type, intensity and backoff.
+    pub restart: RestartPolicy,
+    /// Health pings of idle workers.
+    pub health: HealthCheck,
+    /// Retire a worker after this many calls.
+    pub max_calls: Option<u64>,
+    /// Retire a worker after it has been up this long.
+    pub max_lifetime: Option<Duration>,
+    /// Retire a worker whose process's resident memory exceeds this many bytes.
+    pub max_rss: Option<u64>,
+    /// What happens to a session's worker when the session ends.
+    pub session_end: SessionEnd,
+    /// Sessions unused this long end by themselves.
+    pub session_idle_timeout: Duration,
+    /// Grace period for stopping a worker (shutdown message, then SIGTERM, then SIGKILL).
+    pub shutdown_grace: Duration,
+    /// How long an abandoned call may take to finish before its worker is recycled.
+    pub drain_timeout: Duration,
+}
+
+/// Builds a [`Pool`]: `Pool::builder(spec).size(4).build().await`.
+#[derive(Debug, Clone)]
+pub struct PoolBuilder {
+    config: PoolConfig,
+}
+
+impl PoolBuilder {
+    pub(crate) fn new(spec: ProcessSpec) -> Self {
+        Self {
+            config: PoolConfig {
+                name: "pool".into(),
+                spec,
+                size: 4,
+                max_overflow: 0,
+                overflow_idle: Duration::from_secs(30),
+                eager: true,
+                startup_concurrency: 4,
+                call_timeout: Duration::from_secs(30),
+                checkout_timeout: Duration::from_secs(10),
+                restart: RestartPolicy::default(),
+                health: HealthCheck::default(),
+                max_calls: None,
+                max_lifetime: None,
+                max_rss: None,
+                session_end: SessionEnd::Reset,
+                session_idle_timeout: Duration::from_secs(300),
+                shutdown_grace: Duration::from_secs(2),
+                drain_timeout: Duration::from_secs(5),
+            },
+        }
+    }
+
+    /// Names the pool.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+    /// Core workers (default 4).
+    pub fn size(mut self, size: usize) -> Self {
+        self.config.size = size;
+        self
+    }
+    /// Extra workers started under load (default 0).
+    pub fn max_overflow(mut self, n: usize) -> Self {
+        self.config.max_overflow = n;
+        self
+    }
+    /// Idle time after which an overflow worker stops (default 30 s).
+    pub fn overflow_idle_timeout(mut self, d: Duration) -> Self {
+        self.config.overflow_idle = d;
+        self
+    }
+    /// Start workers on demand instead of at once.
+    pub fn lazy(mut self) -> Self {
+        self.config.eager = false;
+        self
+    }
+    /// Most launches at once (default 4): many interpreters importing at once fight for CPU.
+    pub fn startup_concurrency(mut self, n: usize) -> Self {
+        self.config.startup_concurrency = n;
+        self
+    }
+    /// How long a worker may take to answer its init ping (default 30 s).
+    pub fn init_timeout(mut self, d: Duration) -> Self {
+        self.config.spec.init_timeout = d;
+        self
+    }
+    /// Default deadline of a call (default 30 s).
+    pub fn call_timeout(mut self, d: Duration) -> Self {
+        self.config.call_timeout = d;
+        self
+    }
+    /// How long a caller waits for a worker (default 10 s).
+    pub fn checkout_timeout(mut self, d: Duration) -> Self {
+        self.config.checkout_timeout = d;
+        self
+    }
+    /// Restart strategy (default one_for_one).
+    pub fn strategy(mut self, s: Strategy) -> Self {
+        self.config.restart.strategy = s;
+        self
+    }
+    /// Restart type of every worker (default permanent).
+    pub fn restart_type(mut self, r: RestartType) -> Self {
+        self.config.restart.restart = r;
+        self
+    }
+    /// Restart intensity: at most `max_restarts` within `within` (default 10 in 5 s).
+    pub fn intensity(mut self, max_restarts: u32, within: Duration) -> Self {
+        self.config.restart.intensity = Intensity {
+            max_restarts,
+            within,
+        };
+        self
+    }
+    /// Backoff between restarts of one slot.
+    pub fn backoff(mut self, b: Backoff) -> Self {
+        self.config.restart.backoff = b;
+        self
+    }
+    /// Health pings of idle workers.
+    pub fn health_check(mut self, h: HealthCheck) -> Self {
+        self.config.health = h;
+        self
+    }
+    /// Retire each worker after `n` calls.
+    pub fn max_calls(mut self, n: u64) -> Self {
+        self.config.max_calls = Some(n);
+        self
+    }
+    /// Retire each worker after it has been up for `d`.
+    pub fn max_lifetime(mut self, d: Duration) -> Self {
+        self.config.max_lifetime = Some(d);
+        self
+    }
+    /// Retire a worker whose resident memory exceeds `bytes`.
+    pub fn max_rss(mut self, bytes: u64) -> Self {
+        self.config.max_rss = Some(bytes);
+        self
+    }
+    /// Largest frame either side may send (default 8 MiB).
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.config.spec.max_frame = bytes;
+        self
+    }
+    /// The protocol channel (default fds 3/4).
+    pub fn channel(mut self, c: Channel) -> Self {
+        self.config.spec.channel = c;
+        self
+    }
+    /// What happens to a session's worker when the session ends (default reset).
+    pub fn session_end(mut self, s: SessionEnd) -> Self {
+        self.config.session_end = s;
+        self
+    }
+    /// Idle time after which a session ends by itself (default 5 min).
+    pub fn session_idle_timeout(mut self, d: Duration) -> Self {
+        self.config.session_idle_timeout = d;
+        self
+    }
+    /// Grace period when stopping a worker (default 2 s).
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.config.shutdown_grace = d;
+        self
+    }
+    /// How long an abandoned call may take to settle before its worker is recycled (default
+    /// 5 s).
+    pub fn drain_timeout(mut self, d: Duration) -> Self {
+        self.config.drain_timeout = d;
+        self
+    }
+
+    /// The configuration so far.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// Validates the configuration and starts the pool's supervisor. Eager pools begin
+    /// launching workers at once; use [`Pool::wait_ready`] to wait for them.
+    pub async fn build(self) -> Result<Pool> {
+        let c = &self.config;
+        if c.size == 0 && c.max_overflow == 0 {
+            return Err(Error::Config("size and max_overflow are both 0".into()));
+        }
+        if c.startup_concurrency == 0 {
+            return Err(Error::Config("startup_concurrency must be at least 1".into()));
+        }
+        if c.spec.max_frame < 64 || c.spec.max_frame > u32::MAX as usize {
+            return Err(Error::Config(format!(
+                "max_frame {} is outside 64 ..= 2^32-1",
+                c.spec.max_frame
+            )));
+        }
+        Pool::start(self.config).await
+    }
+}

@@ -1,0 +1,176 @@
+//! The errors callers of a pool see. Each says what happened and what to do about it.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use wharf_actors::port::PortError;
+
+/// A pool's occupancy at the moment an error was raised.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolState {
+    /// Core workers configured.
+    pub size: usize,
+    /// Workers running or starting (core and overflow).
+    pub workers: usize,
+    /// Workers checked out.
+    pub busy: usize,
+    /// Workers ready and idle.
+    pub idle: usize,
+    /// Workers launching.
+    pub starting: usize,
+    /// Callers waiting for a worker.
+    pub waiting: usize,
+}
+
+impl std::fmt::Display for PoolState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "size {}, workers {}, busy {}, idle {}, starting {}, waiting {}",
+            self.size, self.workers, self.busy, self.idle, self.starting, self.waiting
+        )
+    }
+}
+
+/// Everything a call, a checkout or a session can fail with.
+#[derive(Debug, Clone, Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No worker became free in time. Raise the pool's size or checkout timeout, or lower the
+    /// load.
+    #[error("no worker free within {waited:?} ({state})")]
+    CheckoutTimeout {
+        /// How long the caller waited.
+        waited: Duration,
+        /// The pool at that moment.
+        state: PoolState,
+    },
+    /// The worker died while serving this call; the pool replaces it. Retrying is safe only
+    /// for idempotent calls.
+    #[error("worker {worker} died during the call: {cause}")]
+    WorkerDied {
+        /// The worker's name.
+        worker: String,
+        /// How it ended.
+        cause: PortError,
+    },
+    /// The call overran its deadline; its worker was killed and is being replaced.
+    #[error("call to {method} on worker {worker} exceeded its deadline of {deadline:?}")]
+    DeadlineExceeded {
+        /// The worker's name.
+        worker: String,
+        /// The method called.
+        method: String,
+        /// The deadline.
+        deadline: Duration,
+    },
+    /// The worker pinned to this session died or was killed; its state is gone. Open a new
+    /// session.
+    #[error("session {session} lost its worker: {cause}")]
+    SessionLost {
+        /// The session id.
+        session: String,
+        /// What happened to the worker.
+        cause: String,
+    },
+    /// The session ended (explicitly, or after being idle too long).
+    #[error("session {session} has ended ({why})")]
+    SessionEnded {
+        /// The session id.
+        session: String,
+        /// `closed` or `expired`.
+        why: &'static str,
+    },
+    /// A session with this id is already open; share that `Session` (it is `Clone`).
+    #[error("session {0} is already open")]
+    SessionInUse(String),
+    /// The pool's workers restarted too often (restart intensity exceeded); the pool has
+    /// failed for good. The last start errors say why workers did not come up.
+    #[error("pool {pool} failed: restart intensity exceeded; last errors: {}", fmt_errors(.last_errors))]
+    PoolFailed {
+        /// The pool's name.
+        pool: String,
+        /// The most recent start errors, oldest first.
+        last_errors: Vec<PortError>,
+    },
+    /// Every worker has stopped and none will be restarted (restart type transient or
+    /// temporary).
+    #[error("pool {0} has no workers left and will start none")]
+    NoWorkers(String),
+    /// The pool is shutting down or shut down.
+    #[error("pool {0} is shut down")]
+    ShutDown(String),
+    /// The worker broke the protocol; it was killed and is being replaced.
+    #[error("worker {worker} broke the protocol: {reason}")]
+    ProtocolViolation {
+        /// The worker's name.
+        worker: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The worker's handler raised an error; the worker keeps serving.
+    #[error("worker error {kind}: {message}")]
+    Remote {
+        /// Error kind (exception type name, or a protocol kind such as `unknown_method`).
+        kind: String,
+        /// The worker's message.
+        message: String,
+    },
+    /// A body could not be converted to or from MessagePack, or is too large to send.
+    #[error("bad body: {0}")]
+    Body(String),
+    /// The pool's configuration is invalid.
+    #[error("invalid pool configuration: {0}")]
+    Config(String),
+}
+
+fn fmt_errors(errors: &[PortError]) -> String {
+    if errors.is_empty() {
+        return "none recorded".into();
+    }
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Error {
+    /// A short stable name for this error's kind, for statistics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::CheckoutTimeout { .. } => "checkout_timeout",
+            Error::WorkerDied { .. } => "worker_died",
+            Error::DeadlineExceeded { .. } => "deadline_exceeded",
+            Error::SessionLost { .. } => "session_lost",
+            Error::SessionEnded { .. } => "session_ended",
+            Error::SessionInUse(_) => "session_in_use",
+            Error::PoolFailed { .. } => "pool_failed",
+            Error::NoWorkers(_) => "no_workers",
+            Error::ShutDown(_) => "shut_down",
+            Error::ProtocolViolation { .. } => "protocol_violation",
+            Error::Remote { .. } => "remote",
+            Error::Body(_) => "body",
+            Error::Config(_) => "config",
+        }
+    }
+
+    /// Turns a port error from a call into the caller's error.
+    pub(crate) fn from_port(worker: &str, e: PortError) -> Self {
+        match e {
+            PortError::Remote { kind, message } => Error::Remote { kind, message },
+            PortError::ProtocolViolation { reason } => Error::ProtocolViolation {
+                worker: worker.to_owned(),
+                reason,
+            },
+            PortError::Encode { reason } => Error::Body(reason),
+            other => Error::WorkerDied {
+                worker: worker.to_owned(),
+                cause: other,
+            },
+        }
+    }
+}
+
+/// The result type of pool operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

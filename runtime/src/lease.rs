@@ -1,0 +1,237 @@
+//! A lease: one worker, held by one caller, returned to the pool on drop.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+use wharf_actors::port::{PortError, StreamEvent};
+use wharf_actors::worker::{ExitKind, WorkerHandle};
+use wharf_protocol::Value;
+
+use crate::error::{Error, Result};
+use crate::pool::{to_value, Inner};
+
+/// Exclusive use of one worker. Calls through a lease go straight to the worker's port. When
+/// the lease drops, the worker goes back to the pool — or, if a call was abandoned mid-flight,
+/// it first finishes that call (its reply is discarded), so the next caller gets a clean worker.
+pub struct Lease {
+    pool: Arc<Inner>,
+    handle: Option<WorkerHandle>,
+    queue_wait: Duration,
+    session: Option<String>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("worker", &self.worker_id())
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+impl Lease {
+    pub(crate) fn new(pool: Arc<Inner>, handle: WorkerHandle, queue_wait: Duration) -> Self {
+        Self {
+            pool,
+            handle: Some(handle),
+            queue_wait,
+            session: None,
+        }
+    }
+
+    pub(crate) fn set_session(&mut self, session: String) {
+        self.session = Some(session);
+    }
+
+    pub(crate) fn handle(&self) -> Option<&WorkerHandle> {
+        self.handle.as_ref()
+    }
+
+    /// The leased worker's name.
+    pub fn worker_id(&self) -> &str {
+        self.handle.as_ref().map_or("", |h| h.shared.id.as_str())
+    }
+
+    /// The leased worker's OS process id.
+    pub fn pid(&self) -> u32 {
+        self.handle.as_ref().map_or(0, |h| h.port.pid())
+    }
+
+    /// Whether the leased worker is still alive.
+    pub fn is_alive(&self) -> bool {
+        self.handle.as_ref().is_some_and(WorkerHandle::is_alive)
+    }
+
+    /// How long the caller waited for this worker.
+    pub fn queue_wait(&self) -> Duration {
+        self.queue_wait
+    }
+
+    /// Calls `method` with a body that serialises to MessagePack.
+    pub async fn call<B: Serialize + ?Sized>(&mut self, method: &str, body: &B) -> Result<Value> {
+        let body = to_value(body)?;
+        self.call_value(method, body, None).await
+    }
+
+    /// Calls `method` with a MessagePack body and an optional deadline (the pool's call
+    /// timeout if `None`). A call that overruns its deadline kills the worker.
+    pub async fn call_value(
+        &mut self,
+        method: &str,
+        body: Value,
+        deadline: Option<Duration>,
+    ) -> Result<Value> {
+        let handle = self.live_handle()?;
+        let deadline = deadline.unwrap_or(self.pool.config.call_timeout);
+        let id = handle.port.next_request_id();
+        handle.shared.count_call();
+        self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::debug_span!(
+            "wharf.call",
+            pool = %self.pool.name(),
+            worker = %handle.shared.id,
+            session = self.session.as_deref().unwrap_or(""),
+            request_id = id,
+            method,
+            queue_wait_us = self.queue_wait.as_micros() as u64,
+            run_us = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let call = handle.port.call(
+            id,
+            method,
+            body,
+            self.session.clone(),
+            Some(deadline.as_millis() as u64),
+        );
+        let outcome = tokio::time::timeout(deadline, call)
+            .instrument(span.clone())
+            .await;
+        span.record("run_us", started.elapsed().as_micros() as u64);
+        let result = match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(Error::from_port(&handle.shared.id, e)),
+            Err(_) => {
+                handle.kill(ExitKind::DeadlineKilled);
+                Err(Error::DeadlineExceeded {
+                    worker: handle.shared.id.clone(),
+                    method: method.to_owned(),
+                    deadline,
+                })
+            }
+        };
+        self.account(&result);
+        result
+    }
+
+    /// Calls a streaming method: returns a stream of its chunks, which ends with the result.
+    /// The pool's call timeout bounds the whole stream.
+    pub async fn call_stream<B: Serialize + ?Sized>(
+        &mut self,
+        method: &str,
+        body: &B,
+    ) -> Result<CallStream<'_>> {
+        let body = to_value(body)?;
+        let handle = self.live_handle()?;
+        let deadline = self.pool.config.call_timeout;
+        let id = handle.port.next_request_id();
+        handle.shared.count_call();
+        self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let rx = handle
+            .port
+            .call_stream(id, method, body, self.session.clone(), Some(deadline.as_millis() as u64))
+            .await
+            .map_err(|e| Error::from_port(&handle.shared.id, e))?;
+        Ok(CallStream {
+            lease: self,
+            rx,
+            deadline: tokio::time::Instant::now() + deadline,
+            method: method.to_owned(),
+            done: false,
+        })
+    }
+
+    fn live_handle(&self) -> Result<WorkerHandle> {
+        let handle = self.handle.as_ref().expect("a lease holds a worker until dropped");
+        if !handle.is_alive() {
+            let cause = handle.port.close_reason().unwrap_or(PortError::Closed);
+            return Err(Error::from_port(&handle.shared.id, cause));
+        }
+        Ok(handle.clone())
+    }
+
+    fn account(&self, result: &Result<Value>) {
+        match result {
+            Ok(_) => {
+                self.pool.counters.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.pool.record_error(e),
+        }
+    }
+
+    /// Takes the worker out of the lease without returning it to the pool.
+    pub(crate) fn take_handle(&mut self) -> Option<WorkerHandle> {
+        self.handle.take()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.pool.checkin(handle);
+        }
+    }
+}
+
+/// The chunks of a streamed call, then its result.
+pub struct CallStream<'a> {
+    lease: &'a mut Lease,
+    rx: mpsc::UnboundedReceiver<StreamEvent>,
+    deadline: tokio::time::Instant,
+    method: String,
+    done: bool,
+}
+
+/// One item of a [`CallStream`].
+#[derive(Debug)]
+pub enum StreamItem {
+    /// A chunk.
+    Chunk(Value),
+    /// The call's final result.
+    Done(Value),
+}
+
+impl CallStream<'_> {
+    /// The next chunk, or the final result; `None` after the result.
+    pub async fn next(&mut self) -> Option<Result<StreamItem>> {
+        if self.done {
+            return None;
+        }
+        let handle = self.lease.handle.clone()?;
+        let item = match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
+            Ok(Some(StreamEvent::Chunk { body, .. })) => return Some(Ok(StreamItem::Chunk(body))),
+            Ok(Some(StreamEvent::End(Ok(body)))) => Ok(StreamItem::Done(body)),
+            Ok(Some(StreamEvent::End(Err(e)))) => Err(Error::from_port(&handle.shared.id, e)),
+            Ok(None) => Err(Error::WorkerDied {
+                worker: handle.shared.id.clone(),
+                cause: PortError::Closed,
+            }),
+            Err(_) => {
+                handle.kill(ExitKind::DeadlineKilled);
+                Err(Error::DeadlineExceeded {
+                    worker: handle.shared.id.clone(),
+                    method: self.method.clone(),
+                    deadline: self.lease.pool.config.call_timeout,
+                })
+            }
+        };
+        self.done = true;
+        let accounted = item.as_ref().map(|_| Value::Nil).map_err(Clone::clone);
+        self.lease.account(&accounted);
+        Some(item)
+    }
+}

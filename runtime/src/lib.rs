@@ -1,0 +1,33 @@
+//! # wharf
+//!
+//! The public face of wharf: warm pools of supervised external workers (Python first, any
+//! language), called like local async functions.
+//!
+//! - [`Pool`] (`pool.rs`): checkout without a central actor, calls, stats, shutdown.
+//! - [`Lease`] (`lease.rs`): one worker held by one caller.
+//! - [`Session`] (`session.rs`): one worker pinned strictly to a session id.
+//! - [`PoolConfig`] / [`PoolBuilder`] (`config.rs`): every knob.
+//! - [`Error`] (`error.rs`): what callers see.
+//! - [`check`]: the protocol conformance checker behind `wharf check`.
+//!
+//! The supervisor, worker actors and process ports live in `wharf-actors`; the wire protocol
+//! and worker SDK in `wharf-protocol`.
+
+pub mod check;
+pub mod config;
+pub mod error;
+pub mod lease;
+pub mod pool;
+pub mod session;
+pub mod stats;
+
+pub use config::{PoolBuilder, PoolConfig, SessionEnd};
+pub use error::{Error, PoolState, Result};
+pub use lease::{CallStream, Lease, StreamItem};
+pub use pool::{from_value, to_value, Pool, WorkerInfo};
+pub use session::Session;
+pub use stats::PoolStats;
+pub use wharf_actors::port::{Channel, ExitInfo, PortError, ProcessSpec};
+pub use wharf_actors::restart::{Backoff, Intensity, RestartPolicy, RestartType, Strategy};
+pub use wharf_actors::worker::{HealthCheck, WorkerState};
+pub use wharf_protocol::Value;

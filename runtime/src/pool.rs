@@ -1,0 +1,580 @@
+//! The pool: checkout without a central actor, and the pool's side of worker lifecycle.
+//!
+//! Ready workers wait in a shared idle stack guarded by a fair (FIFO) semaphore whose permits
+//! equal the workers in the stack. A caller takes a permit, pops a worker and owns it through a
+//! [`Lease`] until the lease drops; no actor is asked which worker it may have. The supervisor
+//! only adds workers (when ready) and learns of their deaths; a dead worker left in the stack is
+//! discarded by the next caller that pops it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorRef};
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
+use wharf_actors::port::PortError;
+use wharf_actors::supervisor::{PoolEvents, Supervisor, SupervisorArgs, SupervisorMsg};
+use wharf_actors::worker::{ExitKind, WorkerHandle, WorkerShared, WorkerState};
+use wharf_protocol::Value;
+
+use crate::config::{PoolBuilder, PoolConfig};
+use crate::error::{Error, PoolState, Result};
+use crate::lease::Lease;
+use crate::session::Session;
+use crate::stats::PoolStats;
+
+/// Where the pool is in its life.
+#[derive(Debug, Clone)]
+pub(crate) enum Status {
+    Running,
+    Failed(Vec<PortError>),
+    NoWorkers,
+    ShutDown,
+}
+
+/// Counters behind [`PoolStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub calls: AtomicU64,
+    pub ok: AtomicU64,
+    pub restarts: AtomicU64,
+    pub replacements: AtomicU64,
+    pub start_failures: AtomicU64,
+    pub checkouts: AtomicU64,
+    pub checkout_wait_ns: AtomicU64,
+    pub errors: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// The pool's shared core. Leases and sessions hold it; the supervisor reaches it weakly.
+pub(crate) struct Inner {
+    pub config: PoolConfig,
+    idle: Mutex<Vec<WorkerHandle>>,
+    permits: Semaphore,
+    waiting: AtomicUsize,
+    workers: Mutex<HashMap<String, Arc<WorkerShared>>>,
+    status: Mutex<Status>,
+    pub counters: Counters,
+    supervisor: OnceLock<ActorRef<SupervisorMsg>>,
+    pub sessions: Mutex<HashSet<String>>,
+    /// Woken when a worker becomes ready or is checked in, and when the pool fails.
+    changed: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn status_error(&self) -> Option<Error> {
+        match &*lock(&self.status) {
+            Status::Running => None,
+            Status::Failed(errors) => Some(Error::PoolFailed {
+                pool: self.config.name.clone(),
+                last_errors: errors.clone(),
+            }),
+            Status::NoWorkers => Some(Error::NoWorkers(self.config.name.clone())),
+            Status::ShutDown => Some(Error::ShutDown(self.config.name.clone())),
+        }
+    }
+
+    fn set_status(&self, status: Status) {
+        {
+            let mut current = lock(&self.status);
+            if !matches!(*current, Status::Running) {
+                return;
+            }
+            *current = status;
+        }
+        // Closing the semaphore wakes every waiting caller, who then reads the status.
+        self.permits.close();
+        self.changed.notify_waiters();
+    }
+
+    pub fn is_failed(&self) -> bool {
+        matches!(*lock(&self.status), Status::Failed(_))
+    }
+
+    pub fn state(&self) -> PoolState {
+        let workers = lock(&self.workers);
+        let mut state = PoolState {
+            size: self.config.size,
+            workers: workers.len(),
+            waiting: self.waiting.load(Ordering::Relaxed),
+            ..PoolState::default()
+        };
+        for w in workers.values() {
+            match w.state() {
+                WorkerState::Starting => state.starting += 1,
+                WorkerState::Ready => state.idle += 1,
+                WorkerState::Busy | WorkerState::Draining => state.busy += 1,
+                WorkerState::Stopping | WorkerState::Dead => {}
+            }
+        }
+        state
+    }
+
+    pub fn worker_states(&self) -> Vec<(String, WorkerState)> {
+        let workers = lock(&self.workers);
+        let mut v: Vec<_> = workers.values().map(|w| (w.id.clone(), w.state())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    pub fn record_error(&self, e: &Error) {
+        *lock(&self.counters.errors).entry(e.kind()).or_default() += 1;
+    }
+
+    /// Takes a ready worker, waiting up to `timeout`.
+    pub async fn checkout(self: &Arc<Self>, timeout: Duration) -> Result<Lease> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.status_error() {
+                return Err(e);
+            }
+            let permit = match self.permits.try_acquire() {
+                Ok(permit) => permit,
+                Err(TryAcquireError::Closed) => continue,
+                Err(TryAcquireError::NoPermits) => {
+                    let _waiting = WaitGuard::new(&self.waiting);
+                    self.demand();
+                    match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
+                        Ok(Ok(permit)) => permit,
+                        Ok(Err(_closed)) => continue,
+                        Err(_) => {
+                            let e = Error::CheckoutTimeout {
+                                waited: started.elapsed(),
+                                state: self.state(),
+                            };
+                            self.record_error(&e);
+                            return Err(e);
+                        }
+                    }
+                }
+            };
+            permit.forget();
+            let Some(handle) = lock(&self.idle).pop() else {
+                continue;
+            };
+            if handle.port.is_open() && handle.shared.transition(WorkerState::Ready, WorkerState::Busy) {
+                let waited = started.elapsed();
+                self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .checkout_wait_ns
+                    .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                return Ok(Lease::new(self.clone(), handle, waited));
+            }
+            // A worker that died or is being retired while idle: drop it and look again.
+        }
+    }
+
+    /// Asks the supervisor for more workers if the pool may grow (lazy or overflow workers).
+    fn demand(&self) {
+        let running = lock(&self.workers).len();
+        if running < self.config.size + self.config.max_overflow {
+            if let Some(sup) = self.supervisor.get() {
+                let waiting = self.waiting.load(Ordering::Relaxed);
+                let _ = sup.cast(SupervisorMsg::Demand { waiting });
+            }
+        }
+    }
+
+    /// Returns a worker after use: back to the idle stack, or drained, or retired.
+    pub fn checkin(self: &Arc<Self>, handle: WorkerHandle) {
+        if !handle.is_alive() {
+            return;
+        }
+        if matches!(handle.shared.state(), WorkerState::Stopping | WorkerState::Dead) {
+            return;
+        }
+        if handle.port.in_flight() > 0 {
+            // The caller gave up mid-call: the worker is dirty until its reply has come.
+            handle.shared.set_state(WorkerState::Draining);
+            let Ok(rt) = tokio::runtime::Handle::try_current() else {
+                handle.kill(ExitKind::Recycled("abandoned call, no runtime to drain it".into()));
+                return;
+            };
+            let pool = self.clone();
+            let limit = self.config.drain_timeout;
+            rt.spawn(async move {
+                if tokio::time::timeout(limit, handle.port.quiesce()).await.is_ok() {
+                    pool.release(handle);
+                } else {
+                    handle.kill(ExitKind::Recycled("abandoned call did not finish".into()));
+                }
+            });
+            return;
+        }
+        self.release(handle);
+    }
+
+    /// Puts a clean worker back, unless a recycling limit says it should go.
+    fn release(self: &Arc<Self>, handle: WorkerHandle) {
+        if !handle.is_alive() {
+            return;
+        }
+        if let Some(reason) = self.recycle_reason(&handle) {
+            tracing::debug!(worker = %handle.shared.id, reason, "recycling worker");
+            handle.retire(reason);
+            return;
+        }
+        handle.shared.touch();
+        handle.shared.set_state(WorkerState::Ready);
+        if matches!(*lock(&self.status), Status::Running) {
+            lock(&self.idle).push(handle);
+            self.permits.add_permits(1);
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn recycle_reason(&self, handle: &WorkerHandle) -> Option<&'static str> {
+        let c = &self.config;
+        if c.max_calls.is_some_and(|max| handle.shared.calls() >= max) {
+            return Some("max_calls reached");
+        }
+        if c.max_lifetime.is_some_and(|max| handle.shared.age() >= max) {
+            return Some("max_lifetime reached");
+        }
+        if let Some(max) = c.max_rss {
+            if resident_bytes(handle.port.pid()).is_some_and(|rss| rss > max) {
+                return Some("max_rss exceeded");
+            }
+        }
+        None
+    }
+}
+
+/// The resident memory of a process, from `/proc/<pid>/status` (Linux).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Counts a caller as waiting while it lives.
+struct WaitGuard<'a>(&'a AtomicUsize);
+
+impl<'a> WaitGuard<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Best effort when the pool is dropped without shutdown(): stop the supervisor and
+        // kill every worker's process group now.
+        if let Some(sup) = self.supervisor.get() {
+            sup.stop(None);
+        }
+        for w in lock(&self.workers).values() {
+            if let Some(port) = w.port() {
+                port.terminate(PortError::Closed);
+            }
+        }
+    }
+}
+
+/// The supervisor's view of the pool.
+struct Events(Weak<Inner>);
+
+impl PoolEvents for Events {
+    fn worker_starting(&self, worker: &Arc<WorkerShared>) {
+        if let Some(pool) = self.0.upgrade() {
+            lock(&pool.workers).insert(worker.id.clone(), worker.clone());
+        }
+    }
+
+    fn worker_ready(&self, handle: WorkerHandle) {
+        let Some(pool) = self.0.upgrade() else {
+            handle.kill(ExitKind::Stopped);
+            return;
+        };
+        tracing::debug!(pool = %pool.config.name, worker = %handle.shared.id, pid = handle.port.pid(), "worker ready");
+        pool.release(handle);
+    }
+
+    fn worker_exited(&self, worker: &Arc<WorkerShared>, kind: &ExitKind) {
+        if let Some(pool) = self.0.upgrade() {
+            if lock(&pool.workers).remove(&worker.id).is_some() {
+                tracing::debug!(pool = %pool.config.name, worker = %worker.id, ?kind, "worker exited");
+                if kind.is_replacement() {
+                    pool.counters.replacements.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn start_failed(&self, worker: &Arc<WorkerShared>, _error: &PortError) {
+        if let Some(pool) = self.0.upgrade() {
+            lock(&pool.workers).remove(&worker.id);
+            pool.counters.start_failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn restarting(&self, _slot: usize, _delay: Duration) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.counters.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn escalated(&self, last_errors: Vec<PortError>) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.set_status(Status::Failed(last_errors));
+            for h in lock(&pool.idle).drain(..) {
+                h.kill(ExitKind::Stopped);
+            }
+        }
+    }
+
+    fn exhausted(&self) {
+        if let Some(pool) = self.0.upgrade() {
+            pool.set_status(Status::NoWorkers);
+        }
+    }
+}
+
+/// One running worker, as [`Pool::worker_info`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// The worker's name: `pool-slot.launch`.
+    pub id: String,
+    /// Its supervisor slot (core slots first, then overflow slots).
+    pub slot: usize,
+    /// Its OS process id.
+    pub pid: u32,
+    /// Its state.
+    pub state: WorkerState,
+    /// Calls it has served.
+    pub calls: u64,
+}
+
+/// A supervised pool of external workers. Cheap to clone; every clone is the same pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), wharf::Error> {
+/// use wharf::{Pool, ProcessSpec};
+/// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
+/// let pool = Pool::builder(spec).size(4).build().await?;
+/// let reply = pool.call("echo", "hello").await?;
+/// pool.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.inner.config.name)
+            .field("state", &self.inner.state())
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Starts building a pool of workers launched from `spec`.
+    pub fn builder(spec: wharf_actors::port::ProcessSpec) -> PoolBuilder {
+        PoolBuilder::new(spec)
+    }
+
+    pub(crate) async fn start(config: PoolConfig) -> Result<Pool> {
+        let inner = Arc::new(Inner {
+            permits: Semaphore::new(0),
+            idle: Mutex::new(Vec::with_capacity(config.size + config.max_overflow)),
+            waiting: AtomicUsize::new(0),
+            workers: Mutex::new(HashMap::new()),
+            status: Mutex::new(Status::Running),
+            counters: Counters::default(),
+            supervisor: OnceLock::new(),
+            sessions: Mutex::new(HashSet::new()),
+            changed: Notify::new(),
+            config,
+        });
+        let c = &inner.config;
+        let args = SupervisorArgs {
+            name: c.name.clone(),
+            spec: c.spec.clone(),
+            size: c.size,
+            max_overflow: c.max_overflow,
+            overflow_idle: c.overflow_idle,
+            eager: c.eager,
+            startup_concurrency: c.startup_concurrency,
+            policy: c.restart,
+            health: c.health,
+            shutdown_grace: c.shutdown_grace,
+            events: Arc::new(Events(Arc::downgrade(&inner))),
+        };
+        let (sup, _) = Actor::spawn(None, Supervisor, args)
+            .await
+            .map_err(|e| Error::Config(format!("cannot start the supervisor: {e}")))?;
+        let _ = inner.supervisor.set(sup);
+        Ok(Pool { inner })
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    /// The pool's configuration.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.config
+    }
+
+    /// Waits until `n` workers are ready and idle, or `timeout` passes, or the pool fails.
+    /// Returns the pool state then; an error if the pool failed or time ran out.
+    pub async fn wait_ready(&self, n: usize, timeout: Duration) -> Result<PoolState> {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(e) = self.inner.status_error() {
+                return Err(e);
+            }
+            let state = self.inner.state();
+            if state.idle + state.busy >= n {
+                return Ok(state);
+            }
+            // Also poll now and then: a worker may be ready without anyone checking in.
+            let tick = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                _ = changed => {}
+                _ = tick => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(Error::CheckoutTimeout { waited: started.elapsed(), state: self.inner.state() });
+                }
+            }
+        }
+    }
+
+    /// Checks out a worker for several calls; it returns to the pool when the lease drops.
+    pub async fn checkout(&self) -> Result<Lease> {
+        self.inner.checkout(self.inner.config.checkout_timeout).await
+    }
+
+    /// Calls `method` on any free worker with a body that serialises to MessagePack.
+    pub async fn call<B: Serialize + ?Sized>(&self, method: &str, body: &B) -> Result<Value> {
+        let body = to_value(body)?;
+        self.call_value(method, body).await
+    }
+
+    /// Calls `method` with a MessagePack value as body.
+    pub async fn call_value(&self, method: &str, body: Value) -> Result<Value> {
+        let mut lease = self.checkout().await?;
+        lease.call_value(method, body, None).await
+    }
+
+    /// Opens a session: one worker pinned exclusively to `id` until the session ends.
+    pub async fn session(&self, id: impl Into<String>) -> Result<Session> {
+        Session::open(self.inner.clone(), id.into()).await
+    }
+
+    /// A snapshot of the pool: workers by state, calls, errors, restarts, checkout wait.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats::snapshot(&self.inner)
+    }
+
+    /// The pool's occupancy now.
+    pub fn state(&self) -> PoolState {
+        self.inner.state()
+    }
+
+    /// Every worker's name and state.
+    pub fn workers(&self) -> Vec<(String, WorkerState)> {
+        self.inner.worker_states()
+    }
+
+    /// The workers that are running now (ready or busy), by slot.
+    pub fn worker_info(&self) -> Vec<WorkerInfo> {
+        let mut v: Vec<WorkerInfo> = lock(&self.inner.workers)
+            .values()
+            .filter_map(|w| {
+                let port = w.port().filter(|p| p.is_open())?;
+                Some(WorkerInfo {
+                    id: w.id.clone(),
+                    slot: w.slot,
+                    pid: port.pid(),
+                    state: w.state(),
+                    calls: w.calls(),
+                })
+            })
+            .collect();
+        v.sort_by_key(|w| w.slot);
+        v
+    }
+
+    /// The OS process ids of the workers that are running now.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.worker_info().iter().map(|w| w.pid).collect()
+    }
+
+    /// Stops the pool gracefully: refuses new checkouts at once, lets calls in flight finish
+    /// for up to the shutdown grace period, then stops every worker (shutdown message, grace,
+    /// SIGTERM, SIGKILL) and waits until each is reaped.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.set_status(Status::ShutDown);
+        let grace = inner.config.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let changed = inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if inner.state().busy == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        if let Some(sup) = inner.supervisor.get() {
+            let limit = grace * 3 + Duration::from_secs(5);
+            let stopped = sup.call(SupervisorMsg::Shutdown, Some(limit)).await;
+            if !matches!(stopped, Ok(ractor::rpc::CallResult::Success(()))) {
+                tracing::warn!(pool = %inner.config.name, "workers did not stop in time; killing them");
+            }
+            sup.stop(None);
+        }
+        // Whatever is left (a stuck stop) dies now.
+        let ports: Vec<_> = lock(&inner.workers)
+            .values()
+            .filter_map(|w| w.port().cloned())
+            .collect();
+        for port in ports {
+            port.kill().await;
+        }
+        lock(&inner.idle).clear();
+    }
+}
+
+/// Converts a serialisable body to a MessagePack value.
+pub fn to_value<B: Serialize + ?Sized>(body: &B) -> Result<Value> {
+    rmpv::ext::to_value(body).map_err(|e| Error::Body(e.to_string()))
+}
+
+/// Converts a MessagePack value to a deserialisable type.
+pub fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T> {
+    rmpv::ext::from_value(value).map_err(|e| Error::Body(e.to_string()))
+}
+

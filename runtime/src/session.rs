@@ -1,0 +1,260 @@
+//! Sessions: one worker pinned strictly and exclusively to one session id.
+//!
+//! While a session is open its worker serves no one else. When it ends (explicitly, by
+//! dropping every handle, or after being idle too long) the worker is reset or recycled, by the
+//! pool's policy, so no state crosses sessions. If the pinned worker dies, the session is lost:
+//! its calls fail with [`Error::SessionLost`] rather than moving silently to a fresh worker that
+//! lacks the state.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wharf_protocol::Value;
+
+use crate::config::SessionEnd;
+use crate::error::{Error, Result};
+use crate::lease::Lease;
+use crate::pool::{to_value, Inner};
+
+enum Pin {
+    Open(Lease),
+    Lost(String),
+    Ended(&'static str),
+}
+
+struct SessionInner {
+    id: String,
+    pool: Arc<Inner>,
+    pin: tokio::sync::Mutex<Pin>,
+    last_used: Mutex<Instant>,
+}
+
+/// A strict session: a handle to one pinned worker. Clones share the same session; it ends
+/// when [`Session::end`] is called or the last clone drops.
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<SessionInner>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("id", &self.inner.id).finish()
+    }
+}
+
+impl Session {
+    pub(crate) async fn open(pool: Arc<Inner>, id: String) -> Result<Session> {
+        if !pool.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone()) {
+            return Err(Error::SessionInUse(id));
+        }
+        let mut lease = match pool.checkout(pool.config.checkout_timeout).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                pool.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                return Err(e);
+            }
+        };
+        lease.set_session(id.clone());
+        let inner = Arc::new(SessionInner {
+            id,
+            pool,
+            pin: tokio::sync::Mutex::new(Pin::Open(lease)),
+            last_used: Mutex::new(Instant::now()),
+        });
+        let ttl = inner.pool.config.session_idle_timeout;
+        tokio::spawn(expire_when_idle(Arc::downgrade(&inner), ttl));
+        Ok(Session { inner })
+    }
+
+    /// The session id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The pinned worker's name, while the session is open.
+    pub async fn worker_id(&self) -> Option<String> {
+        match &*self.inner.pin.lock().await {
+            Pin::Open(lease) => Some(lease.worker_id().to_owned()),
+            _ => None,
+        }
+    }
+
+    /// The pinned worker's OS process id, while the session is open.
+    pub async fn pid(&self) -> Option<u32> {
+        match &*self.inner.pin.lock().await {
+            Pin::Open(lease) => Some(lease.pid()),
+            _ => None,
+        }
+    }
+
+    /// Calls `method` on the pinned worker.
+    pub async fn call<B: Serialize + ?Sized>(&self, method: &str, body: &B) -> Result<Value> {
+        self.call_value(method, to_value(body)?, None).await
+    }
+
+    /// Calls `method` on the pinned worker with a MessagePack body and optional deadline.
+    pub async fn call_value(
+        &self,
+        method: &str,
+        body: Value,
+        deadline: Option<Duration>,
+    ) -> Result<Value> {
+        let mut pin = self.inner.pin.lock().await;
+        *self.inner.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        let lease = match &mut *pin {
+            Pin::Open(lease) => lease,
+            Pin::Lost(cause) => return Err(self.lost(cause.clone())),
+            Pin::Ended(why) => {
+                return Err(Error::SessionEnded {
+                    session: self.inner.id.clone(),
+                    why,
+                })
+            }
+        };
+        let result = lease.call_value(method, body, deadline).await;
+        match result {
+            Err(e @ Error::Remote { .. }) | Err(e @ Error::Body(_)) => Err(e),
+            Err(e) => {
+                // Any other failure means the worker is gone (died, killed on deadline, broke
+                // the protocol): the session's state went with it.
+                let cause = e.to_string();
+                *pin = Pin::Lost(cause.clone());
+                self.release_id();
+                Err(self.lost(cause))
+            }
+            ok => ok,
+        }
+    }
+
+    fn lost(&self, cause: String) -> Error {
+        Error::SessionLost {
+            session: self.inner.id.clone(),
+            cause,
+        }
+    }
+
+    fn release_id(&self) {
+        self.inner
+            .pool
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.inner.id);
+    }
+
+    /// Ends the session now: the worker is reset (or recycled, by policy) before anyone else
+    /// may use it. Later calls on any clone fail with [`Error::SessionEnded`].
+    pub async fn end(&self) -> Result<()> {
+        let lease = {
+            let mut pin = self.inner.pin.lock().await;
+            match std::mem::replace(&mut *pin, Pin::Ended("closed")) {
+                Pin::Open(lease) => lease,
+                other => {
+                    *pin = other;
+                    return Ok(());
+                }
+            }
+        };
+        self.release_id();
+        finish(&self.inner.pool, &self.inner.id, lease).await;
+        Ok(())
+    }
+}
+
+/// Cleans a session's worker before it returns to the pool: reset, or retire, or (if either
+/// fails) kill.
+async fn finish(pool: &Arc<Inner>, session: &str, mut lease: Lease) {
+    let Some(handle) = lease.handle().cloned() else {
+        return;
+    };
+    if !handle.is_alive() {
+        return;
+    }
+    match pool.config.session_end {
+        SessionEnd::Reset => {
+            // Let an abandoned call finish first, so the reset is the last thing the worker
+            // does for this session.
+            let settle = tokio::time::timeout(pool.config.drain_timeout, handle.port.quiesce()).await;
+            let reset = match settle {
+                Ok(()) => handle
+                    .port
+                    .reset(Some(session.to_owned()), pool.config.drain_timeout)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(_) => Err("an abandoned call did not finish".to_owned()),
+            };
+            if let Err(why) = reset {
+                tracing::warn!(worker = %handle.shared.id, session, why, "session reset failed; recycling the worker");
+                lease.take_handle();
+                handle.retire("session reset failed");
+            }
+        }
+        SessionEnd::Recycle => {
+            lease.take_handle();
+            handle.retire("session ended");
+        }
+    }
+    drop(lease);
+}
+
+impl Drop for SessionInner {
+    fn drop(&mut self) {
+        let pin = std::mem::replace(self.pin.get_mut(), Pin::Ended("closed"));
+        self.pool
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        if let Pin::Open(mut lease) = pin {
+            let pool = self.pool.clone();
+            let id = self.id.clone();
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move { finish(&pool, &id, lease).await });
+                }
+                Err(_) => {
+                    // No runtime to reset it: the worker must not be reused with this state.
+                    if let Some(handle) = lease.take_handle() {
+                        handle.kill(wharf_actors::worker::ExitKind::Recycled("session dropped".into()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn expire_when_idle(session: Weak<SessionInner>, ttl: Duration) {
+    let period = (ttl / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(inner) = session.upgrade() else {
+            return;
+        };
+        let idle = inner.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+        if idle < ttl {
+            continue;
+        }
+        let lease = {
+            let Ok(mut pin) = inner.pin.try_lock() else {
+                continue; // a call is running: not idle
+            };
+            match std::mem::replace(&mut *pin, Pin::Ended("expired")) {
+                Pin::Open(lease) => lease,
+                other => {
+                    *pin = other;
+                    return;
+                }
+            }
+        };
+        tracing::debug!(session = %inner.id, ?idle, "session expired");
+        inner
+            .pool
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&inner.id);
+        finish(&inner.pool, &inner.id, lease).await;
+        return;
+    }
+}
