@@ -135,7 +135,9 @@ impl Backoff {
         if failures == 0 {
             return Duration::ZERO;
         }
-        let exp = self.multiplier.powi(failures.saturating_sub(1).min(60) as i32);
+        let exp = self
+            .multiplier
+            .powi(failures.saturating_sub(1).min(60) as i32);
         let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
         Duration::from_secs_f64(secs)
     }

@@ -159,7 +159,12 @@ pub struct SupervisorState {
 pub struct Supervisor;
 
 impl Supervisor {
-    fn schedule(myself: &ActorRef<SupervisorMsg>, st: &mut SupervisorState, slot: usize, delay: Duration) {
+    fn schedule(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        slot: usize,
+        delay: Duration,
+    ) {
         let s = &mut st.slots[slot];
         s.token += 1;
         let token = s.token;
@@ -286,7 +291,9 @@ impl Supervisor {
                 }
                 if let Some(worker) = o.worker.take() {
                     worker.kill(ExitKind::Stopped);
-                    st.args.events.worker_exited(&worker.shared, &ExitKind::Stopped);
+                    st.args
+                        .events
+                        .worker_exited(&worker.shared, &ExitKind::Stopped);
                 }
             }
             st.args.events.restarting(other, delay);
@@ -301,7 +308,9 @@ impl Supervisor {
             s.token += 1;
             if let Some(worker) = s.worker.take() {
                 worker.kill(ExitKind::Stopped);
-                st.args.events.worker_exited(&worker.shared, &ExitKind::Stopped);
+                st.args
+                    .events
+                    .worker_exited(&worker.shared, &ExitKind::Stopped);
             }
             s.status = SlotStatus::Stopped;
         }
@@ -428,7 +437,13 @@ impl Actor for Supervisor {
                         st.args.events.start_failed(&shared, &error);
                         Self::remember_error(st, error.clone());
                         if current {
-                            Self::on_exit(&myself, st, slot, ExitKind::Crashed(error), Duration::ZERO);
+                            Self::on_exit(
+                                &myself,
+                                st,
+                                slot,
+                                ExitKind::Crashed(error),
+                                Duration::ZERO,
+                            );
                         }
                     }
                 }
@@ -457,7 +472,9 @@ impl Actor for Supervisor {
                 for s in st.slots.iter_mut().filter(|s| s.overflow) {
                     if let Some(worker) = &s.worker {
                         if worker.shared.idle_for() >= idle_limit
-                            && worker.shared.transition(WorkerState::Ready, WorkerState::Stopping)
+                            && worker
+                                .shared
+                                .transition(WorkerState::Ready, WorkerState::Stopping)
                         {
                             worker.retire("idle overflow worker");
                         }
@@ -496,15 +513,20 @@ impl Actor for Supervisor {
         let Some((slot, token)) = st.actors.remove(&cell.get_id()) else {
             return Ok(());
         };
-        let Some(worker) = st.slots[slot].worker.clone().filter(|w| w.actor.get_id() == cell.get_id())
+        let Some(worker) = st.slots[slot]
+            .worker
+            .clone()
+            .filter(|w| w.actor.get_id() == cell.get_id())
         else {
             // A worker we already replaced (killed by a strategy or by escalation).
             return Ok(());
         };
         if let Some(reason) = panic {
-            worker.shared.record_exit(ExitKind::Crashed(PortError::ProtocolViolation {
-                reason: format!("worker actor failed: {reason}"),
-            }));
+            worker
+                .shared
+                .record_exit(ExitKind::Crashed(PortError::ProtocolViolation {
+                    reason: format!("worker actor failed: {reason}"),
+                }));
         }
         worker.shared.set_state(WorkerState::Dead);
         worker.port.terminate(PortError::Closed);

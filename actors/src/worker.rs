@@ -355,7 +355,9 @@ impl Actor for WorkerActor {
                         state.missed += 1;
                         tracing::warn!(worker = %state.shared.id, missed = state.missed, "worker missed a health ping");
                         if state.missed >= state.health.max_missed
-                            && state.shared.transition(WorkerState::Ready, WorkerState::Dead)
+                            && state
+                                .shared
+                                .transition(WorkerState::Ready, WorkerState::Dead)
                         {
                             state.shared.record_exit(ExitKind::Unresponsive);
                             state.port.terminate(PortError::Closed);
@@ -367,7 +369,9 @@ impl Actor for WorkerActor {
             }
             WorkerMsg::Retire => {
                 state.shared.set_state(WorkerState::Stopping);
-                state.shared.record_exit(ExitKind::Recycled("retired".into()));
+                state
+                    .shared
+                    .record_exit(ExitKind::Recycled("retired".into()));
                 state.port.shutdown(state.shutdown_grace).await;
                 state.shared.set_state(WorkerState::Dead);
                 myself.stop(None);

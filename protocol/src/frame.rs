@@ -43,7 +43,9 @@ pub fn encode<T: Serialize + ?Sized>(msg: &T, max_frame: usize) -> Result<Vec<u8
     let len = out.len() - HEADER_LEN;
     if len > max_frame || len > u32::MAX as usize {
         return Err(ProtocolError::Encode {
-            reason: format!("encoded message of {len} bytes exceeds max_frame of {max_frame} bytes"),
+            reason: format!(
+                "encoded message of {len} bytes exceeds max_frame of {max_frame} bytes"
+            ),
         });
     }
     out[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
@@ -76,7 +78,10 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtocolError> {
 ///
 /// Returns `Ok(None)` on a clean EOF (exactly on a frame boundary). The header is checked
 /// before the payload buffer is allocated.
-pub fn read_frame<R: Read>(reader: &mut R, max_frame: usize) -> Result<Option<Vec<u8>>, ProtocolError> {
+pub fn read_frame<R: Read>(
+    reader: &mut R,
+    max_frame: usize,
+) -> Result<Option<Vec<u8>>, ProtocolError> {
     let mut header = [0u8; HEADER_LEN];
     let got = read_full(reader, &mut header)?;
     if got == 0 {
@@ -165,7 +170,8 @@ impl Decoder for FrameCodec {
                 let expected = if src.len() < HEADER_LEN {
                     HEADER_LEN as u64
                 } else {
-                    (HEADER_LEN as u64) + u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as u64
+                    (HEADER_LEN as u64)
+                        + u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as u64
                 };
                 Err(ProtocolError::Truncated {
                     expected,

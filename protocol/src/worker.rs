@@ -262,7 +262,9 @@ impl Worker {
                         .map_or(Ok(Value::Nil), Err);
                     reply(&mut output, id, result, max_frame)?;
                 }
-                ToWorker::Ping { id } => write_msg(&mut output, &FromWorker::Pong { id }, max_frame)?,
+                ToWorker::Ping { id } => {
+                    write_msg(&mut output, &FromWorker::Pong { id }, max_frame)?
+                }
                 // Calls run one at a time, so the call a cancel names has already finished.
                 ToWorker::Cancel { .. } => {}
                 ToWorker::Shutdown { .. } => return Ok(()),
@@ -322,5 +324,7 @@ fn open_fd(fd: i32) -> Result<File, ServeError> {
 
 #[cfg(not(unix))]
 fn open_fd(_fd: i32) -> Result<File, ServeError> {
-    Err(ServeError::Config("fds mode needs a unix system; use WHARF_CHANNEL=stdio".into()))
+    Err(ServeError::Config(
+        "fds mode needs a unix system; use WHARF_CHANNEL=stdio".into(),
+    ))
 }

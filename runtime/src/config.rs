@@ -226,7 +226,9 @@ impl PoolBuilder {
             return Err(Error::Config("size and max_overflow are both 0".into()));
         }
         if c.startup_concurrency == 0 {
-            return Err(Error::Config("startup_concurrency must be at least 1".into()));
+            return Err(Error::Config(
+                "startup_concurrency must be at least 1".into(),
+            ));
         }
         if c.spec.max_frame < 64 || c.spec.max_frame > u32::MAX as usize {
             return Err(Error::Config(format!(

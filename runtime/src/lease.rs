@@ -143,7 +143,13 @@ impl Lease {
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
         let rx = handle
             .port
-            .call_stream(id, method, body, self.session.clone(), Some(deadline.as_millis() as u64))
+            .call_stream(
+                id,
+                method,
+                body,
+                self.session.clone(),
+                Some(deadline.as_millis() as u64),
+            )
             .await
             .map_err(|e| Error::from_port(&handle.shared.id, e))?;
         Ok(CallStream {
@@ -156,7 +162,10 @@ impl Lease {
     }
 
     fn live_handle(&self) -> Result<WorkerHandle> {
-        let handle = self.handle.as_ref().expect("a lease holds a worker until dropped");
+        let handle = self
+            .handle
+            .as_ref()
+            .expect("a lease holds a worker until dropped");
         if !handle.is_alive() {
             let cause = handle.port.close_reason().unwrap_or(PortError::Closed);
             return Err(Error::from_port(&handle.shared.id, cause));

@@ -121,7 +121,10 @@ impl Inner {
 
     pub fn worker_states(&self) -> Vec<(String, WorkerState)> {
         let workers = lock(&self.workers);
-        let mut v: Vec<_> = workers.values().map(|w| (w.id.clone(), w.state())).collect();
+        let mut v: Vec<_> = workers
+            .values()
+            .map(|w| (w.id.clone(), w.state()))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -162,7 +165,11 @@ impl Inner {
             let Some(handle) = lock(&self.idle).pop() else {
                 continue;
             };
-            if handle.port.is_open() && handle.shared.transition(WorkerState::Ready, WorkerState::Busy) {
+            if handle.port.is_open()
+                && handle
+                    .shared
+                    .transition(WorkerState::Ready, WorkerState::Busy)
+            {
                 let waited = started.elapsed();
                 self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
                 self.counters
@@ -190,20 +197,28 @@ impl Inner {
         if !handle.is_alive() {
             return;
         }
-        if matches!(handle.shared.state(), WorkerState::Stopping | WorkerState::Dead) {
+        if matches!(
+            handle.shared.state(),
+            WorkerState::Stopping | WorkerState::Dead
+        ) {
             return;
         }
         if handle.port.in_flight() > 0 {
             // The caller gave up mid-call: the worker is dirty until its reply has come.
             handle.shared.set_state(WorkerState::Draining);
             let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                handle.kill(ExitKind::Recycled("abandoned call, no runtime to drain it".into()));
+                handle.kill(ExitKind::Recycled(
+                    "abandoned call, no runtime to drain it".into(),
+                ));
                 return;
             };
             let pool = self.clone();
             let limit = self.config.drain_timeout;
             rt.spawn(async move {
-                if tokio::time::timeout(limit, handle.port.quiesce()).await.is_ok() {
+                if tokio::time::timeout(limit, handle.port.quiesce())
+                    .await
+                    .is_ok()
+                {
                     pool.release(handle);
                 } else {
                     handle.kill(ExitKind::Recycled("abandoned call did not finish".into()));
@@ -468,7 +483,9 @@ impl Pool {
 
     /// Checks out a worker for several calls; it returns to the pool when the lease drops.
     pub async fn checkout(&self) -> Result<Lease> {
-        self.inner.checkout(self.inner.config.checkout_timeout).await
+        self.inner
+            .checkout(self.inner.config.checkout_timeout)
+            .await
     }
 
     /// Calls `method` on any free worker with a body that serialises to MessagePack.
@@ -577,4 +594,3 @@ pub fn to_value<B: Serialize + ?Sized>(body: &B) -> Result<Value> {
 pub fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T> {
     rmpv::ext::from_value(value).map_err(|e| Error::Body(e.to_string()))
 }
-

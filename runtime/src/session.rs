@@ -39,19 +39,29 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("id", &self.inner.id).finish()
+        f.debug_struct("Session")
+            .field("id", &self.inner.id)
+            .finish()
     }
 }
 
 impl Session {
     pub(crate) async fn open(pool: Arc<Inner>, id: String) -> Result<Session> {
-        if !pool.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone()) {
+        if !pool
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone())
+        {
             return Err(Error::SessionInUse(id));
         }
         let mut lease = match pool.checkout(pool.config.checkout_timeout).await {
             Ok(lease) => lease,
             Err(e) => {
-                pool.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                pool.sessions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
                 return Err(e);
             }
         };
@@ -101,7 +111,11 @@ impl Session {
         deadline: Option<Duration>,
     ) -> Result<Value> {
         let mut pin = self.inner.pin.lock().await;
-        *self.inner.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *self
+            .inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
         let lease = match &mut *pin {
             Pin::Open(lease) => lease,
             Pin::Lost(cause) => return Err(self.lost(cause.clone())),
@@ -175,7 +189,8 @@ async fn finish(pool: &Arc<Inner>, session: &str, mut lease: Lease) {
         SessionEnd::Reset => {
             // Let an abandoned call finish first, so the reset is the last thing the worker
             // does for this session.
-            let settle = tokio::time::timeout(pool.config.drain_timeout, handle.port.quiesce()).await;
+            let settle =
+                tokio::time::timeout(pool.config.drain_timeout, handle.port.quiesce()).await;
             let reset = match settle {
                 Ok(()) => handle
                     .port
@@ -216,7 +231,9 @@ impl Drop for SessionInner {
                 Err(_) => {
                     // No runtime to reset it: the worker must not be reused with this state.
                     if let Some(handle) = lease.take_handle() {
-                        handle.kill(wharf_actors::worker::ExitKind::Recycled("session dropped".into()));
+                        handle.kill(wharf_actors::worker::ExitKind::Recycled(
+                            "session dropped".into(),
+                        ));
                     }
                 }
             }
@@ -231,7 +248,11 @@ async fn expire_when_idle(session: Weak<SessionInner>, ttl: Duration) {
         let Some(inner) = session.upgrade() else {
             return;
         };
-        let idle = inner.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+        let idle = inner
+            .last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed();
         if idle < ttl {
             continue;
         }

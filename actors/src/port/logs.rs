@@ -60,7 +60,11 @@ pub async fn forward<R: AsyncRead + Unpin>(
         };
         for chunk in buf[..n].split_inclusive(|b| *b == b'\n') {
             let ends = chunk.last() == Some(&b'\n');
-            let body = if ends { &chunk[..chunk.len() - 1] } else { chunk };
+            let body = if ends {
+                &chunk[..chunk.len() - 1]
+            } else {
+                chunk
+            };
             if !discarding {
                 let room = MAX_LINE - line.len();
                 line.extend_from_slice(&body[..body.len().min(room)]);
@@ -90,8 +94,12 @@ fn emit(worker: &str, stream: Stream, tail: Option<&Tail>, line: &[u8], cut: boo
         text.push_str(" [line cut]");
     }
     match stream {
-        Stream::Stdout => tracing::info!(target: "wharf::worker", worker, stream = "stdout", "{text}"),
-        Stream::Stderr => tracing::info!(target: "wharf::worker", worker, stream = "stderr", "{text}"),
+        Stream::Stdout => {
+            tracing::info!(target: "wharf::worker", worker, stream = "stdout", "{text}")
+        }
+        Stream::Stderr => {
+            tracing::info!(target: "wharf::worker", worker, stream = "stderr", "{text}")
+        }
     }
     if let Some(tail) = tail {
         tail.push(text);

@@ -377,22 +377,25 @@ impl ProcessPort {
                 Some(stderr_tail.clone()),
             ));
         }
-        let (input, output): (Box<dyn AsyncRead + Send + Unpin>, Box<dyn AsyncWrite + Send + Unpin>) =
-            match parent_fds {
-                Some((from_r, to_w)) => {
-                    if let Some(out) = child.stdout.take() {
-                        tokio::spawn(logs::forward(out, worker_id.clone(), Stream::Stdout, None));
-                    }
-                    let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(from_r).map_err(spawn_err)?;
-                    let tx = tokio::net::unix::pipe::Sender::from_owned_fd(to_w).map_err(spawn_err)?;
-                    (Box::new(rx), Box::new(tx))
+        let (input, output): (
+            Box<dyn AsyncRead + Send + Unpin>,
+            Box<dyn AsyncWrite + Send + Unpin>,
+        ) = match parent_fds {
+            Some((from_r, to_w)) => {
+                if let Some(out) = child.stdout.take() {
+                    tokio::spawn(logs::forward(out, worker_id.clone(), Stream::Stdout, None));
                 }
-                None => {
-                    let out = child.stdout.take().expect("stdout is piped");
-                    let inp = child.stdin.take().expect("stdin is piped");
-                    (Box::new(out), Box::new(inp))
-                }
-            };
+                let rx =
+                    tokio::net::unix::pipe::Receiver::from_owned_fd(from_r).map_err(spawn_err)?;
+                let tx = tokio::net::unix::pipe::Sender::from_owned_fd(to_w).map_err(spawn_err)?;
+                (Box::new(rx), Box::new(tx))
+            }
+            None => {
+                let out = child.stdout.take().expect("stdout is piped");
+                let inp = child.stdin.take().expect("stdin is piped");
+                (Box::new(out), Box::new(inp))
+            }
+        };
 
         // The reaper owns the child and publishes its exit status.
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -444,7 +447,10 @@ impl ProcessPort {
             Err(_) => {
                 self.shared.poison(PortError::Closed);
                 let info = self.shared.exit_info(Duration::from_secs(2)).await;
-                return Err(PortError::InitTimeout { after: timeout, info });
+                return Err(PortError::InitTimeout {
+                    after: timeout,
+                    info,
+                });
             }
             Ok(Err(_)) => return Err(PortError::Closed),
             Ok(Ok(Err(PortError::WorkerDied(_)))) => {
@@ -470,7 +476,11 @@ impl ProcessPort {
                     self.shared.poison(err.clone());
                     return Err(err);
                 }
-                Ok(WorkerInfo { pid, version, methods })
+                Ok(WorkerInfo {
+                    pid,
+                    version,
+                    methods,
+                })
             }
             FromWorker::InitPong { message, .. } => {
                 let err = PortError::InitRefused {
@@ -588,7 +598,8 @@ impl ProcessPort {
     /// Asks the worker to drop all per-session state; waits for its answer up to `timeout`.
     pub async fn reset(&self, session: Option<String>, timeout: Duration) -> Result<(), PortError> {
         let id = self.next_request_id();
-        self.control(id, ToWorker::Reset { id, session }, timeout).await
+        self.control(id, ToWorker::Reset { id, session }, timeout)
+            .await
     }
 
     async fn control(&self, id: u64, msg: ToWorker, timeout: Duration) -> Result<(), PortError> {
@@ -682,7 +693,16 @@ impl ProcessPort {
 
     /// SIGKILLs the worker's process group now and fails every request in flight with `reason`.
     /// Synchronous, for Drop guards and for callers that must not wait.
+    /// If the worker had already exited by itself, requests in flight learn how it ended
+    /// instead.
     pub fn terminate(&self, reason: PortError) {
+        let reason = match (reason, self.exit_status()) {
+            (PortError::Closed, Some(status)) => PortError::WorkerDied(ExitInfo {
+                status: Some(status),
+                stderr_tail: self.shared.stderr.lines(),
+            }),
+            (reason, _) => reason,
+        };
         self.shared.poison(reason);
     }
 

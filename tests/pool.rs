@@ -1,0 +1,664 @@
+//! The supervised pool with real Python workers: restart strategies and types, intensity,
+//! backoff, deaths mid-call, deadlines, overflow, recycling, sessions, cancellation, shutdown.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use wharf::{
+    Backoff, Error, HealthCheck, Pool, PoolBuilder, RestartType, SessionEnd, Strategy, Value,
+};
+
+const READY: Duration = Duration::from_secs(30);
+const SETTLE: Duration = Duration::from_secs(15);
+
+fn builder(size: usize) -> PoolBuilder {
+    init_logs();
+    Pool::builder(demo_spec(&[])).size(size).backoff(Backoff {
+        initial: Duration::from_millis(20),
+        jitter: 0.0,
+        ..Backoff::default()
+    })
+}
+
+/// slot -> pid of the running workers.
+fn pids_by_slot(pool: &Pool) -> HashMap<usize, u32> {
+    pool.worker_info()
+        .into_iter()
+        .map(|w| (w.slot, w.pid))
+        .collect()
+}
+
+async fn pid_of_some_worker(pool: &Pool) -> u32 {
+    let v = pool.call("pid", &()).await.expect("pid call");
+    v.as_u64().expect("pid is an int") as u32
+}
+
+/// Crashes the worker in `slot` (exit `code`) through a lease on exactly that worker.
+async fn crash_slot(pool: &Pool, slot: usize, code: i32) {
+    let mut held = Vec::new();
+    loop {
+        let mut lease = pool.checkout().await.expect("checkout");
+        let info = pool
+            .worker_info()
+            .into_iter()
+            .find(|w| w.pid == lease.pid())
+            .expect("leased worker is listed");
+        if info.slot == slot {
+            let err = lease.call("crash", &code).await.unwrap_err();
+            assert!(
+                matches!(err, Error::WorkerDied { .. }),
+                "crash gave {err:?}"
+            );
+            return;
+        }
+        held.push(lease);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_for_one_restarts_only_the_crashed_worker() {
+    let pool = builder(3)
+        .strategy(Strategy::OneForOne)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(3, READY).await.unwrap();
+    let before = pids_by_slot(&pool);
+    crash_slot(&pool, 1, 3).await;
+    assert!(eventually(SETTLE, || pids_by_slot(&pool).len() == 3).await);
+    let after = pids_by_slot(&pool);
+    assert_eq!(before[&0], after[&0]);
+    assert_ne!(before[&1], after[&1]);
+    assert_eq!(before[&2], after[&2]);
+    assert_eq!(pool.stats().restarts, 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_for_all_restarts_every_worker() {
+    let pool = builder(3)
+        .strategy(Strategy::OneForAll)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(3, READY).await.unwrap();
+    let before = pids_by_slot(&pool);
+    crash_slot(&pool, 1, 3).await;
+    assert!(
+        eventually(SETTLE, || {
+            let now = pids_by_slot(&pool);
+            now.len() == 3 && now.iter().all(|(slot, pid)| before[slot] != *pid)
+        })
+        .await,
+        "every slot gets a new worker"
+    );
+    for pid in before.values() {
+        assert!(
+            eventually(SETTLE, || !pid_exists(*pid)).await,
+            "old worker {pid} is gone"
+        );
+    }
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_for_one_restarts_the_crashed_worker_and_later_slots() {
+    let pool = builder(4)
+        .strategy(Strategy::RestForOne)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(4, READY).await.unwrap();
+    let before = pids_by_slot(&pool);
+    crash_slot(&pool, 1, 3).await;
+    assert!(
+        eventually(SETTLE, || {
+            let now = pids_by_slot(&pool);
+            now.len() == 4 && (1..4).all(|s| now[&s] != before[&s])
+        })
+        .await
+    );
+    assert_eq!(pids_by_slot(&pool)[&0], before[&0], "slot 0 is left alone");
+    pool.shutdown().await;
+}
+
+/// Crashes slot 0 with `code` and reports whether the slot came back.
+async fn restarted_after_exit(restart: RestartType, code: i32) -> bool {
+    let pool = builder(2).restart_type(restart).build().await.unwrap();
+    pool.wait_ready(2, READY).await.unwrap();
+    let before = pids_by_slot(&pool);
+    crash_slot(&pool, 0, code).await;
+    // Give a restart every chance to happen.
+    let back = eventually(Duration::from_secs(5), || {
+        pids_by_slot(&pool)
+            .get(&0)
+            .is_some_and(|pid| *pid != before[&0])
+    })
+    .await;
+    assert_eq!(
+        pids_by_slot(&pool)[&1],
+        before[&1],
+        "the other worker is untouched"
+    );
+    pool.shutdown().await;
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_workers_always_restart() {
+    assert!(restarted_after_exit(RestartType::Permanent, 0).await);
+    assert!(restarted_after_exit(RestartType::Permanent, 3).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_workers_restart_only_after_abnormal_exit() {
+    assert!(!restarted_after_exit(RestartType::Transient, 0).await);
+    assert!(restarted_after_exit(RestartType::Transient, 3).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_workers_never_restart() {
+    assert!(!restarted_after_exit(RestartType::Temporary, 0).await);
+    assert!(!restarted_after_exit(RestartType::Temporary, 3).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_at_start_escalates_to_pool_failed_within_the_window_without_spinning() {
+    init_logs();
+    let pool = Pool::builder(python_spec(
+        "import sys; sys.stderr.write('boom at start\\n'); sys.exit(3)",
+    ))
+    .size(2)
+    .intensity(3, Duration::from_secs(5))
+    .backoff(Backoff {
+        initial: Duration::from_millis(50),
+        jitter: 0.0,
+        ..Backoff::default()
+    })
+    .checkout_timeout(Duration::from_secs(20))
+    .build()
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let err = pool.call("echo", &1).await.unwrap_err();
+    let took = started.elapsed();
+    match &err {
+        Error::PoolFailed { last_errors, .. } => {
+            assert!(!last_errors.is_empty());
+            let text = err.to_string();
+            assert!(text.contains("exited before it was ready"), "{text}");
+            assert!(text.contains("boom at start"), "{text}");
+        }
+        other => panic!("expected PoolFailed, got {other:?}"),
+    }
+    assert!(
+        took < Duration::from_secs(5),
+        "escalation within the window, took {took:?}"
+    );
+    // Nothing spins after the failure: no further launches, and new callers fail at once.
+    let failures = pool.stats().start_failures;
+    assert!(
+        failures >= 4,
+        "4 failed starts exceed 3 restarts, saw {failures}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(pool.stats().start_failures, failures);
+    let t = Instant::now();
+    assert!(matches!(
+        pool.call("echo", &1).await,
+        Err(Error::PoolFailed { .. })
+    ));
+    assert!(t.elapsed() < Duration::from_millis(100));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backoff_delays_grow_between_restarts_of_a_slot() {
+    init_logs();
+    let dir = std::env::temp_dir().join(format!("wharf-backoff-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("starts");
+    let code = format!(
+        "import time,sys; open({:?},'a').write(repr(time.monotonic())+'\\n'); sys.exit(3)",
+        log.display().to_string()
+    );
+    let pool = Pool::builder(python_spec(&code))
+        .size(1)
+        .intensity(6, Duration::from_secs(30))
+        .backoff(Backoff {
+            initial: Duration::from_millis(100),
+            multiplier: 2.0,
+            jitter: 0.0,
+            max: Duration::from_secs(5),
+            reset_after: Duration::from_secs(10),
+        })
+        .build()
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(30), || pool.stats().failed).await);
+    let starts: Vec<f64> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(starts.len(), 7, "1 start + 6 restarts, then escalation");
+    let gaps: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    for pair in gaps.windows(2) {
+        assert!(pair[1] > pair[0] * 1.4, "gaps grow: {gaps:?}");
+    }
+    assert!(
+        gaps[0] >= 0.1,
+        "first restart waits the initial backoff: {gaps:?}"
+    );
+    pool.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_call_fails_that_call_only_and_pool_refills() {
+    let pool = builder(3).build().await.unwrap();
+    pool.wait_ready(3, READY).await.unwrap();
+    let mut victim = pool.checkout().await.unwrap();
+    let victim_pid = victim.pid();
+    let others: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call("sleep", &300).await })
+        })
+        .collect();
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sigkill(victim_pid);
+    });
+    let err = victim.call("sleep", &2000).await.unwrap_err();
+    assert!(matches!(err, Error::WorkerDied { .. }), "{err:?}");
+    assert!(err.to_string().contains("signal: 9"), "{err}");
+    killer.await.unwrap();
+    for o in others {
+        assert_eq!(o.await.unwrap().unwrap(), Value::from(300));
+    }
+    drop(victim);
+    assert!(eventually(SETTLE, || pool.state().idle == 3).await);
+    assert!(!pool.worker_pids().contains(&victim_pid));
+    assert_eq!(
+        pool.call("echo", &"still serving").await.unwrap(),
+        Value::from("still serving")
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_overrun_kills_and_replaces_the_worker() {
+    let pool = builder(1).build().await.unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let mut lease = pool.checkout().await.unwrap();
+    let pid = lease.pid();
+    let started = Instant::now();
+    let err = lease
+        .call_value(
+            "sleep",
+            Value::from(10_000),
+            Some(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    drop(lease);
+    assert!(
+        eventually(SETTLE, || !pid_exists(pid)).await,
+        "the overrunning worker is killed"
+    );
+    let new_pid = pid_of_some_worker(&pool).await;
+    assert_ne!(new_pid, pid);
+    let stats = pool.stats();
+    assert_eq!(
+        stats.restarts, 0,
+        "a deadline kill is a replacement, not a restart"
+    );
+    assert_eq!(stats.errors.get("deadline_exceeded"), Some(&1));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overflow_workers_start_under_load_and_stop_when_idle() {
+    let pool = builder(1)
+        .max_overflow(2)
+        .overflow_idle_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call("sleep", &1500).await })
+        })
+        .collect();
+    assert!(
+        eventually(SETTLE, || pool.worker_info().len() == 3).await,
+        "overflow workers start while callers wait"
+    );
+    for c in calls {
+        c.await.unwrap().unwrap();
+    }
+    assert!(
+        eventually(SETTLE, || pool.worker_info().len() == 1).await,
+        "overflow workers stop after their idle timeout: {:?}",
+        pool.worker_info()
+    );
+    assert_eq!(pool.worker_info()[0].slot, 0, "the core worker stays");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_recycled_after_max_calls() {
+    let pool = builder(1).max_calls(3).build().await.unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let mut seen: Vec<u32> = Vec::new();
+    for _ in 0..9 {
+        seen.push(pid_of_some_worker(&pool).await);
+    }
+    let distinct: HashSet<_> = seen.iter().collect();
+    assert_eq!(distinct.len(), 3, "a new worker every 3 calls: {seen:?}");
+    for chunk in seen.chunks(3) {
+        assert!(chunk.iter().all(|p| *p == chunk[0]), "{seen:?}");
+    }
+    assert_eq!(pool.stats().restarts, 0);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_recycled_when_their_rss_exceeds_max_rss() {
+    let pool = builder(1).max_rss(150 * 1024 * 1024).build().await.unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let first = pid_of_some_worker(&pool).await;
+    assert_eq!(
+        pid_of_some_worker(&pool).await,
+        first,
+        "a small worker stays"
+    );
+    pool.call("alloc", &200).await.unwrap();
+    let next = pid_of_some_worker(&pool).await;
+    assert_ne!(next, first, "the worker holding 200 MiB was recycled");
+    assert!(eventually(SETTLE, || !pid_exists(first)).await);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_pin_strictly_and_never_leak_state() {
+    let pool = builder(2)
+        .checkout_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(2, READY).await.unwrap();
+    let a = pool.session("a").await.unwrap();
+    let b = pool.session("b").await.unwrap();
+    let (pa, pb) = (a.pid().await.unwrap(), b.pid().await.unwrap());
+    assert_ne!(pa, pb, "each session has its own worker");
+    a.call(
+        "state_set",
+        &serde_json::json!({"key": "k", "value": "from-a"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        b.call("state_get", &serde_json::json!({"key": "k"}))
+            .await
+            .unwrap(),
+        Value::Nil
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            a.call("pid", &()).await.unwrap(),
+            Value::from(pa),
+            "strict pin"
+        );
+    }
+    // Both workers are pinned: nobody else gets one.
+    assert!(matches!(
+        pool.call("echo", &1).await,
+        Err(Error::CheckoutTimeout { .. })
+    ));
+    assert!(matches!(
+        pool.session("a").await,
+        Err(Error::SessionInUse(_))
+    ));
+    // End a: its worker is reset, then reused by a new session that must not see a's state.
+    a.end().await.unwrap();
+    assert!(matches!(
+        a.call("pid", &()).await,
+        Err(Error::SessionEnded { .. })
+    ));
+    let c = pool.session("c").await.unwrap();
+    assert_eq!(
+        c.pid().await.unwrap(),
+        pa,
+        "the only free worker is a's old one"
+    );
+    assert_eq!(
+        c.call("state_get", &serde_json::json!({"key": "k"}))
+            .await
+            .unwrap(),
+        Value::Nil
+    );
+    c.end().await.unwrap();
+    b.end().await.unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycle_session_end_policy_replaces_the_worker() {
+    let pool = builder(1)
+        .session_end(SessionEnd::Recycle)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let s = pool.session("s").await.unwrap();
+    let pid = s.pid().await.unwrap();
+    s.end().await.unwrap();
+    assert_ne!(pid_of_some_worker(&pool).await, pid);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_worker_dies_is_lost_not_moved() {
+    let pool = builder(2).build().await.unwrap();
+    pool.wait_ready(2, READY).await.unwrap();
+    let s = pool.session("s").await.unwrap();
+    s.call("state_set", &serde_json::json!({"key": "k", "value": 1}))
+        .await
+        .unwrap();
+    sigkill(s.pid().await.unwrap());
+    for _ in 0..2 {
+        let err = s
+            .call("state_get", &serde_json::json!({"key": "k"}))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
+    }
+    // The id is free again for a fresh session on a fresh worker.
+    assert!(eventually(SETTLE, || pool.state().idle == 2).await);
+    let again = pool.session("s").await.unwrap();
+    assert_eq!(
+        again
+            .call("state_get", &serde_json::json!({"key": "k"}))
+            .await
+            .unwrap(),
+        Value::Nil
+    );
+    again.end().await.unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_expire_and_reset_their_worker() {
+    let pool = builder(1)
+        .session_idle_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let s = pool.session("s").await.unwrap();
+    s.call("state_set", &serde_json::json!({"key": "k", "value": 1}))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let err = s.call("pid", &()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::SessionEnded { why: "expired", .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        pool.call("state_get", &serde_json::json!({"key": "k"}))
+            .await
+            .unwrap(),
+        Value::Nil
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_caller_never_leaves_a_dirty_worker() {
+    let pool = builder(1).build().await.unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let pid = pid_of_some_worker(&pool).await;
+    for round in 0..3 {
+        let p = pool.clone();
+        let task = tokio::spawn(async move { p.call("sleep", &300).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        task.abort();
+        let _ = task.await;
+        // The next caller must get its own reply, not the abandoned call's.
+        let tag = format!("round-{round}");
+        assert_eq!(
+            pool.call("echo", &tag).await.unwrap(),
+            Value::from(tag.as_str())
+        );
+    }
+    assert_eq!(
+        pid_of_some_worker(&pool).await,
+        pid,
+        "the worker was drained, not killed"
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_leaves_no_child_process() {
+    let pool = builder(3)
+        .health_check(HealthCheck {
+            interval: Some(Duration::from_millis(100)),
+            ..HealthCheck::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(3, READY).await.unwrap();
+    let grandchild = pool
+        .call("spawn_grandchild", &())
+        .await
+        .unwrap()
+        .as_u64()
+        .unwrap() as u32;
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 3);
+    let busy = {
+        let p = pool.clone();
+        tokio::spawn(async move { p.call("sleep", &200).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    pool.shutdown().await;
+    assert_eq!(
+        busy.await.unwrap().unwrap(),
+        Value::from(200),
+        "in-flight call drained"
+    );
+    for pid in pids.iter().chain([&grandchild]) {
+        assert!(
+            eventually(Duration::from_secs(5), || !pid_exists(*pid)).await,
+            "{pid} survived"
+        );
+    }
+    assert!(matches!(
+        pool.call("echo", &1).await,
+        Err(Error::ShutDown(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_command_fails_the_pool_with_a_clear_error() {
+    init_logs();
+    let pool = Pool::builder(wharf::ProcessSpec::new("wharf-no-such-command"))
+        .size(1)
+        .intensity(2, Duration::from_secs(5))
+        .build()
+        .await
+        .unwrap();
+    let err = pool.call("echo", &1).await.unwrap_err();
+    assert!(matches!(err, Error::PoolFailed { .. }), "{err:?}");
+    assert!(err.to_string().contains("cannot spawn worker"), "{err}");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_pools_start_workers_on_demand() {
+    let pool = builder(2).lazy().build().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool.worker_info().len(), 0, "nothing starts before demand");
+    assert_eq!(pool.call("echo", &5).await.unwrap(), Value::from(5));
+    assert!(!pool.worker_info().is_empty());
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_calls_deliver_chunks_then_the_result() {
+    let pool = builder(1).build().await.unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let mut lease = pool.checkout().await.unwrap();
+    let mut stream = lease
+        .call_stream("stream", &serde_json::json!({"n": 4}))
+        .await
+        .unwrap();
+    let mut chunks = Vec::new();
+    let mut done = None;
+    while let Some(item) = stream.next().await {
+        match item.unwrap() {
+            wharf::StreamItem::Chunk(v) => chunks.push(v),
+            wharf::StreamItem::Done(v) => done = Some(v),
+        }
+    }
+    assert_eq!(chunks, (0..4).map(Value::from).collect::<Vec<_>>());
+    assert_eq!(done, Some(Value::from(4)));
+    drop(lease);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_timeout_reports_the_pool_state() {
+    let pool = builder(1)
+        .checkout_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let _held = pool.checkout().await.unwrap();
+    let err = pool.call("echo", &1).await.unwrap_err();
+    match &err {
+        Error::CheckoutTimeout { state, .. } => {
+            assert_eq!(
+                (state.size, state.busy, state.idle, state.waiting),
+                (1, 1, 0, 1)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err.to_string().contains("busy 1"), "{err}");
+    drop(_held);
+    pool.shutdown().await;
+}
