@@ -27,13 +27,13 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     workers: usize,
     /// Calls to make in total.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 200_000)]
     calls: u64,
     /// Calls in flight at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// SIGKILL a random worker every this many milliseconds (0 = never).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 200)]
     kill_every: u64,
     /// Worker command to run instead of the Python demo worker; the load calls its `echo`.
     #[arg(long)]
@@ -69,11 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let spec = worker_spec(args.worker.as_deref())?;
     let is_demo = args.worker.is_none();
     // Room in the restart intensity for the kills this run makes on purpose.
-    let kills_per_5s = if args.kill_every == 0 {
-        0
-    } else {
-        5_000 / args.kill_every
-    };
+    let kills_per_5s = 5_000u64.checked_div(args.kill_every).unwrap_or(0);
     let pool = Pool::builder(spec)
         .name("bridge")
         .size(args.workers)
