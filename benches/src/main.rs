@@ -1,0 +1,2 @@
+//! wharf's benchmark suite (placeholder while it is being written).
+fn main() {}
