@@ -662,3 +662,43 @@ async fn checkout_timeout_reports_the_pool_state() {
     drop(_held);
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_that_stops_answering_pings_is_replaced() {
+    let pool = builder(2)
+        .health_check(HealthCheck {
+            interval: Some(Duration::from_millis(100)),
+            timeout: Duration::from_millis(200),
+            max_missed: 2,
+        })
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(2, READY).await.unwrap();
+    let before = pids_by_slot(&pool);
+    let stopped = before[&0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stopped as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    assert!(
+        eventually(SETTLE, || {
+            let now = pids_by_slot(&pool);
+            now.len() == 2 && now[&0] != stopped
+        })
+        .await,
+        "the hung worker is declared dead and replaced"
+    );
+    assert!(
+        eventually(SETTLE, || !pid_exists(stopped)).await,
+        "and killed"
+    );
+    assert_eq!(pids_by_slot(&pool)[&1], before[&1]);
+    assert_eq!(
+        pool.stats().restarts,
+        1,
+        "an unresponsive worker counts as a crash"
+    );
+    pool.shutdown().await;
+}

@@ -20,6 +20,25 @@ pub enum SessionEnd {
     Recycle,
 }
 
+/// Bounded retries for idempotent calls ([`Pool::call_idempotent`]): a call whose worker died
+/// under it is retried on another worker. Deadline overruns and remote errors are never retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// Pause before each retry.
+    pub delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            delay: Duration::from_millis(5),
+        }
+    }
+}
+
 /// Everything that shapes a pool. Build one with [`Pool::builder`].
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -59,6 +78,8 @@ pub struct PoolConfig {
     pub shutdown_grace: Duration,
     /// How long an abandoned call may take to finish before its worker is recycled.
     pub drain_timeout: Duration,
+    /// Retries of idempotent calls whose worker died.
+    pub retry: Retry,
 }
 
 /// Builds a [`Pool`]: `Pool::builder(spec).size(4).build().await`.
@@ -89,6 +110,7 @@ impl PoolBuilder {
                 session_idle_timeout: Duration::from_secs(300),
                 shutdown_grace: Duration::from_secs(2),
                 drain_timeout: Duration::from_secs(5),
+                retry: Retry::default(),
             },
         }
     }
@@ -210,6 +232,12 @@ impl PoolBuilder {
     /// 5 s).
     pub fn drain_timeout(mut self, d: Duration) -> Self {
         self.config.drain_timeout = d;
+        self
+    }
+
+    /// Retries for [`Pool::call_idempotent`] (default 3 retries, 5 ms apart).
+    pub fn retry(mut self, max_retries: u32, delay: Duration) -> Self {
+        self.config.retry = Retry { max_retries, delay };
         self
     }
 

@@ -21,7 +21,7 @@ pub mod pool;
 pub mod session;
 pub mod stats;
 
-pub use config::{PoolBuilder, PoolConfig, SessionEnd};
+pub use config::{PoolBuilder, PoolConfig, Retry, SessionEnd};
 pub use error::{Error, PoolState, Result};
 pub use lease::{CallStream, Lease, StreamItem};
 pub use pool::{from_value, to_value, Pool, WorkerInfo};

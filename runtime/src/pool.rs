@@ -41,6 +41,7 @@ pub(crate) struct Counters {
     pub ok: AtomicU64,
     pub restarts: AtomicU64,
     pub replacements: AtomicU64,
+    pub retries: AtomicU64,
     pub start_failures: AtomicU64,
     pub checkouts: AtomicU64,
     pub checkout_wait_ns: AtomicU64,
@@ -178,6 +179,19 @@ impl Inner {
                 return Ok(Lease::new(self.clone(), handle, waited));
             }
             // A worker that died or is being retired while idle: drop it and look again.
+        }
+    }
+
+    /// Drops a dead worker from the idle stack, with its permit, so its port (and fds) go now
+    /// rather than when a caller happens to pop it. If its permit is already taken, the caller
+    /// holding it discards the worker instead.
+    fn forget_idle(&self, id: &str) {
+        let mut idle = lock(&self.idle);
+        if let Some(pos) = idle.iter().position(|h| h.shared.id == id) {
+            if let Ok(permit) = self.permits.try_acquire() {
+                permit.forget();
+                idle.remove(pos);
+            }
         }
     }
 
@@ -325,6 +339,7 @@ impl PoolEvents for Events {
 
     fn worker_exited(&self, worker: &Arc<WorkerShared>, kind: &ExitKind) {
         if let Some(pool) = self.0.upgrade() {
+            pool.forget_idle(&worker.id);
             if lock(&pool.workers).remove(&worker.id).is_some() {
                 tracing::debug!(pool = %pool.config.name, worker = %worker.id, ?kind, "worker exited");
                 if kind.is_replacement() {
@@ -498,6 +513,29 @@ impl Pool {
     pub async fn call_value(&self, method: &str, body: Value) -> Result<Value> {
         let mut lease = self.checkout().await?;
         lease.call_value(method, body, None).await
+    }
+
+    /// Calls an idempotent method: if its worker dies under it (`WorkerDied`), the call is
+    /// retried on another worker, up to the pool's retry limit. Deadline overruns, remote
+    /// errors and protocol violations are returned at once, never retried.
+    pub async fn call_idempotent<B: Serialize + ?Sized>(
+        &self,
+        method: &str,
+        body: &B,
+    ) -> Result<Value> {
+        let body = to_value(body)?;
+        let retry = self.inner.config.retry;
+        let mut attempt = 0;
+        loop {
+            match self.call_value(method, body.clone()).await {
+                Err(Error::WorkerDied { .. }) if attempt < retry.max_retries => {
+                    attempt += 1;
+                    self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(retry.delay).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Opens a session: one worker pinned exclusively to `id` until the session ends.

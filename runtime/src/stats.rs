@@ -35,6 +35,8 @@ pub struct PoolStats {
     pub restarts: u64,
     /// Workers replaced on purpose (recycling, deadline kills), outside the restart policy.
     pub replacements: u64,
+    /// Idempotent calls retried after their worker died.
+    pub retries: u64,
     /// Launches that failed before the worker was ready.
     pub start_failures: u64,
     /// Successful checkouts.
@@ -70,6 +72,7 @@ impl PoolStats {
                 .collect(),
             restarts: c.restarts.load(Ordering::Relaxed),
             replacements: c.replacements.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
             start_failures: c.start_failures.load(Ordering::Relaxed),
             checkouts,
             mean_checkout_wait: Duration::from_nanos(wait_ns.checked_div(checkouts).unwrap_or(0)),

@@ -273,6 +273,9 @@ pub struct ProcessPort {
     next_id: AtomicU64,
     pid: u32,
     info: WorkerInfo,
+    /// Our end of the group watchdog's stdin: when it closes (this port drops, or the runtime
+    /// dies in any way) the watchdog kills the worker's whole process group.
+    _watchdog: Option<tokio::process::ChildStdin>,
 }
 
 impl std::fmt::Debug for ProcessPort {
@@ -418,7 +421,9 @@ impl ProcessPort {
             shared.clone(),
         ));
 
+        let watchdog = spawn_group_watchdog(pid);
         let mut port = ProcessPort {
+            _watchdog: watchdog,
             shared,
             writer: tokio::sync::Mutex::new(FramedWrite::new(output, codec)),
             next_id: AtomicU64::new(1),
@@ -728,6 +733,36 @@ impl ProcessPort {
     /// The last lines the worker wrote to stderr.
     pub fn stderr_tail(&self) -> Vec<String> {
         self.shared.stderr.lines()
+    }
+}
+
+/// Starts a watchdog inside the worker's process group: a shell that waits for EOF on its
+/// stdin, then SIGKILLs its whole group. The runtime holds the only write end, so however the
+/// runtime ends — even by SIGKILL — the group dies with it, grandchildren included (the
+/// parent-death signal reaches only the direct child). A process that leaves the group with
+/// `setsid` escapes; nothing short of a cgroup catches that.
+fn spawn_group_watchdog(pgid: u32) -> Option<tokio::process::ChildStdin> {
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", "read _ignored; kill -KILL 0"])
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(pgid as i32)
+        .kill_on_drop(false);
+    match cmd.spawn() {
+        Ok(mut child) => {
+            let stdin = child.stdin.take();
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            stdin
+        }
+        Err(e) => {
+            // The worker may already be gone (its group with it); nothing to guard then.
+            tracing::debug!(pgid, error = %e, "no group watchdog");
+            None
+        }
     }
 }
 
