@@ -257,8 +257,11 @@ fn account(name: &str, outcome: &Outcome, zombies_after: usize, fd_delta: i64) -
             .entry(msg.split(':').next().unwrap_or("").to_owned())
             .or_default() += 1;
         // Each failure is explained by a kill (or stop) of that call's worker before the call
-        // ended (a worker killed while idle can be handed out before its death is noticed).
-        let explained = kills.iter().any(|k| k.pid == r.pid && k.at <= r.end);
+        // ended (a worker killed while idle can be handed out before its death is noticed,
+        // but not long after: the reaper notices at once).
+        let explained = kills
+            .iter()
+            .any(|k| k.pid == r.pid && k.at <= r.end && k.at + Duration::from_secs(5) >= r.start);
         assert!(
             explained,
             "unexplained failure on pid {}: {msg}; kills {kills:?}",
