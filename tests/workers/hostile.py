@@ -1,7 +1,8 @@
-"""A worker that misbehaves on request, for wharf's hostile-input tests.
+"""A worker that misbehaves on request, for wharf's hostile-input and checker tests.
 
-It speaks the protocol correctly (fds 3/4) until a call asks it to break a rule. Start-time
-misbehaviour is chosen by argument: --silent-init, --crash-at-start.
+It speaks the protocol correctly (fds 3/4) until a call asks it to break a rule: the call's
+method names the misbehaviour (see `misbehave`). Arguments: --silent-init (never answers the
+init ping), --crash-at-start (exits 3 at once), --on-call MODE (treats every call as MODE).
 """
 
 import os
@@ -12,6 +13,7 @@ import time
 import msgpack
 
 IN, OUT = 3, 4
+ON_CALL = sys.argv[sys.argv.index("--on-call") + 1] if "--on-call" in sys.argv else None
 
 
 def frame(obj):
@@ -54,7 +56,7 @@ def main():
         if t == "init":
             if "--silent-init" in sys.argv:
                 time.sleep(3600)
-            write(frame({"t": "init_pong", "id": rid, "status": "ok", "version": 1, "pid": os.getpid(), "methods": ["echo"]}))
+            write(frame({"t": "init_pong", "id": rid, "status": "ok", "version": 1, "pid": os.getpid(), "methods": ["echo", "fail"]}))
         elif t == "ping":
             write(frame({"t": "pong", "id": rid}))
         elif t == "reset":
@@ -62,13 +64,15 @@ def main():
         elif t == "shutdown":
             sys.exit(0)
         elif t == "call":
-            misbehave(msg["method"], rid, msg.get("body"))
+            misbehave(ON_CALL or msg["method"], rid, msg.get("body"))
 
 
 def misbehave(method, rid, body):
     ok = frame({"t": "ok", "id": rid, "body": body})
     if method == "echo":
         write(ok)
+    elif method == "fail":
+        write(frame({"t": "error", "id": rid, "kind": "RuntimeError", "message": "requested failure"}))
     elif method == "oversized":
         write(b"\xff\xff\xff\xff")
         time.sleep(3600)

@@ -44,6 +44,9 @@ pub const DEFAULT_INHERITED_ENV: &[&str] = &[
     "VIRTUAL_ENV",
 ];
 
+/// How long a worker that closed its channel may take to exit before it is killed.
+const EOF_EXIT_GRACE: Duration = Duration::from_millis(500);
+
 /// Where the protocol's frames travel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Channel {
@@ -269,7 +272,8 @@ type Writer = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, MessageCodec<FromW
 /// Dropping the port SIGKILLs the worker's process group.
 pub struct ProcessPort {
     shared: Arc<Shared>,
-    writer: tokio::sync::Mutex<Writer>,
+    /// `None` once the channel is closed (the worker's EOF).
+    writer: tokio::sync::Mutex<Option<Writer>>,
     next_id: AtomicU64,
     pid: u32,
     info: WorkerInfo,
@@ -425,7 +429,7 @@ impl ProcessPort {
         let mut port = ProcessPort {
             _watchdog: watchdog,
             shared,
-            writer: tokio::sync::Mutex::new(FramedWrite::new(output, codec)),
+            writer: tokio::sync::Mutex::new(Some(FramedWrite::new(output, codec))),
             next_id: AtomicU64::new(1),
             pid,
             info: WorkerInfo {
@@ -519,13 +523,16 @@ impl ProcessPort {
     }
 
     async fn send(&self, msg: &ToWorker) -> Result<(), PortError> {
-        let mut writer = self.writer.lock().await;
+        let mut guard = self.writer.lock().await;
+        let Some(writer) = guard.as_mut() else {
+            return Err(PortError::Closed);
+        };
         match writer.send(msg).await {
             Ok(()) => Ok(()),
             Err(e) if e.is_violation() => Err(PortError::from_protocol(&e)),
             Err(_) => {
                 // The worker is gone (broken pipe): report it as the reader will.
-                drop(writer);
+                drop(guard);
                 let info = self.shared.exit_info(Duration::from_secs(1)).await;
                 let err = PortError::WorkerDied(info);
                 self.shared.poison(err.clone());
@@ -622,12 +629,29 @@ impl ProcessPort {
         self.send(&ToWorker::Cancel { id }).await
     }
 
+    /// Sends the `shutdown` message (the worker should exit 0 without replying).
+    pub async fn request_shutdown(&self) -> Result<(), PortError> {
+        self.send(&ToWorker::Shutdown { id: None }).await
+    }
+
+    /// Closes the runtime's end of the channel: the worker's EOF, its dead-man switch.
+    pub async fn close_channel(&self) {
+        if let Some(mut writer) = self.writer.lock().await.take() {
+            let _ = writer.flush().await;
+            // Dropping the writer closes our end of the pipe.
+        }
+    }
+
+    /// Waits up to `limit` for the worker to exit and be reaped; its status if it did.
+    pub async fn wait_exit(&self, limit: Duration) -> Option<ExitStatus> {
+        self.shared.wait_exit(limit).await
+    }
+
     /// Stops the worker gracefully: `shutdown` message, `grace`, SIGTERM to the group, `grace`,
     /// SIGKILL. Always reaps; returns how the worker ended.
     pub async fn shutdown(&self, grace: Duration) -> ExitInfo {
-        let _ = tokio::time::timeout(grace, self.send(&ToWorker::Shutdown { id: None })).await;
-        // Closing our end of the channel is the worker's EOF, the dead-man switch.
-        let _ = tokio::time::timeout(grace, async { self.writer.lock().await.close().await }).await;
+        let _ = tokio::time::timeout(grace, self.request_shutdown()).await;
+        let _ = tokio::time::timeout(grace, self.close_channel()).await;
         let mut status = self.shared.wait_exit(grace).await;
         if status.is_none() {
             self.shared.signal_group(Signal::SIGTERM);
@@ -684,7 +708,9 @@ impl ProcessPort {
     /// Waits until no request is in flight (every reply has come, or the port closed). Frames
     /// still buffered by an abandoned send are flushed first, so their replies can come.
     pub async fn quiesce(&self) {
-        let _ = self.writer.lock().await.flush().await;
+        if let Some(writer) = self.writer.lock().await.as_mut() {
+            let _ = writer.flush().await;
+        }
         loop {
             let settled = self.shared.settled.notified();
             tokio::pin!(settled);
@@ -796,9 +822,12 @@ async fn read_loop(
                 }
             }
             None => {
-                // The worker closed its channel: it died, or it is useless. Make sure of the
-                // former, then tell every waiter how it ended.
-                shared.signal_group(Signal::SIGKILL);
+                // The worker closed its channel: it is exiting, or it is useless. Give an exit
+                // a moment to finish (a worker may close its fds just before it exits), then
+                // make sure, and tell every waiter how it ended.
+                if shared.wait_exit(EOF_EXIT_GRACE).await.is_none() {
+                    shared.signal_group(Signal::SIGKILL);
+                }
                 let info = shared.exit_info(Duration::from_secs(2)).await;
                 break PortError::WorkerDied(info);
             }
