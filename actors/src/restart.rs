@@ -104,7 +104,7 @@ impl IntensityTracker {
 /// Exponential backoff with jitter between restarts of the same slot.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
-    /// Delay before the first restart after a failure.
+    /// Delay before the second consecutive restart of a slot (the first is immediate).
     pub initial: Duration,
     /// The largest delay.
     pub max: Duration,
@@ -130,14 +130,16 @@ impl Default for Backoff {
 
 impl Backoff {
     /// The delay before restart number `failures` (1 = first consecutive failure), without
-    /// jitter.
+    /// jitter. The first restart after a healthy run is immediate (a lone crash should cost no
+    /// more than a cold start); each consecutive failure after it waits `initial`, then
+    /// `initial × multiplier`, and so on up to `max`.
     pub fn base_delay(&self, failures: u32) -> Duration {
-        if failures == 0 {
+        if failures <= 1 {
             return Duration::ZERO;
         }
         let exp = self
             .multiplier
-            .powi(failures.saturating_sub(1).min(60) as i32);
+            .powi(failures.saturating_sub(2).min(60) as i32);
         let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
         Duration::from_secs_f64(secs)
     }
@@ -205,13 +207,14 @@ mod tests {
             reset_after: Duration::from_secs(1),
         };
         assert_eq!(b.delay(0), Duration::ZERO);
-        assert_eq!(b.delay(1), Duration::from_millis(100));
-        assert_eq!(b.delay(2), Duration::from_millis(200));
-        assert_eq!(b.delay(3), Duration::from_millis(400));
+        assert_eq!(b.delay(1), Duration::ZERO, "a lone crash restarts at once");
+        assert_eq!(b.delay(2), Duration::from_millis(100));
+        assert_eq!(b.delay(3), Duration::from_millis(200));
+        assert_eq!(b.delay(4), Duration::from_millis(400));
         assert_eq!(b.delay(10), Duration::from_secs(1));
         let j = Backoff { jitter: 0.5, ..b };
         for _ in 0..100 {
-            let d = j.delay(2);
+            let d = j.delay(3);
             assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(200));
         }
     }

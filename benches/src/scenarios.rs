@@ -1,0 +1,510 @@
+//! The six scenarios. Each returns (figures as JSON, ratios, table rows).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ractor::Actor;
+use serde_json::{json, Value as Json};
+use wharf::{Pool, Value};
+
+use crate::floor::RawWorker;
+use crate::single_actor::{DispatchMsg, Dispatcher};
+use crate::{median, percentile, Env, Scale};
+
+type Outcome = anyhow::Result<(Json, Vec<(String, f64)>, Vec<(String, String)>)>;
+
+async fn pool(env: &Env, size: usize) -> anyhow::Result<Pool> {
+    let pool = Pool::builder(env.demo_spec())
+        .name("bench")
+        .size(size)
+        .build()
+        .await?;
+    pool.wait_ready(size, Duration::from_secs(60)).await?;
+    Ok(pool)
+}
+
+fn body(size: usize) -> Value {
+    Value::from("x".repeat(size))
+}
+
+/// Per-call latencies (µs) of `n` sequential wharf calls, made from a runtime task (as an
+/// application's request handlers would), not from the main thread's `block_on`.
+async fn wharf_latencies(pool: &Pool, n: usize, body: &Value) -> anyhow::Result<Vec<f64>> {
+    let (pool, body) = (pool.clone(), body.clone());
+    tokio::spawn(async move {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            pool.call_value("echo", body.clone()).await?;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(v)
+    })
+    .await?
+}
+
+/// Per-call latencies (µs) of `n` sequential raw-floor calls.
+async fn floor_latencies(
+    w: &mut Option<RawWorker>,
+    n: usize,
+    body: &Value,
+) -> anyhow::Result<Vec<f64>> {
+    let mut worker = w.take().context("floor worker")?;
+    let body = body.clone();
+    let (worker, v) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            worker.echo(&body)?;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok((worker, v))
+    })
+    .await??;
+    *w = Some(worker);
+    Ok(v)
+}
+
+async fn python_pool(env: &Env, args: &[String]) -> anyhow::Result<Json> {
+    let out = tokio::process::Command::new("python3")
+        .arg(env.pools_script())
+        .args(args)
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pools.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn us(v: f64) -> String {
+    format!("{v:.1} µs")
+}
+
+/// Scenario 1: One call at a time: wharf vs the raw floor vs ProcessPoolExecutor vs multiprocessing.Pool.
+pub async fn roundtrip(env: &Env, s: Scale) -> Outcome {
+    let pool = pool(env, 1).await?;
+    let mut floor = Some(RawWorker::spawn(env)?);
+    let b = body(100);
+    // Warm both.
+    wharf_latencies(&pool, 50, &b).await?;
+    floor_latencies(&mut floor, 50, &b).await?;
+    let (mut w50, mut w99, mut f50, mut f99) = (vec![], vec![], vec![], vec![]);
+    let (mut p50, mut p99, mut m50, mut m99) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..s.rounds {
+        let w = wharf_latencies(&pool, s.calls, &b).await?;
+        w50.push(percentile(&w, 0.5));
+        w99.push(percentile(&w, 0.99));
+        let f = floor_latencies(&mut floor, s.calls, &b).await?;
+        f50.push(percentile(&f, 0.5));
+        f99.push(percentile(&f, 0.99));
+        for (kind, p50s, p99s) in [("ppe", &mut p50, &mut p99), ("mppool", &mut m50, &mut m99)] {
+            let r = python_pool(
+                env,
+                &[
+                    "roundtrip".into(),
+                    kind.into(),
+                    s.calls.to_string(),
+                    "100".into(),
+                ],
+            )
+            .await?;
+            p50s.push(r["p50_us"].as_f64().unwrap_or(0.0));
+            p99s.push(r["p99_us"].as_f64().unwrap_or(0.0));
+        }
+    }
+    pool.shutdown().await;
+    let (w50, w99, f50, f99) = (median(&w50), median(&w99), median(&f50), median(&f99));
+    let (p50, p99, m50, m99) = (median(&p50), median(&p99), median(&m50), median(&m99));
+    let figures = json!({
+        "body_bytes": 100, "calls_per_round": s.calls, "rounds": s.rounds,
+        "wharf": {"p50_us": w50, "p99_us": w99},
+        "floor": {"p50_us": f50, "p99_us": f99},
+        "ppe": {"p50_us": p50, "p99_us": p99},
+        "mppool": {"p50_us": m50, "p99_us": m99},
+    });
+    let ratios = vec![
+        ("roundtrip_p50_wharf_over_floor".into(), w50 / f50),
+        ("roundtrip_p99_wharf_over_floor".into(), w99 / f99),
+        ("roundtrip_p50_ppe_over_wharf".into(), p50 / w50),
+        ("roundtrip_p50_mppool_over_wharf".into(), m50 / w50),
+    ];
+    let rows = vec![
+        (
+            "round trip p50 / p99: wharf".into(),
+            format!("{} / {}", us(w50), us(w99)),
+        ),
+        (
+            "round trip p50 / p99: raw pipe floor".into(),
+            format!("{} / {}", us(f50), us(f99)),
+        ),
+        (
+            "round trip p50 / p99: ProcessPoolExecutor".into(),
+            format!("{} / {}", us(p50), us(p99)),
+        ),
+        (
+            "round trip p50 / p99: multiprocessing.Pool".into(),
+            format!("{} / {}", us(m50), us(m99)),
+        ),
+    ];
+    Ok((figures, ratios, rows))
+}
+
+/// Calls per second through wharf with `inflight` concurrent callers.
+async fn wharf_rate(pool: &Pool, inflight: usize, calls: usize) -> anyhow::Result<f64> {
+    let left = Arc::new(AtomicU64::new(calls as u64));
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..inflight)
+        .map(|_| {
+            let (pool, left) = (pool.clone(), left.clone());
+            tokio::spawn(async move {
+                let b = Value::from("x");
+                while left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    pool.call_value("echo", b.clone()).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(calls as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Calls per second of independent raw pipe loops, one thread per worker.
+async fn floor_rate(
+    workers: &mut Vec<RawWorker>,
+    threads: usize,
+    calls: usize,
+) -> anyhow::Result<f64> {
+    let used: Vec<RawWorker> = workers.drain(..threads).collect();
+    let per = calls / threads;
+    let t = Instant::now();
+    let handles: Vec<_> = used
+        .into_iter()
+        .map(|mut w| {
+            std::thread::spawn(move || -> anyhow::Result<RawWorker> {
+                let b = Value::from("x");
+                for _ in 0..per {
+                    w.echo(&b)?;
+                }
+                Ok(w)
+            })
+        })
+        .collect();
+    let mut back = Vec::new();
+    for h in handles {
+        back.push(
+            h.join()
+                .map_err(|_| anyhow::anyhow!("floor thread panicked"))??,
+        );
+    }
+    let rate = (per * threads) as f64 / t.elapsed().as_secs_f64();
+    back.append(workers);
+    *workers = back;
+    Ok(rate)
+}
+
+/// Scenario 2: Saturated throughput: 2 and 4 workers, 1/8/64 calls in flight.
+pub async fn throughput(env: &Env, s: Scale) -> Outcome {
+    let mut figures = serde_json::Map::new();
+    let mut ratios = Vec::new();
+    let mut rows = Vec::new();
+    for workers in [2usize, 4] {
+        let pool = pool(env, workers).await?;
+        let mut raw: Vec<RawWorker> = (0..workers)
+            .map(|_| RawWorker::spawn(env))
+            .collect::<anyhow::Result<_>>()?;
+        wharf_rate(&pool, workers, 200).await?;
+        for inflight in [1usize, 8, 64] {
+            let (mut w, mut f, mut p) = (vec![], vec![], vec![]);
+            for _ in 0..s.rounds.min(5) {
+                w.push(wharf_rate(&pool, inflight, s.throughput_calls).await?);
+                // The floor keeps one call in flight per worker: more cannot help a pipe loop.
+                f.push(floor_rate(&mut raw, inflight.min(workers), s.throughput_calls).await?);
+                let r = python_pool(
+                    env,
+                    &[
+                        "throughput".into(),
+                        "ppe".into(),
+                        workers.to_string(),
+                        s.throughput_calls.to_string(),
+                        "1".into(),
+                    ],
+                )
+                .await?;
+                p.push(r["calls_per_s"].as_f64().unwrap_or(0.0));
+            }
+            let (w, f, p) = (median(&w), median(&f), median(&p));
+            figures.insert(
+                format!("w{workers}_inflight{inflight}"),
+                json!({"wharf_calls_per_s": w, "floor_calls_per_s": f, "ppe_map_calls_per_s": p}),
+            );
+            ratios.push((
+                format!("throughput_w{workers}_c{inflight}_wharf_over_floor"),
+                w / f,
+            ));
+            ratios.push((
+                format!("throughput_w{workers}_c{inflight}_wharf_over_ppe"),
+                w / p,
+            ));
+            rows.push((
+                format!("throughput {workers} workers, {inflight} in flight (calls/s)"),
+                format!("wharf {w:.0}, floor {f:.0}, PPE.map {p:.0}"),
+            ));
+        }
+        pool.shutdown().await;
+    }
+    Ok((Json::Object(figures), ratios, rows))
+}
+
+/// Checkouts per second for `tasks` tasks looping for `dur`.
+async fn rate<F, Fut>(tasks: usize, make: F) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send + 'static,
+{
+    let t = Instant::now();
+    let handles: Vec<_> = (0..tasks).map(|_| tokio::spawn(make())).collect();
+    let mut n = 0;
+    for h in handles {
+        n += h.await??;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Scenario 3: Checkout + checkin per second: wharf's lease path vs deadpool vs a single-actor
+/// dispatcher, 16 workers, 16/64/256 tasks.
+pub async fn checkout(env: &Env, s: Scale) -> Outcome {
+    const WORKERS: usize = 16;
+    let wharf = Pool::builder(env.demo_spec())
+        .size(WORKERS)
+        .startup_concurrency(4)
+        .checkout_timeout(Duration::from_secs(60))
+        .build()
+        .await?;
+    wharf.wait_ready(WORKERS, Duration::from_secs(120)).await?;
+    let dead = deadpool::unmanaged::Pool::<usize>::from((0..WORKERS).collect::<Vec<_>>());
+    let (actor, _) = Actor::spawn(None, Dispatcher, WORKERS).await?;
+    let mut figures = serde_json::Map::new();
+    let mut ratios = Vec::new();
+    let mut rows = Vec::new();
+    for tasks in [16usize, 64, 256] {
+        let (mut w, mut d, mut a) = (vec![], vec![], vec![]);
+        for _ in 0..s.rounds {
+            let stop_at = Instant::now() + s.checkout_round;
+            w.push(
+                rate(tasks, || {
+                    let pool = wharf.clone();
+                    async move {
+                        let mut n = 0;
+                        while Instant::now() < stop_at {
+                            drop(pool.checkout().await?);
+                            n += 1;
+                        }
+                        Ok(n)
+                    }
+                })
+                .await?,
+            );
+            let stop_at = Instant::now() + s.checkout_round;
+            d.push(
+                rate(tasks, || {
+                    let pool = dead.clone();
+                    async move {
+                        let mut n = 0;
+                        while Instant::now() < stop_at {
+                            drop(pool.get().await.map_err(|e| anyhow::anyhow!("{e:?}"))?);
+                            n += 1;
+                        }
+                        Ok(n)
+                    }
+                })
+                .await?,
+            );
+            let stop_at = Instant::now() + s.checkout_round;
+            a.push(
+                rate(tasks, || {
+                    let actor = actor.clone();
+                    async move {
+                        let mut n = 0;
+                        while Instant::now() < stop_at {
+                            let w = ractor::call!(actor, DispatchMsg::Checkout)?;
+                            actor.cast(DispatchMsg::Checkin(w))?;
+                            n += 1;
+                        }
+                        Ok(n)
+                    }
+                })
+                .await?,
+            );
+        }
+        let (w, d, a) = (median(&w), median(&d), median(&a));
+        figures.insert(
+            format!("tasks{tasks}"),
+            json!({"wharf_per_s": w, "deadpool_per_s": d, "single_actor_per_s": a}),
+        );
+        ratios.push((format!("checkout_rate_wharf_over_deadpool_{tasks}"), w / d));
+        ratios.push((
+            format!("checkout_rate_wharf_over_single_actor_{tasks}"),
+            w / a,
+        ));
+        rows.push((
+            format!("checkout+checkin/s, 16 workers, {tasks} tasks"),
+            format!("wharf {w:.0}, deadpool {d:.0}, single actor {a:.0}"),
+        ));
+    }
+    actor.stop(None);
+    wharf.shutdown().await;
+    Ok((Json::Object(figures), ratios, rows))
+}
+
+/// One batch of 3 concurrent echo calls.
+async fn batch(pool: &Pool) -> anyhow::Result<()> {
+    let calls = (0..3).map(|i| pool.call_value("echo", Value::from(i)));
+    for r in futures::future::join_all(calls).await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Scenario 4: Warm vs cold: batches on a persistent pool vs a pool spawned per batch; and start-up of
+/// N workers to ready vs `python3 -c pass`.
+pub async fn warm_vs_cold(env: &Env, s: Scale) -> Outcome {
+    let warm = pool(env, 3).await?;
+    let (mut w, mut c) = (vec![], vec![]);
+    for _ in 0..s.batches {
+        let t = Instant::now();
+        batch(&warm).await?;
+        w.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let cold = pool(env, 3).await?;
+        batch(&cold).await?;
+        cold.shutdown().await;
+        c.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    warm.shutdown().await;
+    let (wm, cm) = (median(&w), median(&c));
+    let mut figures = json!({
+        "batches": s.batches,
+        "warm_batch_ms": wm, "respawn_batch_ms": cm,
+        "warm_total_ms": w.iter().sum::<f64>(), "respawn_total_ms": c.iter().sum::<f64>(),
+    });
+    let mut ratios = vec![("batches_respawn_over_warm".to_string(), cm / wm)];
+    let mut rows = vec![(
+        format!("{} batches of 3: per batch, warm vs respawn", s.batches),
+        format!("{wm:.2} ms vs {cm:.1} ms"),
+    )];
+    for n in [1usize, 4, 8] {
+        let (mut st, mut py) = (vec![], vec![]);
+        for _ in 0..s.samples.min(8) {
+            let t = Instant::now();
+            let p = pool(env, n).await?;
+            st.push(t.elapsed().as_secs_f64() * 1e3);
+            p.shutdown().await;
+            let t = Instant::now();
+            let ok = tokio::process::Command::new("python3")
+                .args(["-c", "pass"])
+                .status()
+                .await?;
+            anyhow::ensure!(ok.success());
+            py.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let (st, py) = (median(&st), median(&py));
+        figures[format!("startup_{n}_ms")] = json!(st);
+        figures[format!("python_pass_ms_{n}")] = json!(py);
+        ratios.push((format!("startup_{n}_over_python_pass"), st / py));
+        rows.push((
+            format!("start {n} workers to ready vs python3 -c pass"),
+            format!("{st:.1} ms vs {py:.1} ms"),
+        ));
+    }
+    Ok((figures, ratios, rows))
+}
+
+/// Scenario 5: Recovery: SIGKILL of a worker to its replacement ready, vs one cold start.
+pub async fn recovery(env: &Env, s: Scale) -> Outcome {
+    let pool = Pool::builder(env.demo_spec())
+        .size(2)
+        .intensity(1000, Duration::from_secs(5))
+        .build()
+        .await?;
+    pool.wait_ready(2, Duration::from_secs(60)).await?;
+    let (mut rec, mut cold) = (vec![], vec![]);
+    for _ in 0..s.samples {
+        // Let the slot's healthy period pass, so each kill is a first failure (no backoff).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let victim = pool.worker_info()[0].pid;
+        let t = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(victim as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        loop {
+            let info = pool.worker_info();
+            if info.len() == 2
+                && info
+                    .iter()
+                    .all(|w| w.pid != victim && w.state == wharf::WorkerState::Ready)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "no recovery");
+        }
+        rec.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let port = wharf_actors::port::ProcessPort::spawn(&env.demo_spec()).await?;
+        cold.push(t.elapsed().as_secs_f64() * 1e3);
+        port.kill().await;
+    }
+    pool.shutdown().await;
+    let (r, c) = (median(&rec), median(&cold));
+    Ok((
+        json!({"samples": s.samples, "recovery_ms": r, "cold_start_ms": c}),
+        vec![("recovery_over_cold_start".into(), r / c)],
+        vec![(
+            "SIGKILL to replacement ready vs one cold start".into(),
+            format!("{r:.1} ms vs {c:.1} ms"),
+        )],
+    ))
+}
+
+/// Scenario 6: Round trip by payload size: wharf vs the raw floor.
+pub async fn payload(env: &Env, s: Scale) -> Outcome {
+    let pool = pool(env, 1).await?;
+    let mut floor = Some(RawWorker::spawn(env)?);
+    let mut figures = serde_json::Map::new();
+    let mut ratios = Vec::new();
+    let mut rows = Vec::new();
+    for (name, size) in [
+        ("100B", 100usize),
+        ("64KiB", 64 * 1024),
+        ("1MiB", 1024 * 1024),
+    ] {
+        let b = Value::Binary(vec![0x5a; size]);
+        let n = (s.calls * 100 / size.max(100)).clamp(20, s.calls);
+        let (mut w, mut f) = (vec![], vec![]);
+        for _ in 0..s.rounds {
+            w.push(median(&wharf_latencies(&pool, n, &b).await?));
+            f.push(median(&floor_latencies(&mut floor, n, &b).await?));
+        }
+        let (w, f) = (median(&w), median(&f));
+        figures.insert(name.into(), json!({"wharf_p50_us": w, "floor_p50_us": f}));
+        ratios.push((format!("payload_{name}_p50_wharf_over_floor"), w / f));
+        rows.push((
+            format!("round trip p50 at {name}: wharf vs floor"),
+            format!("{} vs {}", us(w), us(f)),
+        ));
+    }
+    pool.shutdown().await;
+    Ok((Json::Object(figures), ratios, rows))
+}
