@@ -432,16 +432,21 @@ pub async fn warm_vs_cold(env: &Env, s: Scale) -> Outcome {
 
 /// Scenario 5: Recovery: SIGKILL of a worker to its replacement ready, vs one cold start.
 pub async fn recovery(env: &Env, s: Scale) -> Outcome {
+    // Each kill below comes after a healthy run of at least `reset_after`, so it is a lone
+    // crash: restarted at once, as in production, not a crash loop that backs off.
     let pool = Pool::builder(env.demo_spec())
         .size(2)
         .intensity(1000, Duration::from_secs(5))
+        .backoff(wharf::Backoff {
+            reset_after: Duration::from_millis(100),
+            ..wharf::Backoff::default()
+        })
         .build()
         .await?;
     pool.wait_ready(2, Duration::from_secs(60)).await?;
     let (mut rec, mut cold) = (vec![], vec![]);
     for _ in 0..s.samples {
-        // Let the slot's healthy period pass, so each kill is a first failure (no backoff).
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
         let victim = pool.worker_info()[0].pid;
         let t = Instant::now();
         nix::sys::signal::kill(

@@ -7,7 +7,7 @@
 //! discarded by the next caller that pops it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -56,10 +56,13 @@ pub(crate) struct Inner {
     waiting: AtomicUsize,
     workers: Mutex<HashMap<String, Arc<WorkerShared>>>,
     status: Mutex<Status>,
+    /// `status` is `Running`: read without the lock on every checkout and checkin.
+    running: AtomicBool,
     pub counters: Counters,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
     pub sessions: Mutex<HashSet<String>>,
-    /// Woken when a worker becomes ready or is checked in, and when the pool fails.
+    /// Woken when a worker becomes ready and when the pool's status changes (not on every
+    /// checkin: that is the hot path; waiters poll as well).
     changed: Notify,
 }
 
@@ -73,6 +76,9 @@ impl Inner {
     }
 
     fn status_error(&self) -> Option<Error> {
+        if self.running.load(Ordering::Acquire) {
+            return None;
+        }
         match &*lock(&self.status) {
             Status::Running => None,
             Status::Failed(errors) => Some(Error::PoolFailed {
@@ -91,6 +97,7 @@ impl Inner {
                 return;
             }
             *current = status;
+            self.running.store(false, Ordering::Release);
         }
         // Closing the semaphore wakes every waiting caller, who then reads the status.
         self.permits.close();
@@ -136,8 +143,9 @@ impl Inner {
 
     /// Takes a ready worker, waiting up to `timeout`.
     pub async fn checkout(self: &Arc<Self>, timeout: Duration) -> Result<Lease> {
-        let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + timeout;
+        // The clock is read only if the caller has to wait: the fast path is a few atomics and
+        // one short lock.
+        let mut started: Option<Instant> = None;
         loop {
             if let Some(e) = self.status_error() {
                 return Err(e);
@@ -146,14 +154,16 @@ impl Inner {
                 Ok(permit) => permit,
                 Err(TryAcquireError::Closed) => continue,
                 Err(TryAcquireError::NoPermits) => {
+                    let since = *started.get_or_insert_with(Instant::now);
                     let _waiting = WaitGuard::new(&self.waiting);
                     self.demand();
+                    let deadline = tokio::time::Instant::from_std(since + timeout);
                     match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
                         Ok(Ok(permit)) => permit,
                         Ok(Err(_closed)) => continue,
                         Err(_) => {
                             let e = Error::CheckoutTimeout {
-                                waited: started.elapsed(),
+                                waited: since.elapsed(),
                                 state: self.state(),
                             };
                             self.record_error(&e);
@@ -171,11 +181,13 @@ impl Inner {
                     .shared
                     .transition(WorkerState::Ready, WorkerState::Busy)
             {
-                let waited = started.elapsed();
+                let waited = started.map_or(Duration::ZERO, |t| t.elapsed());
                 self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
-                self.counters
-                    .checkout_wait_ns
-                    .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                if !waited.is_zero() {
+                    self.counters
+                        .checkout_wait_ns
+                        .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+                }
                 return Ok(Lease::new(self.clone(), handle, waited));
             }
             // A worker that died or is being retired while idle: drop it and look again.
@@ -255,10 +267,9 @@ impl Inner {
         }
         handle.shared.touch();
         handle.shared.set_state(WorkerState::Ready);
-        if matches!(*lock(&self.status), Status::Running) {
+        if self.running.load(Ordering::Acquire) {
             lock(&self.idle).push(handle);
             self.permits.add_permits(1);
-            self.changed.notify_waiters();
         }
     }
 
@@ -335,6 +346,7 @@ impl PoolEvents for Events {
         };
         tracing::debug!(pool = %pool.config.name, worker = %handle.shared.id, pid = handle.port.pid(), "worker ready");
         pool.release(handle);
+        pool.changed.notify_waiters();
     }
 
     fn worker_exited(&self, worker: &Arc<WorkerShared>, kind: &ExitKind) {
@@ -431,6 +443,7 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             workers: Mutex::new(HashMap::new()),
             status: Mutex::new(Status::Running),
+            running: AtomicBool::new(true),
             counters: Counters::default(),
             supervisor: OnceLock::new(),
             sessions: Mutex::new(HashSet::new()),

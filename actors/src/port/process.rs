@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -217,6 +217,10 @@ struct Shared {
     stderr: Tail,
     /// Woken whenever a request leaves `pending`.
     settled: tokio::sync::Notify,
+    /// False once the port is poisoned or the worker reaped (read on every checkout).
+    open: Arc<AtomicBool>,
+    /// How many requests are in `pending` (read on every checkin).
+    in_flight: AtomicUsize,
 }
 
 impl Shared {
@@ -255,6 +259,8 @@ impl Shared {
             if pending.closed.is_none() {
                 pending.closed = Some(err.clone());
             }
+            self.open.store(false, Ordering::Release);
+            self.in_flight.store(0, Ordering::Release);
             std::mem::take(&mut pending.slots)
         };
         for (_, slot) in slots {
@@ -406,8 +412,11 @@ impl ProcessPort {
 
         // The reaper owns the child and publishes its exit status.
         let (exit_tx, exit_rx) = watch::channel(None);
+        let open = Arc::new(AtomicBool::new(true));
+        let reaped = open.clone();
         tokio::spawn(async move {
             let status = child.wait().await.ok();
+            reaped.store(false, Ordering::Release);
             let _ = exit_tx.send(status);
         });
 
@@ -418,6 +427,8 @@ impl ProcessPort {
             exit: exit_rx,
             stderr: stderr_tail,
             settled: tokio::sync::Notify::new(),
+            open,
+            in_flight: AtomicUsize::new(0),
         });
         let codec = MessageCodec::<FromWorker, ToWorker>::new(spec.max_frame);
         tokio::spawn(read_loop(
@@ -514,11 +525,14 @@ impl ProcessPort {
             return Err(err.clone());
         }
         pending.slots.insert(id, slot);
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
     fn unregister(&self, id: u64) {
-        self.shared.pending().slots.remove(&id);
+        if self.shared.pending().slots.remove(&id).is_some() {
+            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
         self.shared.settled.notify_waiters();
     }
 
@@ -692,7 +706,7 @@ impl ProcessPort {
 
     /// Whether the port still accepts requests (the worker is alive and unpoisoned).
     pub fn is_open(&self) -> bool {
-        self.shared.pending().closed.is_none() && self.shared.exit.borrow().is_none()
+        self.shared.open.load(Ordering::Acquire)
     }
 
     /// Why the port closed, if it did.
@@ -702,7 +716,7 @@ impl ProcessPort {
 
     /// How many requests are waiting for a reply.
     pub fn in_flight(&self) -> usize {
-        self.shared.pending().slots.len()
+        self.shared.in_flight.load(Ordering::Acquire)
     }
 
     /// Waits until no request is in flight (every reply has come, or the port closed). Frames
@@ -845,7 +859,9 @@ async fn read_loop(
 fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
     let id = msg.id();
     let mut pending = shared.pending();
-    let Some(slot) = pending.slots.remove(&id) else {
+    let Some(slot) = pending.slots.remove(&id).inspect(|_| {
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }) else {
         return Err(PortError::ProtocolViolation {
             reason: format!("reply with unknown request id {id}: {}", describe(&msg)),
         });
@@ -854,6 +870,7 @@ fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
         (Slot::Stream(tx), FromWorker::Chunk { seq, body, .. }) => {
             let _ = tx.send(StreamEvent::Chunk { seq, body });
             pending.slots.insert(id, Slot::Stream(tx));
+            shared.in_flight.fetch_add(1, Ordering::AcqRel);
         }
         (Slot::Stream(tx), FromWorker::Ok { body, .. }) => {
             let _ = tx.send(StreamEvent::End(Ok(body)));
