@@ -228,6 +228,7 @@ async fn backoff_delays_grow_between_restarts_of_a_slot() {
     let pool = Pool::builder(python_spec(&code))
         .size(1)
         .intensity(6, Duration::from_secs(30))
+        .max_start_failures(100)
         .backoff(Backoff {
             initial: Duration::from_millis(100),
             multiplier: 2.0,
@@ -702,6 +703,35 @@ async fn an_idle_worker_that_stops_answering_pings_is_replaced() {
         pool.stats().restarts,
         1,
         "an unresponsive worker counts as a crash"
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_that_never_starts_fails_the_pool_after_max_start_failures() {
+    init_logs();
+    // A generous intensity (as a chaos-tolerant pool would have) must not delay the verdict
+    // on a worker that cannot start at all.
+    let pool = Pool::builder(python_spec("import sys; sys.exit(5)"))
+        .size(2)
+        .intensity(1000, Duration::from_secs(5))
+        .max_start_failures(4)
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = pool.call("echo", &1).await.unwrap_err();
+    assert!(matches!(err, Error::PoolFailed { .. }), "{err:?}");
+    assert!(err.to_string().contains("exit status: 5"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let failures = pool.stats().start_failures;
+    assert!(
+        (4..=8).contains(&failures),
+        "{failures} failed starts for 2 slots"
     );
     pool.shutdown().await;
 }

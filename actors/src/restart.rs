@@ -157,7 +157,7 @@ impl Backoff {
 }
 
 /// The whole restart policy of a supervisor.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RestartPolicy {
     /// Which workers restart together.
     pub strategy: Strategy,
@@ -167,6 +167,22 @@ pub struct RestartPolicy {
     pub intensity: Intensity,
     /// Delays between restarts of one slot.
     pub backoff: Backoff,
+    /// A slot whose launches fail this many times in a row, without a worker ever becoming
+    /// ready in between, fails the pool at once, whatever the intensity: a command that cannot
+    /// start should end in a clear error quickly, not after a long window of retries.
+    pub max_start_failures: u32,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::default(),
+            restart: RestartType::default(),
+            intensity: Intensity::default(),
+            backoff: Backoff::default(),
+            max_start_failures: 5,
+        }
+    }
 }
 
 #[cfg(test)]

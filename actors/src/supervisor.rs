@@ -124,6 +124,8 @@ struct Slot {
     launches: u64,
     /// Consecutive failures, for backoff.
     failures: u32,
+    /// Consecutive failed launches since a worker of this slot was last ready.
+    start_failures: u32,
     worker: Option<WorkerHandle>,
     overflow: bool,
 }
@@ -135,6 +137,7 @@ impl Slot {
             token: 0,
             launches: 0,
             failures: 0,
+            start_failures: 0,
             worker: None,
             overflow,
         }
@@ -427,6 +430,7 @@ impl Actor for Supervisor {
                             Self::on_exit(&myself, st, slot, kind, shared.age());
                         } else {
                             st.actors.insert(handle.actor.get_id(), (slot, token));
+                            st.slots[slot].start_failures = 0;
                             st.slots[slot].status = SlotStatus::Running;
                             st.slots[slot].worker = Some(handle.clone());
                             st.args.events.worker_ready(handle);
@@ -437,13 +441,20 @@ impl Actor for Supervisor {
                         st.args.events.start_failed(&shared, &error);
                         Self::remember_error(st, error.clone());
                         if current {
-                            Self::on_exit(
-                                &myself,
-                                st,
-                                slot,
-                                ExitKind::Crashed(error),
-                                Duration::ZERO,
-                            );
+                            let s = &mut st.slots[slot];
+                            s.start_failures += 1;
+                            if s.start_failures >= st.args.policy.max_start_failures.max(1) {
+                                tracing::error!(
+                                    pool = %st.args.name,
+                                    slot,
+                                    failures = s.start_failures,
+                                    "a worker failed to start too many times in a row"
+                                );
+                                Self::escalate(st);
+                            } else {
+                                let kind = ExitKind::Crashed(error);
+                                Self::on_exit(&myself, st, slot, kind, Duration::ZERO);
+                            }
                         }
                     }
                 }

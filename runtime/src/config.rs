@@ -178,6 +178,12 @@ impl PoolBuilder {
         };
         self
     }
+    /// Consecutive failed launches of one slot, with no ready worker between, after which the
+    /// pool fails at once (default 5).
+    pub fn max_start_failures(mut self, n: u32) -> Self {
+        self.config.restart.max_start_failures = n;
+        self
+    }
     /// Backoff between restarts of one slot.
     pub fn backoff(mut self, b: Backoff) -> Self {
         self.config.restart.backoff = b;

@@ -84,9 +84,10 @@ pub enum Error {
     /// A session with this id is already open; share that `Session` (it is `Clone`).
     #[error("session {0} is already open")]
     SessionInUse(String),
-    /// The pool's workers restarted too often (restart intensity exceeded); the pool has
-    /// failed for good. The last start errors say why workers did not come up.
-    #[error("pool {pool} failed: restart intensity exceeded; last errors: {}", fmt_errors(.last_errors))]
+    /// The pool's workers restarted too often (restart intensity exceeded) or a slot's worker
+    /// failed to start `max_start_failures` times in a row; the pool has failed for good. The
+    /// last start errors say why workers did not come up.
+    #[error("pool {pool} failed: workers restarted too often or could not start; last errors: {}", fmt_errors(.last_errors))]
     PoolFailed {
         /// The pool's name.
         pool: String,
