@@ -489,6 +489,12 @@ async fn a_session_whose_worker_dies_is_lost_not_moved() {
     // The id is free again for a fresh session on a fresh worker.
     assert!(eventually(SETTLE, || pool.state().idle == 2).await);
     let again = pool.session("s").await.unwrap();
+    // The lost session's last handle going away must not free the id the new one holds.
+    drop(s);
+    assert!(matches!(
+        pool.session("s").await,
+        Err(Error::SessionInUse(_))
+    ));
     assert_eq!(
         again
             .call("state_get", &serde_json::json!({"key": "k"}))

@@ -6,6 +6,7 @@
 //! its calls fail with [`Error::SessionLost`] rather than moving silently to a fresh worker that
 //! lacks the state.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,22 @@ struct SessionInner {
     pool: Arc<Inner>,
     pin: tokio::sync::Mutex<Pin>,
     last_used: Mutex<Instant>,
+    /// Whether this session still holds its id in the pool's registry (a lost or ended
+    /// session gives it up, and a new session may then take it).
+    registered: AtomicBool,
+}
+
+impl SessionInner {
+    /// Gives the session's id back to the pool, once.
+    fn release_id(&self) {
+        if self.registered.swap(false, Ordering::AcqRel) {
+            self.pool
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.id);
+        }
+    }
 }
 
 /// A strict session: a handle to one pinned worker. Clones share the same session; it ends
@@ -71,6 +88,7 @@ impl Session {
             pool,
             pin: tokio::sync::Mutex::new(Pin::Open(lease)),
             last_used: Mutex::new(Instant::now()),
+            registered: AtomicBool::new(true),
         });
         let ttl = inner.pool.config.session_idle_timeout;
         tokio::spawn(expire_when_idle(Arc::downgrade(&inner), ttl));
@@ -134,7 +152,7 @@ impl Session {
                 // the protocol): the session's state went with it.
                 let cause = e.to_string();
                 *pin = Pin::Lost(cause.clone());
-                self.release_id();
+                self.inner.release_id();
                 Err(self.lost(cause))
             }
             ok => ok,
@@ -146,15 +164,6 @@ impl Session {
             session: self.inner.id.clone(),
             cause,
         }
-    }
-
-    fn release_id(&self) {
-        self.inner
-            .pool
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.inner.id);
     }
 
     /// Ends the session now: the worker is reset (or recycled, by policy) before anyone else
@@ -170,7 +179,7 @@ impl Session {
                 }
             }
         };
-        self.release_id();
+        self.inner.release_id();
         finish(&self.inner.pool, &self.inner.id, lease).await;
         Ok(())
     }
@@ -216,11 +225,7 @@ async fn finish(pool: &Arc<Inner>, session: &str, mut lease: Lease) {
 impl Drop for SessionInner {
     fn drop(&mut self) {
         let pin = std::mem::replace(self.pin.get_mut(), Pin::Ended("closed"));
-        self.pool
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.release_id();
         if let Pin::Open(mut lease) = pin {
             let pool = self.pool.clone();
             let id = self.id.clone();
@@ -269,12 +274,7 @@ async fn expire_when_idle(session: Weak<SessionInner>, ttl: Duration) {
             }
         };
         tracing::debug!(session = %inner.id, ?idle, "session expired");
-        inner
-            .pool
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&inner.id);
+        inner.release_id();
         finish(&inner.pool, &inner.id, lease).await;
         return;
     }
