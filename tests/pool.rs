@@ -741,3 +741,30 @@ async fn a_command_that_never_starts_fails_the_pool_after_max_start_failures() {
     );
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_workers_are_retired_after_max_lifetime() {
+    let pool = builder(1)
+        .max_lifetime(Duration::from_millis(400))
+        .health_check(HealthCheck {
+            interval: Some(Duration::from_millis(100)),
+            ..HealthCheck::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let first = pool.worker_pids()[0];
+    // Nobody calls: the idle worker is retired on age alone, and replaced.
+    assert!(
+        eventually(SETTLE, || pool
+            .worker_pids()
+            .first()
+            .is_some_and(|p| *p != first))
+        .await,
+        "the idle worker was replaced after its lifetime"
+    );
+    assert!(eventually(SETTLE, || !pid_exists(first)).await);
+    assert_eq!(pool.stats().restarts, 0, "retirement is not a restart");
+    pool.shutdown().await;
+}

@@ -65,6 +65,8 @@ pub struct SupervisorArgs {
     pub health: HealthCheck,
     /// Grace period when stopping a worker.
     pub shutdown_grace: Duration,
+    /// Idle workers up longer than this are retired (checked at health ticks).
+    pub max_lifetime: Option<Duration>,
     /// Where lifecycle events go.
     pub events: Arc<dyn PoolEvents>,
 }
@@ -211,6 +213,7 @@ impl Supervisor {
             shared: shared.clone(),
             health: st.args.health,
             shutdown_grace: st.args.shutdown_grace,
+            max_lifetime: st.args.max_lifetime,
         };
         let me = myself.clone();
         let program = st.args.spec.program.to_string_lossy().into_owned();

@@ -253,6 +253,8 @@ pub struct WorkerArgs {
     pub health: HealthCheck,
     /// Grace period for a graceful stop.
     pub shutdown_grace: Duration,
+    /// An idle worker up longer than this is retired at its next health tick.
+    pub max_lifetime: Option<Duration>,
 }
 
 /// The worker actor.
@@ -265,6 +267,7 @@ pub struct WorkerActorState {
     shared: Arc<WorkerShared>,
     health: HealthCheck,
     shutdown_grace: Duration,
+    max_lifetime: Option<Duration>,
     missed: u32,
 }
 
@@ -315,6 +318,7 @@ impl Actor for WorkerActor {
             shared: args.shared,
             health: args.health,
             shutdown_grace: args.shutdown_grace,
+            max_lifetime: args.max_lifetime,
             missed: 0,
         })
     }
@@ -344,6 +348,20 @@ impl Actor for WorkerActor {
             WorkerMsg::HealthTick => {
                 if state.shared.state() != WorkerState::Ready {
                     state.missed = 0;
+                    return Ok(());
+                }
+                let expired = state
+                    .max_lifetime
+                    .is_some_and(|max| state.shared.age() >= max);
+                if expired
+                    && state
+                        .shared
+                        .transition(WorkerState::Ready, WorkerState::Stopping)
+                {
+                    state
+                        .shared
+                        .record_exit(ExitKind::Recycled("max_lifetime reached".into()));
+                    myself.cast(WorkerMsg::Retire)?;
                     return Ok(());
                 }
                 let calls_before = state.shared.calls();

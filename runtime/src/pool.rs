@@ -462,6 +462,7 @@ impl Pool {
             policy: c.restart,
             health: c.health,
             shutdown_grace: c.shutdown_grace,
+            max_lifetime: c.max_lifetime,
             events: Arc::new(Events(Arc::downgrade(&inner))),
         };
         let (sup, _) = Actor::spawn(None, Supervisor, args)
