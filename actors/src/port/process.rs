@@ -252,8 +252,10 @@ impl Shared {
     }
 
     /// Closes the port for good: kills the group and fails every request in flight.
+    /// The requests are failed before the group is signalled, so the first reason wins: a
+    /// kill's own consequences (the reap, the actor's cleanup) can never overtake it with a
+    /// vaguer "worker died".
     fn poison(&self, err: PortError) {
-        self.signal_group(Signal::SIGKILL);
         let slots = {
             let mut pending = self.pending();
             if pending.closed.is_none() {
@@ -266,6 +268,7 @@ impl Shared {
         for (_, slot) in slots {
             slot.fail(err.clone());
         }
+        self.signal_group(Signal::SIGKILL);
         self.settled.notify_waiters();
     }
 }
