@@ -1,59 +1,74 @@
-//! A wharf worker written in Rust on the `wharf_protocol::worker` SDK.
+//! A wharf worker written in Rust on the `wharf_protocol::worker` SDK: copy this to start one.
 //!
-//! It offers the conformance methods (`echo`, `fail`, `stream`) plus `pid` and per-session state
-//! (`state_set` / `state_get`, cleared by `reset`). Check it with
-//! `cargo run --bin wharf -- check -- target/debug/wharf-example-worker`.
+//! Methods:
+//! - `echo`: returns its body; `fail`: always fails; `stream` with `{"n": k}`: chunks 0..k,
+//!   then `k`. These are the conformance methods `wharf check` needs (docs/protocol.md §6).
+//! - `pid`: the worker's process id.
+//! - `state_set` `{"key": str, "value": any}` / `state_get` `{"key": str}`: per-session state,
+//!   cleared when the runtime sends `reset` (the session using this worker ended).
+//!
+//! Check it (fds 3/4, then stdin/stdout):
+//! ```text
+//! cargo build --bin wharf-example-worker
+//! cargo run --bin wharf -- check -- target/debug/wharf-example-worker
+//! cargo run --bin wharf -- check --stdio -- target/debug/wharf-example-worker
+//! ```
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use wharf_protocol::worker::{HandlerError, Value, Worker};
+use wharf_protocol::worker::{Call, HandlerError, Value, Worker};
 
-/// Reads a string field from a map body.
-fn field<'a>(body: &'a Value, key: &str) -> Option<&'a Value> {
-    body.as_map()?
+/// The value under `key` in a map body.
+fn field<'a>(call: &'a Call, key: &str) -> Option<&'a Value> {
+    call.body
+        .as_map()?
         .iter()
         .find(|(k, _)| k.as_str() == Some(key))
         .map(|(_, v)| v)
 }
 
-fn bad_request(what: &str) -> HandlerError {
-    HandlerError::new("bad_request", what)
+/// A `bad_request` error (the body does not fit the method) naming the missing field.
+fn missing(key: &str) -> HandlerError {
+    HandlerError::new("bad_request", format!("the body needs a {key:?} field"))
 }
 
 fn main() {
-    // Session state lives in the worker; `reset` (a session ended) must clear it.
+    // Handlers run one at a time on this thread, so state is shared with Rc<RefCell<..>>.
     let state: Rc<RefCell<HashMap<String, Value>>> = Rc::default();
-    let (set, get, reset) = (state.clone(), state.clone(), state);
+    let (for_set, for_get, for_reset) = (state.clone(), state.clone(), state);
 
     let served = Worker::new()
         .method("echo", |call| Ok(call.body.clone()))
+        // A handler error becomes an `error` reply; the worker keeps serving.
         .method("fail", |call| {
             Err(HandlerError::new(
                 "RuntimeError",
-                format!("requested failure: {}", call.body),
+                format!("failed on request: {}", call.body),
             ))
         })
         .method("pid", |_| Ok(Value::from(std::process::id())))
         .method("state_set", move |call| {
-            let key = field(&call.body, "key")
+            let key = field(call, "key")
                 .and_then(Value::as_str)
-                .ok_or_else(|| bad_request("key"))?;
-            let value = field(&call.body, "value").cloned().unwrap_or(Value::Nil);
-            set.borrow_mut().insert(key.to_owned(), value);
+                .ok_or_else(|| missing("key"))?;
+            let value = field(call, "value").cloned().unwrap_or(Value::Nil);
+            for_set.borrow_mut().insert(key.to_owned(), value);
             Ok(Value::Nil)
         })
         .method("state_get", move |call| {
-            let key = field(&call.body, "key")
+            let key = field(call, "key")
                 .and_then(Value::as_str)
-                .ok_or_else(|| bad_request("key"))?;
-            Ok(get.borrow().get(key).cloned().unwrap_or(Value::Nil))
+                .ok_or_else(|| missing("key"))?;
+            Ok(for_get.borrow().get(key).cloned().unwrap_or(Value::Nil))
         })
+        // A streaming method sends chunks (seq 0, 1, ... is numbered by the SDK), then returns
+        // the call's final result.
         .stream_method("stream", |call, chunks| {
-            let n = field(&call.body, "n")
+            let n = field(call, "n")
                 .and_then(Value::as_u64)
-                .ok_or_else(|| bad_request("n"))?;
+                .ok_or_else(|| missing("n"))?;
             for i in 0..n {
                 chunks
                     .send(Value::from(i))
@@ -61,10 +76,13 @@ fn main() {
             }
             Ok(Value::from(n))
         })
+        // `reset` means the session ended: drop everything it left behind.
         .on_reset(move || {
-            reset.borrow_mut().clear();
+            for_reset.borrow_mut().clear();
             Ok(())
         })
+        // Serves until EOF or `shutdown` (then returns Ok and we exit 0). Log with eprintln!:
+        // in stdio mode stdout carries the frames.
         .serve();
     if let Err(e) = served {
         eprintln!("rust_worker: {e}");

@@ -1,18 +1,25 @@
-//! `wharf check` against good workers (Python SDK, Rust SDK, both channels) and broken ones:
-//! each broken worker must fail, with a reason that names what it did wrong.
+//! `wharf check` against good workers (the Python demo and the Rust example, both channels) and
+//! broken ones (`tests/workers/*.py`): each broken worker must fail the right check, with a
+//! reason that names what it did wrong. Every test is bounded, so a hang fails instead of
+//! hanging the suite.
 
-mod common;
-
+use std::future::Future;
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::*;
-use wharf::check::{run_checks, CheckOptions, CheckReport, Outcome};
+use wharf::check::{run_checks, run_checks_with, CheckOptions, CheckReport, Outcome, CHECKS};
 use wharf::{Channel, ProcessSpec};
+
+/// The longest any one test may take.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
 
 fn opts() -> CheckOptions {
     CheckOptions {
+        // Generous: Python start-up on a loaded machine.
         init_timeout: Duration::from_secs(20),
         timeout: Duration::from_secs(10),
     }
@@ -22,134 +29,292 @@ fn rust_worker() -> ProcessSpec {
     ProcessSpec::new(env!("CARGO_BIN_EXE_wharf-example-worker"))
 }
 
-fn hostile(args: &[&str]) -> ProcessSpec {
-    ProcessSpec::from_argv(["python3"])
+/// The Python SDK's demo worker, found through `PYTHONPATH` whether or not it is installed.
+fn python_demo(args: &[&str]) -> ProcessSpec {
+    ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"])
         .unwrap()
-        .args([repo_root()
-            .join("tests/workers/hostile.py")
-            .into_os_string()])
         .args(args.iter().copied())
+        .env("PYTHONPATH", repo_root().join("protocol/python"))
 }
 
-fn assert_all_pass(report: &CheckReport) {
-    let failures: Vec<_> = report
+/// A broken worker from `tests/workers/`.
+fn fixture(script: &str) -> ProcessSpec {
+    ProcessSpec::new("python3").args([repo_root().join("tests/workers").join(script)])
+}
+
+/// Runs the suite, failing the test if it takes longer than [`TEST_LIMIT`].
+async fn check(spec: ProcessSpec, opts: CheckOptions) -> CheckReport {
+    bounded(run_checks(spec, opts)).await
+}
+
+async fn bounded<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(TEST_LIMIT, fut)
+        .await
+        .expect("the checker hung")
+}
+
+/// Every check ran, in order, and passed (none skipped: both good workers offer `stream`).
+fn assert_conforms(report: &CheckReport) {
+    let names: Vec<_> = report.results.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, CHECKS, "{report:#?}");
+    let not_passed: Vec<_> = report
         .results
         .iter()
-        .filter(|r| matches!(r.outcome, Outcome::Fail(_)))
+        .filter(|r| r.outcome != Outcome::Pass)
         .collect();
-    assert!(failures.is_empty(), "{failures:#?}");
-    assert!(report.passed() >= 15, "{report:#?}");
+    assert!(not_passed.is_empty(), "{not_passed:#?}");
+    assert!(report.all_passed());
 }
 
-/// The named check failed with a reason containing `text`.
-fn assert_fails(report: &CheckReport, check: &str, text: &str) {
+/// The named check failed with a reason containing every one of `texts`.
+fn assert_fails(report: &CheckReport, check: &str, texts: &[&str]) {
     match report.outcome(check) {
-        Some(Outcome::Fail(why)) => assert!(why.contains(text), "{check}: {why:?} lacks {text:?}"),
-        other => panic!("{check}: expected a failure mentioning {text:?}, got {other:?}"),
+        Some(Outcome::Fail(why)) => {
+            for text in texts {
+                assert!(why.contains(text), "{check}: {why:?} lacks {text:?}");
+            }
+        }
+        other => panic!("{check}: expected a failure mentioning {texts:?}, got {other:?}"),
     }
     assert!(!report.all_passed());
 }
 
+/// The handshake failed as described and every other check was skipped.
+fn assert_handshake_fails(report: &CheckReport, texts: &[&str]) {
+    assert_fails(report, "handshake", texts);
+    assert_eq!(report.results.len(), CHECKS.len(), "{report:#?}");
+    assert_eq!(report.failed(), 1, "{report:#?}");
+    assert_eq!(report.skipped(), CHECKS.len() - 1, "{report:#?}");
+}
+
+// -- conforming workers ---------------------------------------------------------------------
+
 #[tokio::test]
-async fn the_python_demo_worker_conforms_in_both_channels() {
-    init_logs();
-    assert_all_pass(&run_checks(demo_spec(&[]), &opts()).await);
-    assert_all_pass(&run_checks(demo_spec(&[]).channel(Channel::Stdio), &opts()).await);
+async fn the_python_demo_conforms_over_fds() {
+    assert_conforms(&check(python_demo(&[]), opts()).await);
 }
 
 #[tokio::test]
-async fn the_rust_example_worker_conforms_in_both_channels() {
-    assert_all_pass(&run_checks(rust_worker(), &opts()).await);
-    assert_all_pass(&run_checks(rust_worker().channel(Channel::Stdio), &opts()).await);
+async fn the_python_demo_conforms_over_stdio() {
+    assert_conforms(&check(python_demo(&[]).channel(Channel::Stdio), opts()).await);
 }
+
+#[tokio::test]
+async fn the_rust_example_conforms_over_fds() {
+    assert_conforms(&check(rust_worker(), opts()).await);
+}
+
+#[tokio::test]
+async fn the_rust_example_conforms_over_stdio() {
+    assert_conforms(&check(rust_worker().channel(Channel::Stdio), opts()).await);
+}
+
+#[tokio::test]
+async fn results_are_reported_as_they_come_and_the_suite_is_send() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // tokio::spawn needs a Send future: the checker can run on any task.
+    let task = tokio::spawn(run_checks_with(rust_worker(), opts(), move |r| {
+        let _ = tx.send(r.clone());
+    }));
+    let report = bounded(task).await.unwrap();
+    let mut streamed = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        streamed.push(r);
+    }
+    assert_eq!(streamed, report.results);
+}
+
+#[tokio::test]
+async fn a_small_max_frame_skips_the_1mib_echo_instead_of_failing_it() {
+    let report = check(rust_worker().max_frame(512 * 1024), opts()).await;
+    match report.outcome("echo_1mib") {
+        Some(Outcome::Skip(why)) => assert!(why.contains("exceeds max_frame"), "{why}"),
+        other => panic!("echo_1mib: {other:?}"),
+    }
+    assert!(report.all_passed(), "{report:#?}");
+}
+
+// -- workers that break the protocol after a good handshake ---------------------------------
 
 #[tokio::test]
 async fn a_wrong_request_id_fails() {
-    let report = run_checks(hostile(&["--on-call", "unknown_id"]), &opts()).await;
+    let report = check(fixture("wrong_id.py"), opts()).await;
     assert_eq!(report.outcome("handshake"), Some(&Outcome::Pass));
-    assert_fails(&report, "echo_nil", "unknown request id");
+    assert_fails(&report, "echo_nil", &["unknown request id 4000000000"]);
+    // Every check gets a fresh worker, which breaks the same way.
+    assert_fails(&report, "ping", &["unknown request id"]);
+    assert_eq!(report.outcome("eof_exits"), Some(&Outcome::Pass));
 }
 
 #[tokio::test]
 async fn a_truncated_frame_fails() {
-    let report = run_checks(hostile(&["--on-call", "truncated_eof"]), &opts()).await;
-    assert_fails(&report, "echo_nil", "truncated frame");
+    let report = check(fixture("truncated.py"), opts()).await;
+    assert_eq!(report.outcome("handshake"), Some(&Outcome::Pass));
+    assert_fails(&report, "echo_nil", &["truncated frame", "14 of 104 bytes"]);
 }
 
 #[tokio::test]
 async fn an_oversized_frame_fails() {
-    let report = run_checks(hostile(&["--on-call", "oversized"]), &opts()).await;
-    assert_fails(&report, "echo_nil", "exceeds max_frame");
+    let report = check(fixture("oversized.py"), opts()).await;
+    assert_eq!(report.outcome("handshake"), Some(&Outcome::Pass));
+    assert_fails(
+        &report,
+        "echo_nil",
+        &["frame of 4294967295 bytes exceeds max_frame"],
+    );
 }
 
 #[tokio::test]
 async fn garbage_messagepack_fails() {
-    let report = run_checks(hostile(&["--on-call", "garbage"]), &opts()).await;
-    assert_fails(&report, "echo_nil", "malformed message");
+    let report = check(fixture("garbage.py"), opts()).await;
+    assert_eq!(report.outcome("handshake"), Some(&Outcome::Pass));
+    assert_fails(&report, "echo_nil", &["malformed message"]);
 }
 
 #[tokio::test]
-async fn silence_at_init_fails_the_handshake() {
-    let short = CheckOptions {
+async fn a_worker_that_dies_mid_suite_fails_each_check_with_its_exit_and_the_rest_still_run() {
+    let report = check(fixture("crash_on_call.py"), opts()).await;
+    assert_eq!(report.outcome("handshake"), Some(&Outcome::Pass));
+    // Each check got a fresh worker and saw that one die: none is masked by the first crash.
+    let died = [
+        "worker died",
+        "exit status: 5",
+        "crash_on_call: dying on purpose",
+    ];
+    for name in ["echo_nil", "echo_1mib", "unknown_method", "ping", "reset"] {
+        assert_fails(&report, name, &died);
+    }
+    assert_fails(
+        &report,
+        "shutdown_exits",
+        &["exit status: 5", "expected exit status 0"],
+    );
+    assert_eq!(report.outcome("eof_exits"), Some(&Outcome::Pass));
+    assert_eq!(report.results.len(), CHECKS.len());
+}
+
+#[tokio::test]
+async fn a_worker_that_never_answers_fails_by_timeout_not_by_hanging() {
+    let opts = CheckOptions {
+        timeout: Duration::from_millis(300),
+        ..opts()
+    };
+    let start = Instant::now();
+    let report = check(fixture("silent_on_call.py"), opts).await;
+    assert_eq!(report.outcome("handshake"), Some(&Outcome::Pass));
+    for name in ["echo_nil", "unknown_method", "ping", "reset"] {
+        assert_fails(&report, name, &["did not answer within 300ms"]);
+    }
+    assert_fails(
+        &report,
+        "shutdown_exits",
+        &["still running 300ms after shutdown"],
+    );
+    assert_eq!(report.outcome("eof_exits"), Some(&Outcome::Pass));
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+// -- workers that never become ready --------------------------------------------------------
+
+#[tokio::test]
+async fn silence_at_init_fails_the_handshake_by_init_timeout() {
+    let opts = CheckOptions {
         init_timeout: Duration::from_secs(1),
         ..opts()
     };
-    let report = run_checks(hostile(&["--silent-init"]), &short).await;
-    assert_fails(&report, "handshake", "did not answer the init ping");
+    let start = Instant::now();
+    let report = check(fixture("silent_init.py"), opts).await;
+    assert_handshake_fails(&report, &["did not answer the init ping within 1s"]);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn a_crash_at_start_fails_the_handshake_with_status_and_stderr() {
-    let report = run_checks(hostile(&["--crash-at-start"]), &opts()).await;
-    assert_fails(&report, "handshake", "exited before it was ready");
-    assert_fails(&report, "handshake", "exit status: 3");
-    assert_fails(&report, "handshake", "hostile: crashing at start");
+    let report = check(fixture("crash_at_start.py"), opts()).await;
+    assert_handshake_fails(
+        &report,
+        &[
+            "exited before it was ready",
+            "exit status: 3",
+            "crash_at_start: cannot load the model",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn a_refused_init_fails_the_handshake_with_the_workers_reason() {
+    let report = check(python_demo(&["--init-fail", "no GPU"]), opts()).await;
+    assert_handshake_fails(&report, &["refused to start", "no GPU"]);
 }
 
 #[tokio::test]
 async fn a_missing_command_fails_the_handshake() {
-    let report = run_checks(ProcessSpec::new("wharf-no-such-worker"), &opts()).await;
-    assert_fails(&report, "handshake", "cannot spawn");
+    let report = check(ProcessSpec::new("wharf-no-such-worker"), opts()).await;
+    assert_handshake_fails(&report, &["cannot spawn", "wharf-no-such-worker"]);
+}
+
+// -- the binary -----------------------------------------------------------------------------
+
+/// Runs `wharf ARGS...`, bounded; returns its exit code and stdout.
+async fn wharf(args: &[&str]) -> (Option<i32>, String) {
+    let out = bounded(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+    )
 }
 
 #[tokio::test]
-async fn a_worker_that_dies_mid_suite_fails_that_check_and_the_rest_still_run() {
-    // The handshake passes; every call then makes the worker close its channel and hang.
-    let report = run_checks(hostile(&["--on-call", "close_fd"]), &opts()).await;
-    assert_eq!(report.outcome("handshake"), Some(&Outcome::Pass));
-    assert_fails(&report, "echo_nil", "worker died");
-    assert_fails(&report, "echo_1mib", "worker died");
-    // Control messages do not go through the broken call path: a fresh worker answers them.
-    assert_eq!(report.outcome("ping"), Some(&Outcome::Pass));
-}
+async fn the_cli_exits_0_on_a_conforming_worker_1_on_a_broken_one_2_on_bad_usage() {
+    let worker = env!("CARGO_BIN_EXE_wharf-example-worker");
+    for channel in [&[][..], &["--stdio"][..]] {
+        let args = [&["check"][..], channel, &["--", worker][..]].concat();
+        let (code, out) = wharf(&args).await;
+        assert_eq!(code, Some(0), "{out}");
+        let lines: Vec<_> = out.lines().collect();
+        let expected: Vec<_> = CHECKS.iter().map(|c| format!("PASS {c}")).collect();
+        assert_eq!(lines[..lines.len() - 1], expected, "{out}");
+        assert_eq!(lines.last(), Some(&"16 passed, 0 failed"), "{out}");
+    }
 
-fn wharf_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_wharf"))
-}
-
-#[test]
-fn the_cli_exits_0_on_a_conforming_worker_and_1_on_a_broken_one() {
-    let good = Command::new(wharf_bin())
-        .args(["check", "--", env!("CARGO_BIN_EXE_wharf-example-worker")])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&good.stdout);
-    assert_eq!(good.status.code(), Some(0), "{out}");
-    assert!(out.lines().any(|l| l == "16 passed, 0 failed"), "{out}");
-    assert!(out.contains("PASS handshake"));
-
-    let script = repo_root().join("tests/workers/hostile.py");
-    let bad = Command::new(wharf_bin())
-        .args(["check", "--", "python3"])
-        .arg(script)
-        .arg("--crash-at-start")
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&bad.stdout);
-    assert_eq!(bad.status.code(), Some(1), "{out}");
+    let script = repo_root().join("tests/workers/crash_at_start.py");
+    let (code, out) = wharf(&["check", "--", "python3", script.to_str().unwrap()]).await;
+    assert_eq!(code, Some(1), "{out}");
     assert!(
-        out.contains("FAIL handshake: worker exited before it was ready"),
+        out.lines().any(
+            |l| l.starts_with("FAIL handshake: worker exited before it was ready")
+                && l.contains("exit status: 3")
+        ),
         "{out}"
     );
-    assert!(out.lines().last().unwrap().ends_with("1 skipped"), "{out}");
+    assert!(
+        out.contains("SKIP eof_exits: the handshake failed"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().last(),
+        Some("0 passed, 1 failed, 15 skipped"),
+        "{out}"
+    );
+
+    assert_eq!(wharf(&["check"]).await.0, Some(2));
+    assert_eq!(
+        wharf(&["check", "--timeout-ms", "x", "--", "true"]).await.0,
+        Some(2)
+    );
 }

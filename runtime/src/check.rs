@@ -1,23 +1,46 @@
 //! The conformance checker behind `wharf check`: the executable form of `docs/protocol.md`.
 //!
-//! It starts a worker command through the process port and drives it through the protocol:
-//! the handshake, echo of assorted MessagePack values, errors that must leave the worker
-//! serving, ping, reset, streaming (if offered), and clean exits on `shutdown` and on EOF. Each
-//! check is bounded by a timeout, so a hung worker fails a check instead of hanging the
-//! checker. A worker that dies or breaks the protocol fails the check at hand; the next check
-//! gets a fresh worker.
+//! [`run_checks`] starts a worker command through the process port
+//! ([`ProcessPort`](wharf_actors::port::ProcessPort)) and drives it through the protocol, one
+//! named check at a time:
+//!
+//! | check | passes when |
+//! |---|---|
+//! | `handshake` | `init_pong` ok, version 1, a pid, `echo` and `fail` offered |
+//! | `echo_nil` ... `echo_1mib` | each class of MessagePack value comes back unchanged |
+//! | `unknown_method` | an unoffered method gives error kind `unknown_method`; an echo then works |
+//! | `handler_error` | `fail` gives an error with a non-empty kind; an echo then works |
+//! | `ping`, `reset` | answered |
+//! | `stream` | `{"n": 5}` gives chunks 0..4 then `ok` 5 (skipped if `stream` is not offered) |
+//! | `shutdown_exits` | a fresh worker exits by itself with status 0 after `shutdown` |
+//! | `eof_exits` | a fresh worker exits by itself with status 0 after EOF on its input |
+//!
+//! Every check is bounded: spawning by the init timeout, each check by the per-check timeout
+//! ([`CheckOptions`]), so a hung worker fails a check instead of hanging the checker.
+//!
+//! After a check fails, its worker is killed and the next check gets a fresh one: a worker that
+//! crashes, hangs or breaks the protocol fails the check at hand (with the exit status and last
+//! stderr lines, or the violation) and the remaining checks still report their own results. If
+//! a fresh worker cannot be started, every remaining check fails with that reason at once. If
+//! the first start (the handshake) fails, the handshake check fails with the port's error and
+//! every other check is skipped.
 
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use thiserror::Error;
 use wharf_actors::port::{PortError, ProcessPort, ProcessSpec, StreamEvent};
+use wharf_protocol::message::kinds;
 use wharf_protocol::{Value, PROTOCOL_VERSION};
 
 /// How the checker runs.
 #[derive(Debug, Clone)]
 pub struct CheckOptions {
-    /// How long the worker may take to answer the init ping.
+    /// How long each worker may take to answer the init ping (overrides the spec's own).
+    /// Default 10 s.
     pub init_timeout: Duration,
-    /// How long each check may take.
+    /// How long each check may take once its worker is ready. Default 10 s.
     pub timeout: Duration,
 }
 
@@ -37,14 +60,14 @@ pub enum Outcome {
     Pass,
     /// It did not; the reason says what happened.
     Fail(String),
-    /// The check does not apply (or could not run); the reason says why.
+    /// The check does not apply or could not run; the reason says why.
     Skip(String),
 }
 
 /// One named check and its outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckResult {
-    /// The check's name, e.g. `echo_int_edges`.
+    /// The check's name, e.g. `echo_int` (see [`CHECKS`]).
     pub name: String,
     /// What happened.
     pub outcome: Outcome,
@@ -58,22 +81,22 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
-    /// Checks that passed.
+    /// How many checks passed.
     pub fn passed(&self) -> usize {
         self.count(|o| matches!(o, Outcome::Pass))
     }
 
-    /// Checks that failed.
+    /// How many checks failed.
     pub fn failed(&self) -> usize {
         self.count(|o| matches!(o, Outcome::Fail(_)))
     }
 
-    /// Checks that were skipped.
+    /// How many checks were skipped.
     pub fn skipped(&self) -> usize {
         self.count(|o| matches!(o, Outcome::Skip(_)))
     }
 
-    /// Whether no check failed.
+    /// Whether no check failed (skipped checks do not count against the worker).
     pub fn all_passed(&self) -> bool {
         self.failed() == 0
     }
@@ -89,123 +112,92 @@ impl CheckReport {
     fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
         self.results.iter().filter(|r| f(&r.outcome)).count()
     }
-
-    fn push(&mut self, name: &str, outcome: Outcome) {
-        self.results.push(CheckResult {
-            name: name.to_owned(),
-            outcome,
-        });
-    }
 }
 
-/// The values echoed, one check each.
-fn echo_cases() -> Vec<(&'static str, Value)> {
-    let map = |pairs: Vec<(&str, Value)>| {
-        Value::Map(
-            pairs
-                .into_iter()
-                .map(|(k, v)| (Value::from(k), v))
-                .collect(),
-        )
-    };
-    vec![
-        ("echo_nil", Value::Nil),
-        (
-            "echo_bool",
-            Value::Array(vec![Value::from(true), Value::from(false)]),
-        ),
-        (
-            "echo_int_edges",
-            Value::Array(vec![
-                Value::from(0),
-                Value::from(-1),
-                Value::from(-32),
-                Value::from(-33),
-                Value::from(127),
-                Value::from(128),
-                Value::from(255),
-                Value::from(256),
-                Value::from(65535),
-                Value::from(65536),
-                Value::from(u32::MAX),
-                Value::from(i64::MIN),
-                Value::from(i64::MAX),
-                Value::from(u64::MAX),
-            ]),
-        ),
-        (
-            "echo_floats",
-            Value::Array(vec![
-                Value::F64(0.0),
-                Value::F64(-1.5),
-                Value::F64(f64::MAX),
-                Value::F64(f64::MIN_POSITIVE),
-                Value::F64(f64::INFINITY),
-            ]),
-        ),
-        (
-            "echo_str",
-            Value::Array(vec![
-                Value::from(""),
-                Value::from("hello"),
-                Value::from("héllo wörld ✓ 漢字 🚢"),
-                Value::from("x".repeat(300)),
-            ]),
-        ),
-        (
-            "echo_bin",
-            Value::Array(vec![
-                Value::Binary(vec![]),
-                Value::Binary((0..=255u8).collect()),
-            ]),
-        ),
-        (
-            "echo_nested",
-            map(vec![
-                (
-                    "a",
-                    Value::Array(vec![Value::from(1), map(vec![("b", Value::Nil)])]),
-                ),
-                (
-                    "c",
-                    map(vec![("d", map(vec![("e", Value::Array(vec![]))]))]),
-                ),
-                ("", Value::from("empty key")),
-            ]),
-        ),
-        ("echo_1mib", Value::Binary(vec![0xA5; 1024 * 1024])),
-    ]
+/// The names of the checks, in the order they run.
+pub const CHECKS: &[&str] = &[
+    "handshake",
+    "echo_nil",
+    "echo_bool",
+    "echo_int",
+    "echo_float",
+    "echo_str",
+    "echo_bin",
+    "echo_nested",
+    "echo_1mib",
+    "unknown_method",
+    "handler_error",
+    "ping",
+    "reset",
+    "stream",
+    "shutdown_exits",
+    "eof_exits",
+];
+
+/// The method the `unknown_method` check calls; no worker should offer it.
+const NO_SUCH_METHOD: &str = "wharf.check.no_such_method";
+
+/// Why a check failed (rendered into [`Outcome::Fail`]).
+#[derive(Debug, Error)]
+enum Failure {
+    /// The port reported an error (death, violation, remote error, ...).
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// A fresh worker for this check could not be started.
+    #[error("no fresh worker for this check: {0}")]
+    NoWorker(String),
+    /// The check did not finish in time.
+    #[error("worker did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The worker answered, but not as the protocol asks.
+    #[error("{0}")]
+    Wrong(String),
 }
 
-/// Runs every check against workers started from `spec`.
-pub async fn run_checks(spec: ProcessSpec, opts: &CheckOptions) -> CheckReport {
+/// Runs every check against workers started from `spec`; see the [module docs](self).
+///
+/// The checker gives each worker the id `check` and `opts.init_timeout` as its init timeout;
+/// the rest of `spec` (channel, environment, max frame) is used as is.
+pub async fn run_checks(spec: ProcessSpec, opts: CheckOptions) -> CheckReport {
+    run_checks_with(spec, opts, |_| {}).await
+}
+
+/// Like [`run_checks`], and calls `on_result` with each result as soon as its check ends (for
+/// progress output).
+pub async fn run_checks_with<F>(spec: ProcessSpec, opts: CheckOptions, on_result: F) -> CheckReport
+where
+    F: FnMut(&CheckResult) + Send,
+{
     let spec = spec.init_timeout(opts.init_timeout).worker_id("check");
-    let mut report = CheckReport::default();
-    let mut runner = Runner {
+    let mut run = Runner {
         spec,
-        opts: opts.clone(),
+        opts,
         port: None,
+        broken: None,
+        report: CheckReport::default(),
+        on_result,
     };
 
-    // Handshake: nothing else can run without it.
-    let port = match runner.fresh().await {
-        Ok(port) => port,
-        Err(e) => {
-            report.push("handshake", Outcome::Fail(e.to_string()));
-            report.push("rest", Outcome::Skip("no worker became ready".into()));
-            return report;
+    // The handshake: nothing else can run without a first worker.
+    let info = match run.spawn().await {
+        Ok(port) => port.info().clone(),
+        Err(failure) => {
+            run.record("handshake", Outcome::Fail(failure.to_string()));
+            for name in &CHECKS[1..] {
+                run.record(name, Outcome::Skip("the handshake failed".into()));
+            }
+            return run.report;
         }
     };
-    let info = port.info().clone();
+    let offers = |m: &str| info.methods.iter().any(|x| x == m);
     let handshake = if info.version != PROTOCOL_VERSION {
         Outcome::Fail(format!(
-            "version {} (expected {PROTOCOL_VERSION})",
+            "init_pong version {}, expected {PROTOCOL_VERSION}",
             info.version
         ))
     } else if info.pid == 0 {
         Outcome::Fail("init_pong pid is 0".into())
-    } else if !info.methods.iter().any(|m| m == "echo") || !info.methods.iter().any(|m| m == "fail")
-    {
+    } else if !offers("echo") || !offers("fail") {
         Outcome::Fail(format!(
             "methods {:?} must include echo and fail (docs/protocol.md, section 6)",
             info.methods
@@ -213,222 +205,516 @@ pub async fn run_checks(spec: ProcessSpec, opts: &CheckOptions) -> CheckReport {
     } else {
         Outcome::Pass
     };
-    report.push("handshake", handshake);
+    run.record("handshake", handshake);
 
     for (name, value) in echo_cases() {
-        let outcome = runner.echo(value).await;
-        report.push(name, outcome);
+        run.check(name, move |port| async move { echo(&port, value).await })
+            .await;
     }
 
-    let outcome = runner
-        .expect_remote("wharf.no_such_method", Some("unknown_method"))
-        .await;
-    report.push("unknown_method", outcome);
-    let outcome = runner.expect_remote("fail", None).await;
-    report.push("handler_error", outcome);
+    run.check("unknown_method", |port| async move {
+        expect_error(&port, NO_SUCH_METHOD, Some(kinds::UNKNOWN_METHOD)).await
+    })
+    .await;
+    run.check("handler_error", |port| async move {
+        expect_error(&port, "fail", None).await
+    })
+    .await;
 
-    let outcome = runner
-        .with_port(|port, t| async move { port.ping(t).await.map(|_| Outcome::Pass) })
+    let timeout = run.opts.timeout;
+    run.check("ping", |port| async move { Ok(port.ping(timeout).await?) })
         .await;
-    report.push("ping", outcome);
-    let outcome = runner
-        .with_port(|port, t| async move { port.reset(None, t).await.map(|_| Outcome::Pass) })
-        .await;
-    report.push("reset", outcome);
+    run.check("reset", |port| async move {
+        Ok(port.reset(None, timeout).await?)
+    })
+    .await;
 
-    if info.methods.iter().any(|m| m == "stream") {
-        let outcome = runner.stream().await;
-        report.push("stream", outcome);
+    if offers("stream") {
+        run.check("stream", |port| async move { stream(&port, 5).await })
+            .await;
     } else {
-        report.push(
-            "stream",
-            Outcome::Skip("the worker offers no `stream` method".into()),
-        );
+        let why = "the worker does not offer `stream`".to_owned();
+        run.record("stream", Outcome::Skip(why));
     }
 
-    let outcome = runner.exits(true).await;
-    report.push("shutdown_exits", outcome);
-    let outcome = runner.exits(false).await;
-    report.push("eof_exits", outcome);
-    report
+    let outcome = run.exits(Exit::Shutdown).await;
+    run.record("shutdown_exits", outcome);
+    let outcome = run.exits(Exit::Eof).await;
+    run.record("eof_exits", outcome);
+    run.report
 }
 
-struct Runner {
+/// The values echoed, one check per class of MessagePack value.
+fn echo_cases() -> Vec<(&'static str, Value)> {
+    let ints: Vec<Value> = [
+        // Every width edge: fixint, int8/uint8, int16/uint16, int32/uint32, int64/uint64.
+        0,
+        1,
+        -1,
+        -32,
+        -33,
+        127,
+        128,
+        -128,
+        -129,
+        255,
+        256,
+        -32768,
+        -32769,
+        65535,
+        65536,
+        i64::from(i32::MIN),
+        i64::from(i32::MIN) - 1,
+        i64::from(u32::MAX),
+        i64::from(u32::MAX) + 1,
+        i64::MIN,
+        i64::MAX,
+    ]
+    .into_iter()
+    .map(Value::from)
+    .chain([Value::from(u64::MAX)])
+    .collect();
+    let floats = [
+        0.0,
+        -1.5,
+        0.1,
+        f64::MAX,
+        f64::MIN,
+        f64::MIN_POSITIVE,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ]
+    .into_iter()
+    .map(Value::F64)
+    .collect();
+    let strs = [
+        String::new(),
+        "hello".into(),
+        "héllo wörld ✓ 漢字 🚢".into(),
+        "a".repeat(31),
+        "b".repeat(32),
+        "c".repeat(300),
+        "d".repeat(70_000),
+    ]
+    .into_iter()
+    .map(Value::from)
+    .collect();
+    let bins = vec![
+        Value::Binary(Vec::new()),
+        Value::Binary((0..=255).collect()),
+        Value::Binary(vec![0x5A; 70_000]),
+    ];
+    let map = |pairs: Vec<(&str, Value)>| {
+        Value::Map(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+    };
+    let nested = map(vec![
+        ("", "empty key".into()),
+        ("empty_map", map(vec![])),
+        ("empty_array", Value::Array(vec![])),
+        (
+            "mixed",
+            Value::Array(vec![
+                1.into(),
+                "two".into(),
+                Value::F64(3.5),
+                Value::Nil,
+                true.into(),
+                Value::Binary(vec![0, 1, 2]),
+                map(vec![("k", Value::Array(vec![(-1).into(), map(vec![])]))]),
+            ]),
+        ),
+        (
+            "deep",
+            (0..8).fold(Value::from("bottom"), |inner, depth| {
+                map(vec![
+                    ("level", depth.into()),
+                    ("next", Value::Array(vec![inner])),
+                ])
+            }),
+        ),
+    ]);
+    vec![
+        ("echo_nil", Value::Nil),
+        ("echo_bool", Value::Array(vec![true.into(), false.into()])),
+        ("echo_int", Value::Array(ints)),
+        ("echo_float", Value::Array(floats)),
+        ("echo_str", Value::Array(strs)),
+        ("echo_bin", Value::Array(bins)),
+        ("echo_nested", nested),
+        ("echo_1mib", Value::Binary(vec![0xA5; 1024 * 1024])),
+    ]
+}
+
+/// How a worker is told to exit.
+#[derive(Clone, Copy)]
+enum Exit {
+    /// The `shutdown` message, channel left open.
+    Shutdown,
+    /// EOF on its input, no message.
+    Eof,
+}
+
+/// Runs the checks and holds the current worker.
+struct Runner<F> {
     spec: ProcessSpec,
     opts: CheckOptions,
-    port: Option<ProcessPort>,
+    /// The worker the next check runs on, if it is still usable.
+    port: Option<Arc<ProcessPort>>,
+    /// Set once a fresh worker could not be started: the remaining checks fail with it.
+    broken: Option<String>,
+    report: CheckReport,
+    on_result: F,
 }
 
-impl Runner {
-    /// A fresh worker, replacing the current one.
-    async fn fresh(&mut self) -> Result<&ProcessPort, PortError> {
-        if let Some(old) = self.port.take() {
-            old.kill().await;
-        }
-        let port = ProcessPort::spawn(&self.spec).await?;
-        Ok(self.port.insert(port))
+impl<F: FnMut(&CheckResult) + Send> Runner<F> {
+    fn record(&mut self, name: &str, outcome: Outcome) {
+        let result = CheckResult {
+            name: name.to_owned(),
+            outcome,
+        };
+        tracing::debug!(check = name, outcome = ?result.outcome, "check done");
+        (self.on_result)(&result);
+        self.report.results.push(result);
+    }
+
+    /// Starts a fresh worker (replacing the current one) and waits until it is ready.
+    async fn spawn(&mut self) -> Result<Arc<ProcessPort>, Failure> {
+        self.discard().await;
+        // The port bounds the handshake by the init timeout; this also bounds the spawn itself
+        // and the port's own waits for an exit status after a failed start.
+        let limit = self.opts.init_timeout + Duration::from_secs(10);
+        let port = tokio::time::timeout(limit, ProcessPort::spawn(&self.spec))
+            .await
+            .map_err(|_| Failure::Timeout(limit))??;
+        let port = Arc::new(port);
+        self.port = Some(port.clone());
+        Ok(port)
     }
 
     /// The current worker if it is still usable, else a fresh one.
-    async fn port(&mut self) -> Result<&ProcessPort, PortError> {
-        if self.port.as_ref().is_some_and(ProcessPort::is_open) {
-            return Ok(self.port.as_ref().expect("checked above"));
+    async fn port(&mut self) -> Result<Arc<ProcessPort>, Failure> {
+        if let Some(why) = &self.broken {
+            return Err(Failure::NoWorker(why.clone()));
         }
-        self.fresh().await
-    }
-
-    /// Runs `f` on a usable worker under the per-check timeout.
-    async fn with_port<'a, F, Fut>(&'a mut self, f: F) -> Outcome
-    where
-        F: FnOnce(&'a ProcessPort, Duration) -> Fut,
-        Fut: std::future::Future<Output = Result<Outcome, PortError>> + 'a,
-    {
-        let timeout = self.opts.timeout;
-        let port = match self.port().await {
-            Ok(port) => port,
-            Err(e) => return Outcome::Fail(format!("no worker: {e}")),
-        };
-        match tokio::time::timeout(timeout, f(port, timeout)).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => Outcome::Fail(e.to_string()),
-            Err(_) => Outcome::Fail(format!("no answer within {timeout:?}")),
+        if let Some(port) = self.port.as_ref().filter(|p| p.is_open()) {
+            return Ok(port.clone());
         }
-    }
-
-    async fn call(
-        &mut self,
-        method: &'static str,
-        body: Value,
-    ) -> Result<Result<Value, PortError>, Outcome> {
-        let timeout = self.opts.timeout;
-        let port = self
-            .port()
-            .await
-            .map_err(|e| Outcome::Fail(format!("no worker: {e}")))?;
-        let id = port.next_request_id();
-        tokio::time::timeout(timeout, port.call(id, method, body, None, None))
-            .await
-            .map_err(|_| Outcome::Fail(format!("no answer within {timeout:?}")))
-    }
-
-    async fn echo(&mut self, value: Value) -> Outcome {
-        match self.call("echo", value.clone()).await {
-            Err(outcome) => outcome,
-            Ok(Ok(back)) if back == value => Outcome::Pass,
-            Ok(Ok(back)) => Outcome::Fail(format!(
-                "echo returned {} instead of {}",
-                short(&back),
-                short(&value)
-            )),
-            Ok(Err(e)) => Outcome::Fail(e.to_string()),
-        }
-    }
-
-    /// Calls a method that must fail with a typed error (of `kind`, if given); the worker must
-    /// then still answer an echo.
-    async fn expect_remote(&mut self, method: &'static str, kind: Option<&str>) -> Outcome {
-        let first = match self.call(method, Value::from("wharf check")).await {
-            Err(outcome) => return outcome,
-            Ok(r) => r,
-        };
-        match first {
-            Err(PortError::Remote { kind: got, .. }) if got.is_empty() => {
-                return Outcome::Fail("error reply with an empty kind".into())
-            }
-            Err(PortError::Remote { kind: got, .. }) if kind.is_some_and(|k| k != got) => {
-                return Outcome::Fail(format!(
-                    "error kind {got:?}, expected {:?}",
-                    kind.unwrap_or("")
-                ))
-            }
-            Err(PortError::Remote { .. }) => {}
-            Ok(v) => {
-                return Outcome::Fail(format!(
-                    "{method} succeeded with {}; expected an error reply",
-                    short(&v)
-                ))
-            }
-            Err(e) => return Outcome::Fail(e.to_string()),
-        }
-        match self.echo(Value::from("still serving")).await {
-            Outcome::Pass => Outcome::Pass,
-            Outcome::Fail(why) => {
-                Outcome::Fail(format!("worker stopped serving after the error: {why}"))
-            }
-            skip => skip,
-        }
-    }
-
-    async fn stream(&mut self) -> Outcome {
-        let n = 5u64;
-        self.with_port(|port, _| async move {
-            let id = port.next_request_id();
-            let body = Value::Map(vec![(Value::from("n"), Value::from(n))]);
-            let mut rx = port.call_stream(id, "stream", body, None, None).await?;
-            let mut next_seq = 0;
-            while let Some(event) = rx.recv().await {
-                match event {
-                    StreamEvent::Chunk { seq, body } => {
-                        if seq != next_seq || body != Value::from(seq) {
-                            return Ok(Outcome::Fail(format!(
-                                "chunk seq {seq} body {}; expected seq {next_seq} body {next_seq}",
-                                short(&body)
-                            )));
-                        }
-                        next_seq += 1;
-                    }
-                    StreamEvent::End(Ok(body)) if next_seq == n && body == Value::from(n) => {
-                        return Ok(Outcome::Pass)
-                    }
-                    StreamEvent::End(Ok(body)) => {
-                        return Ok(Outcome::Fail(format!(
-                            "stream ended after {next_seq} chunks with {}; expected {n} chunks then {n}",
-                            short(&body)
-                        )))
-                    }
-                    StreamEvent::End(Err(e)) => return Err(e),
-                }
-            }
-            Ok(Outcome::Fail("stream ended without a final reply".into()))
+        tracing::info!("starting a fresh worker");
+        self.spawn().await.map_err(|failure| {
+            let why = failure.to_string();
+            self.broken = Some(why.clone());
+            Failure::NoWorker(why)
         })
-        .await
     }
 
-    /// A fresh worker must exit with status 0 on its own after a `shutdown` message (with the
-    /// channel left open) or after EOF on its input.
-    async fn exits(&mut self, by_shutdown_message: bool) -> Outcome {
-        let timeout = self.opts.timeout;
-        let port = match self.fresh().await {
-            Ok(port) => port,
-            Err(e) => return Outcome::Fail(format!("no worker: {e}")),
-        };
-        if by_shutdown_message {
-            if let Err(e) = port.request_shutdown().await {
-                return Outcome::Fail(e.to_string());
-            }
-        } else {
-            port.close_channel().await;
-        }
-        let status = port.wait_exit(timeout).await;
-        let outcome = match status {
-            Some(s) if s.code() == Some(0) => Outcome::Pass,
-            Some(s) => Outcome::Fail(format!("worker ended with {s}, expected exit status 0")),
-            None => Outcome::Fail(format!("worker still running {timeout:?} later")),
-        };
+    /// Kills the current worker, if any.
+    async fn discard(&mut self) {
         if let Some(port) = self.port.take() {
             port.kill().await;
         }
-        outcome
+    }
+
+    /// Runs one check on a usable worker under the per-check timeout and records its outcome.
+    /// A worker whose check failed is discarded: the next check gets a fresh one.
+    async fn check<C, Fut>(&mut self, name: &str, check: C)
+    where
+        C: FnOnce(Arc<ProcessPort>) -> Fut,
+        Fut: Future<Output = Result<(), Failure>>,
+    {
+        let timeout = self.opts.timeout;
+        let result = match self.port().await {
+            Ok(port) => match tokio::time::timeout(timeout, check(port.clone())).await {
+                Ok(Err(Failure::Port(PortError::WorkerDied(mut info)))) => {
+                    info.stderr_tail = settled_stderr(&port, info.stderr_tail.len()).await;
+                    Err(PortError::WorkerDied(info).into())
+                }
+                Ok(result) => result,
+                Err(_) => Err(Failure::Timeout(timeout)),
+            },
+            Err(failure) => Err(failure),
+        };
+        let outcome = match result {
+            Ok(()) => Outcome::Pass,
+            // Only our own request can be too large to encode: a `--max-frame` below the
+            // check's values (e.g. the 1 MiB echo). The worker is not at fault.
+            Err(Failure::Port(PortError::Encode { reason })) => {
+                Outcome::Skip(format!("the request does not fit: {reason}"))
+            }
+            Err(failure) => {
+                self.discard().await;
+                Outcome::Fail(failure.to_string())
+            }
+        };
+        self.record(name, outcome);
+    }
+
+    /// A fresh worker must exit by itself with status 0 after `how`, without writing anything
+    /// more; a worker still running after the per-check timeout fails (the runtime would have
+    /// had to SIGTERM or SIGKILL it).
+    async fn exits(&mut self, how: Exit) -> Outcome {
+        let timeout = self.opts.timeout;
+        let port = if let Some(why) = &self.broken {
+            Err(Failure::NoWorker(why.clone()))
+        } else {
+            self.spawn()
+                .await
+                .map_err(|failure| Failure::NoWorker(failure.to_string()))
+        };
+        // `exits` waits up to `timeout` for the exit, then briefly for the port to close; the
+        // slack keeps this outer bound (for a worker that does not even read) from cutting in.
+        let limit = timeout + Duration::from_secs(5);
+        let result = match port {
+            Ok(port) => tokio::time::timeout(limit, exits(&port, how, timeout))
+                .await
+                .unwrap_or(Err(Failure::Timeout(limit))),
+            Err(failure) => Err(failure),
+        };
+        self.discard().await;
+        match result {
+            Ok(()) => Outcome::Pass,
+            Err(failure) => Outcome::Fail(failure.to_string()),
+        }
     }
 }
 
-/// A value's debug form, cut short for messages.
-fn short(v: &Value) -> String {
-    let s = format!("{v}");
-    if s.len() > 80 {
-        let head: String = s.chars().take(80).collect();
-        format!("{head}... ({} chars)", s.len())
+/// Echoes `value`; it must come back equal (map entries in any order).
+async fn echo(port: &ProcessPort, value: Value) -> Result<(), Failure> {
+    let back = call(port, "echo", value.clone()).await?;
+    match difference(&value, &back) {
+        None => Ok(()),
+        Some(diff) => Err(Failure::Wrong(format!("echo changed the value: {diff}"))),
+    }
+}
+
+async fn call(port: &ProcessPort, method: &str, body: Value) -> Result<Value, PortError> {
+    port.call(port.next_request_id(), method, body, None, None)
+        .await
+}
+
+/// Calls `method`, which must fail with an error reply (of `kind`, if given, else of any
+/// non-empty kind); the worker must then still answer an echo.
+async fn expect_error(port: &ProcessPort, method: &str, kind: Option<&str>) -> Result<(), Failure> {
+    match call(port, method, "wharf check".into()).await {
+        Ok(v) => {
+            return Err(Failure::Wrong(format!(
+                "{method} succeeded with {}; expected an error reply",
+                describe(&v)
+            )))
+        }
+        Err(PortError::Remote { kind: got, .. }) if got.is_empty() => {
+            return Err(Failure::Wrong("error reply with an empty kind".into()))
+        }
+        Err(PortError::Remote { kind: got, message }) => {
+            if let Some(want) = kind.filter(|want| *want != got) {
+                return Err(Failure::Wrong(format!(
+                    "error kind {got:?} ({message}), expected {want:?}"
+                )));
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    echo(port, "still serving".into())
+        .await
+        .map_err(|failure| Failure::Wrong(format!("the echo after the error failed: {failure}")))
+}
+
+/// Calls `stream` with `{"n": n}`: chunks seq 0..n with body = seq, then `ok` with body n.
+async fn stream(port: &ProcessPort, n: u64) -> Result<(), Failure> {
+    let body = Value::Map(vec![("n".into(), n.into())]);
+    let id = port.next_request_id();
+    let mut events = port.call_stream(id, "stream", body, None, None).await?;
+    let mut next = 0;
+    while let Some(event) = events.recv().await {
+        match event {
+            StreamEvent::Chunk { seq, body } => {
+                if seq != next || body != Value::from(seq) {
+                    return Err(Failure::Wrong(format!(
+                        "chunk seq {seq} with body {}; expected seq {next} with body {next}",
+                        describe(&body)
+                    )));
+                }
+                next += 1;
+            }
+            StreamEvent::End(Ok(body)) if next == n && body == Value::from(n) => return Ok(()),
+            StreamEvent::End(Ok(body)) => {
+                return Err(Failure::Wrong(format!(
+                    "{next} chunks then ok {}; expected {n} chunks then ok {n}",
+                    describe(&body)
+                )))
+            }
+            StreamEvent::End(Err(e)) => return Err(e.into()),
+        }
+    }
+    Err(Failure::Wrong(
+        "the stream ended without a final reply".into(),
+    ))
+}
+
+/// Tells the worker to exit (`how`) and waits for it to exit by itself with status 0.
+async fn exits(port: &ProcessPort, how: Exit, timeout: Duration) -> Result<(), Failure> {
+    let what = match how {
+        Exit::Shutdown => {
+            port.request_shutdown().await?;
+            "shutdown"
+        }
+        Exit::Eof => {
+            port.close_channel().await;
+            "EOF on its input"
+        }
+    };
+    let Some(status) = port.wait_exit(timeout).await else {
+        return Err(Failure::Wrong(format!(
+            "still running {timeout:?} after {what}; the runtime would have to kill it{}",
+            stderr(&port.stderr_tail())
+        )));
+    };
+    // The port closes once it has read the worker's EOF, or first a violation: a worker must
+    // not reply to `shutdown`, nor write anything broken before it exits (then the port kills
+    // it, which is no clean exit either).
+    let mut closed = None;
+    for _ in 0..300 {
+        closed = port.close_reason();
+        if closed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(violation @ PortError::ProtocolViolation { .. }) = closed {
+        return Err(Failure::Wrong(format!(
+            "after {what}: {violation} (the worker ended with {status})"
+        )));
+    }
+    if status.code() != Some(0) {
+        return Err(Failure::Wrong(format!(
+            "ended with {status} after {what}, expected exit status 0{}",
+            stderr(&settled_stderr(port, 0).await)
+        )));
+    }
+    Ok(())
+}
+
+/// The port snapshots a dead worker's stderr tail as soon as it is reaped, which can be before
+/// its last lines were read from the pipe: give those lines a moment to arrive.
+async fn settled_stderr(port: &ProcessPort, seen: usize) -> Vec<String> {
+    for _ in 0..25 {
+        let tail = port.stderr_tail();
+        if tail.len() > seen {
+            return tail;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    port.stderr_tail()
+}
+
+/// `"; last stderr: a | b"`, or nothing.
+fn stderr(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
     } else {
-        s
+        format!("; last stderr: {}", lines.join(" | "))
+    }
+}
+
+/// Where `got` differs from `sent`, if it does. Maps compare as sets of entries (a worker may
+/// return them in any order); everything else, types included, must be identical.
+fn difference(sent: &Value, got: &Value) -> Option<String> {
+    fn walk(sent: &Value, got: &Value, path: &mut String) -> Option<String> {
+        match (sent, got) {
+            (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+                a.iter().zip(b).enumerate().find_map(|(i, (x, y))| {
+                    let len = path.len();
+                    path.push_str(&format!("[{i}]"));
+                    let diff = walk(x, y, path);
+                    path.truncate(len);
+                    diff
+                })
+            }
+            (Value::Map(a), Value::Map(b)) if a.len() == b.len() => a.iter().find_map(|(k, x)| {
+                let len = path.len();
+                match k.as_str() {
+                    Some(key) => path.push_str(&format!("[{key:?}]")),
+                    None => path.push_str(&format!("[{}]", describe(k))),
+                }
+                let diff = match b.iter().find(|(k2, _)| k2 == k) {
+                    Some((_, y)) => walk(x, y, path),
+                    None => Some(format!("{path}: key missing")),
+                };
+                path.truncate(len);
+                diff
+            }),
+            // `==` on floats: 0.0 == -0.0, and NaN is never sent.
+            (a, b) if a == b => None,
+            (a, b) => Some(format!("{path}: sent {}, got {}", describe(a), describe(b))),
+        }
+    }
+    walk(sent, got, &mut String::from("body"))
+}
+
+/// A value's type and a short rendering of it, for failure reasons.
+fn describe(v: &Value) -> String {
+    const MAX: usize = 60;
+    match v {
+        Value::Nil => "nil".into(),
+        Value::Boolean(b) => format!("bool {b}"),
+        Value::Integer(i) => format!("int {i}"),
+        Value::F32(x) => format!("float32 {x:?}"),
+        Value::F64(x) => format!("float64 {x:?}"),
+        Value::String(s) => match s.as_str() {
+            Some(s) if s.chars().count() > MAX => {
+                let head: String = s.chars().take(MAX).collect();
+                format!("str of {} chars {head:?}...", s.chars().count())
+            }
+            Some(s) => format!("str {s:?}"),
+            None => format!("invalid UTF-8 str of {} bytes", s.as_bytes().len()),
+        },
+        Value::Binary(b) if b.len() > 16 => format!("bin of {} bytes", b.len()),
+        Value::Binary(b) => format!("bin {b:02x?}"),
+        Value::Array(a) => format!("array of {}", a.len()),
+        Value::Map(m) => format!("map of {}", m.len()),
+        Value::Ext(tag, data) => format!("ext {tag} of {} bytes", data.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_compare_in_any_order_and_types_must_match() {
+        let m = |pairs: Vec<(&str, Value)>| {
+            Value::Map(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+        };
+        let a = m(vec![("x", 1.into()), ("y", Value::Array(vec![2.into()]))]);
+        let b = m(vec![("y", Value::Array(vec![2.into()])), ("x", 1.into())]);
+        assert_eq!(difference(&a, &b), None);
+
+        let c = m(vec![
+            ("y", Value::Array(vec![Value::F64(2.0)])),
+            ("x", 1.into()),
+        ]);
+        let diff = difference(&a, &c).unwrap();
+        assert!(
+            diff.contains(r#"body["y"][0]: sent int 2, got float64 2.0"#),
+            "{diff}"
+        );
+
+        let d = m(vec![("x", 1.into()), ("z", Value::Nil)]);
+        assert!(difference(&a, &d).unwrap().contains("key missing"));
+        assert!(difference(&Value::Nil, &Value::from(false)).is_some());
+    }
+
+    #[test]
+    fn the_check_list_matches_the_echo_cases() {
+        let echoes: Vec<_> = echo_cases().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(&CHECKS[1..=echoes.len()], echoes.as_slice());
+    }
+
+    #[test]
+    fn long_values_are_described_briefly() {
+        assert_eq!(
+            describe(&Value::Binary(vec![0; 1 << 20])),
+            "bin of 1048576 bytes"
+        );
+        assert!(describe(&"x".repeat(300).into()).starts_with("str of 300 chars"));
     }
 }
