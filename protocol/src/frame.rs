@@ -20,6 +20,13 @@ pub const HEADER_LEN: usize = 4;
 /// Default largest payload: 8 MiB, tokio-util's own default.
 pub const DEFAULT_MAX_FRAME: usize = 8 * 1024 * 1024;
 
+/// Deepest nesting of arrays and maps a payload may hold, its message map counting as one.
+///
+/// Decoding recurses once per level (twice, through serde's buffering of tagged enums), so a
+/// few hundred bytes of `[[[[...` would otherwise overflow a 2 MiB thread stack and abort the
+/// process. Deeper payloads are [`ProtocolError::Malformed`].
+pub const MAX_DEPTH: usize = 128;
+
 /// Checks a frame header's announced length against `max_frame`.
 pub fn check_len(len: u32, max_frame: usize) -> Result<usize, ProtocolError> {
     if len == 0 {
@@ -62,6 +69,8 @@ pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtocolError> {
         return Err(ProtocolError::NotAMap { first_byte });
     }
     let mut de = rmp_serde::Deserializer::new(Cursor::new(payload));
+    // rmp-serde fails when its counter reaches zero, i.e. at `depth` levels: allow MAX_DEPTH.
+    de.set_max_depth(MAX_DEPTH + 1);
     let msg = T::deserialize(&mut de).map_err(|e| ProtocolError::Malformed {
         reason: e.to_string(),
     })?;
@@ -259,7 +268,7 @@ impl<In, Out: Serialize> Encoder<&Out> for MessageCodec<In, Out> {
         })?;
         let dst = writer.into_inner();
         let len = dst.len() - start - HEADER_LEN;
-        if len > self.frames.max_frame {
+        if len > self.frames.max_frame || len > u32::MAX as usize {
             dst.truncate(start);
             return Err(ProtocolError::Encode {
                 reason: format!(

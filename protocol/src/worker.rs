@@ -80,15 +80,16 @@ pub struct ChunkSink<'a> {
 }
 
 impl ChunkSink<'_> {
-    /// Sends one chunk.
+    /// Sends one chunk. A chunk that is refused (too large for max_frame) uses up no `seq`.
     pub fn send(&mut self, body: Value) -> Result<(), ProtocolError> {
         let msg = FromWorker::Chunk {
             id: self.id,
             seq: self.seq,
             body,
         };
+        write_msg(self.out, &msg, self.max_frame)?;
         self.seq += 1;
-        write_msg(self.out, &msg, self.max_frame)
+        Ok(())
     }
 }
 

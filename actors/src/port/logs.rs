@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -15,12 +16,30 @@ pub const MAX_LINE: usize = 4096;
 pub const TAIL_LINES: usize = 20;
 
 /// The most recent lines of a stream, shared with whoever reports errors.
-#[derive(Debug, Clone, Default)]
-pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+#[derive(Debug, Clone)]
+pub struct Tail {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    eof: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Tail {
+    fn default() -> Self {
+        Self {
+            lines: Arc::default(),
+            eof: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
 
 impl Tail {
+    /// Waits up to `limit` for the stream to reach EOF (all its lines kept).
+    pub async fn wait_eof(&self, limit: Duration) {
+        let mut eof = self.eof.subscribe();
+        let _ = tokio::time::timeout(limit, eof.wait_for(|done| *done)).await;
+    }
+
     fn push(&self, line: String) {
-        let mut lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         if lines.len() == TAIL_LINES {
             lines.pop_front();
         }
@@ -29,7 +48,7 @@ impl Tail {
 
     /// A copy of the kept lines, oldest first.
     pub fn lines(&self) -> Vec<String> {
-        let lines = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         lines.iter().cloned().collect()
     }
 }
@@ -85,6 +104,9 @@ pub async fn forward<R: AsyncRead + Unpin>(
     }
     if !line.is_empty() && !discarding {
         emit(&worker, stream, tail.as_ref(), &line, false);
+    }
+    if let Some(tail) = tail {
+        tail.eof.send_replace(true);
     }
 }
 

@@ -44,6 +44,9 @@ pub const DEFAULT_INHERITED_ENV: &[&str] = &[
     "VIRTUAL_ENV",
 ];
 
+/// How long an error report waits for a dead worker's last stderr lines.
+const STDERR_EOF_WAIT: Duration = Duration::from_millis(200);
+
 /// How long a worker that closed its channel may take to exit before it is killed.
 const EOF_EXIT_GRACE: Duration = Duration::from_millis(500);
 
@@ -187,7 +190,9 @@ enum Slot {
     Init(oneshot::Sender<Result<FromWorker, PortError>>),
     Unary(oneshot::Sender<Result<Value, PortError>>),
     Stream(mpsc::UnboundedSender<StreamEvent>),
-    Control(oneshot::Sender<Result<(), PortError>>),
+    /// A ping (answered only by `pong`) or a reset (answered by `ok` or `error`).
+    Ping(oneshot::Sender<Result<(), PortError>>),
+    Reset(oneshot::Sender<Result<(), PortError>>),
 }
 
 impl Slot {
@@ -196,7 +201,7 @@ impl Slot {
             Slot::Init(tx) => drop(tx.send(Err(err))),
             Slot::Unary(tx) => drop(tx.send(Err(err))),
             Slot::Stream(tx) => drop(tx.send(StreamEvent::End(Err(err)))),
-            Slot::Control(tx) => drop(tx.send(Err(err))),
+            Slot::Ping(tx) | Slot::Reset(tx) => drop(tx.send(Err(err))),
         }
     }
 }
@@ -245,6 +250,9 @@ impl Shared {
 
     async fn exit_info(&self, limit: Duration) -> ExitInfo {
         let status = self.wait_exit(limit).await;
+        // The last stderr lines may still be in the pipe when the reap is seen: give the
+        // forwarder a moment to reach EOF (a grandchild holding stderr open only costs the wait).
+        self.stderr.wait_eof(STDERR_EOF_WAIT).await;
         ExitInfo {
             status,
             stderr_tail: self.stderr.lines(),
@@ -621,19 +629,28 @@ impl ProcessPort {
     /// Pings the worker; fails if no pong comes within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> Result<(), PortError> {
         let id = self.next_request_id();
-        self.control(id, ToWorker::Ping { id }, timeout).await
+        let (tx, rx) = oneshot::channel();
+        self.control(id, Slot::Ping(tx), rx, ToWorker::Ping { id }, timeout)
+            .await
     }
 
     /// Asks the worker to drop all per-session state; waits for its answer up to `timeout`.
     pub async fn reset(&self, session: Option<String>, timeout: Duration) -> Result<(), PortError> {
         let id = self.next_request_id();
-        self.control(id, ToWorker::Reset { id, session }, timeout)
-            .await
+        let (tx, rx) = oneshot::channel();
+        let msg = ToWorker::Reset { id, session };
+        self.control(id, Slot::Reset(tx), rx, msg, timeout).await
     }
 
-    async fn control(&self, id: u64, msg: ToWorker, timeout: Duration) -> Result<(), PortError> {
-        let (tx, rx) = oneshot::channel();
-        self.request(id, Slot::Control(tx), &msg).await?;
+    async fn control(
+        &self,
+        id: u64,
+        slot: Slot,
+        rx: oneshot::Receiver<Result<(), PortError>>,
+        msg: ToWorker,
+        timeout: Duration,
+    ) -> Result<(), PortError> {
+        self.request(id, slot, &msg).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(PortError::Closed),
@@ -887,10 +904,10 @@ fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
         (Slot::Unary(tx), FromWorker::Error { kind, message, .. }) => {
             let _ = tx.send(Err(PortError::Remote { kind, message }));
         }
-        (Slot::Control(tx), FromWorker::Pong { .. } | FromWorker::Ok { .. }) => {
+        (Slot::Ping(tx), FromWorker::Pong { .. }) | (Slot::Reset(tx), FromWorker::Ok { .. }) => {
             let _ = tx.send(Ok(()));
         }
-        (Slot::Control(tx), FromWorker::Error { kind, message, .. }) => {
+        (Slot::Reset(tx), FromWorker::Error { kind, message, .. }) => {
             let _ = tx.send(Err(PortError::Remote { kind, message }));
         }
         (Slot::Init(tx), msg @ FromWorker::InitPong { .. }) => {
