@@ -66,6 +66,7 @@ async fn every_hostile_behaviour_gets_a_typed_error_and_the_pool_keeps_serving()
         ("truncated_eof", Expect::Violation("truncated frame")),
         ("garbage", Expect::Violation("malformed message")),
         ("not_a_map", Expect::Violation("not a MessagePack map")),
+        ("deep_nesting", Expect::Violation("malformed message")),
         ("unknown_type", Expect::Violation("unknown variant")),
         ("unknown_id", Expect::Violation("unknown request id")),
         ("duplicate", Expect::OkThenReplaced),

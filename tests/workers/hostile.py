@@ -88,6 +88,11 @@ def misbehave(method, rid, body):
     elif method == "garbage":
         raw(b"\x82\xa1t\xc1\xc1")  # a map header, then bytes MessagePack never uses
         time.sleep(3600)
+    elif method == "deep_nesting":
+        # {"t": "ok", "id": rid, "body": [[[[...]]]]} nested 5000 deep: a few KiB on the wire.
+        head = frame({"t": "ok", "id": rid, "body": None})[4:-1]  # the map without its nil body
+        raw(head + b"\x91" * 5000 + b"\xc0")
+        time.sleep(3600)
     elif method == "not_a_map":
         raw(msgpack.packb([1, 2, 3]))
         time.sleep(3600)
