@@ -263,10 +263,15 @@ impl<In, Out: Serialize> Encoder<&Out> for MessageCodec<In, Out> {
         let start = dst.len();
         dst.put_u32(0);
         let mut writer = dst.writer();
-        rmp_serde::encode::write_named(&mut writer, msg).map_err(|e| ProtocolError::Encode {
-            reason: e.to_string(),
-        })?;
+        let written = rmp_serde::encode::write_named(&mut writer, msg);
         let dst = writer.into_inner();
+        if let Err(e) = written {
+            // Leave nothing half-written: a sink would otherwise send the placeholder header.
+            dst.truncate(start);
+            return Err(ProtocolError::Encode {
+                reason: e.to_string(),
+            });
+        }
         let len = dst.len() - start - HEADER_LEN;
         if len > self.frames.max_frame || len > u32::MAX as usize {
             dst.truncate(start);

@@ -295,6 +295,38 @@ fn encoding_over_max_frame_is_refused() {
     assert_eq!(&dst[..], b"earlier frame", "nothing half-written");
 }
 
+/// A message whose serialization fails after part of it has been written.
+struct FailsMidway;
+
+impl serde::Serialize for FailsMidway {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap};
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("t", "ok")?;
+        map.serialize_key("id")?;
+        Err(S::Error::custom("cannot serialize this"))
+    }
+}
+
+#[test]
+fn a_failed_serialization_leaves_nothing_half_written() {
+    let mut codec = MessageCodec::<FromWorker, FailsMidway>::new(1024);
+    let mut dst = BytesMut::from(&b"earlier frame"[..]);
+    match codec.encode(&FailsMidway, &mut dst) {
+        Err(ProtocolError::Encode { reason }) => {
+            assert!(reason.contains("cannot serialize this"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Before the fix the placeholder header `00 00 00 00` and the partial map stayed in the
+    // buffer, and a `Framed` sink would have sent them: a zero-length frame on the wire.
+    assert_eq!(&dst[..], b"earlier frame");
+    assert!(matches!(
+        encode(&FailsMidway, 1024),
+        Err(ProtocolError::Encode { .. })
+    ));
+}
+
 #[test]
 fn encoding_exactly_max_frame_is_accepted() {
     let payload_len = encode(&call_with_body_bytes(100), usize::MAX)
