@@ -1,7 +1,7 @@
 """Python worker SDK for wharf.
 
-Register handlers on a :class:`Worker` and call :meth:`Worker.run`; the worker then serves the
-wharf packet protocol (docs/protocol.md) on the channel the runtime set up.
+Register methods on a :class:`Worker` and call :meth:`Worker.run`; the process then serves the
+wharf packet protocol (docs/protocol.md) on the channel the runtime set up::
 
     from wharf_worker import Worker
 
@@ -15,7 +15,8 @@ wharf packet protocol (docs/protocol.md) on the channel the runtime set up.
         worker.run()
 """
 
-from .framing import FrameError
-from .worker import Context, Worker, PROTOCOL_VERSION
+from .framing import DEFAULT_MAX_FRAME, MAX_DEPTH, FrameError
+from .worker import PROTOCOL_VERSION, Context, Worker
 
-__all__ = ["Context", "FrameError", "Worker", "PROTOCOL_VERSION"]
+__all__ = ["Context", "DEFAULT_MAX_FRAME", "FrameError", "MAX_DEPTH", "PROTOCOL_VERSION", "Worker"]
+__version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The demo worker: the methods wharf's tests and examples use.
+"""The demo worker that wharf's tests, examples and benchmarks drive.
 
     python3 -m wharf_worker.demo [--init-delay-ms N] [--init-fail MESSAGE] [--exit-after-ready]
 """
@@ -9,20 +9,26 @@ import subprocess
 import sys
 import time
 
-from .worker import Worker
+from . import Worker
 
 worker = Worker()
-state = {}
-held = []
 options = argparse.Namespace(init_delay_ms=0, init_fail=None, exit_after_ready=False)
+state = {}  # per-session state, dropped by reset
+held = []  # memory kept by alloc
 
 
 @worker.on_init
 def init():
     if options.init_delay_ms:
         time.sleep(options.init_delay_ms / 1000)
-    if options.init_fail:
+    if options.init_fail is not None:
         raise RuntimeError(options.init_fail)
+
+
+@worker.on_ready
+def ready():
+    if options.exit_after_ready:
+        sys.exit(0)
 
 
 @worker.on_reset
@@ -30,44 +36,44 @@ def reset():
     state.clear()
 
 
-@worker.method("echo")
+@worker.method()
 def echo(body):
     return body
 
 
-@worker.method("sleep")
+@worker.method()
 def sleep(ms):
     time.sleep(ms / 1000)
     return ms
 
 
-@worker.method("fail")
+@worker.method()
 def fail(body):
-    raise RuntimeError(str(body) if body is not None else "requested failure")
+    raise RuntimeError("requested failure" if body is None else str(body))
 
 
-@worker.method("crash")
+@worker.method()
 def crash(code):
     sys.stderr.flush()
     os._exit(3 if code is None else int(code))
 
 
-@worker.method("state_set")
+@worker.method()
 def state_set(body):
     state[body["key"]] = body.get("value")
 
 
-@worker.method("state_get")
+@worker.method()
 def state_get(body):
     return state.get(body["key"])
 
 
-@worker.method("pid")
+@worker.method()
 def pid(_body):
     return os.getpid()
 
 
-@worker.method("stream")
+@worker.method()
 def stream(body):
     n = int(body["n"])
     for i in range(n):
@@ -75,16 +81,15 @@ def stream(body):
     return n
 
 
-@worker.method("alloc")
+@worker.method()
 def alloc(mib):
     block = bytearray(int(mib) * 1024 * 1024)
-    for i in range(0, len(block), 4096):  # touch every page so it is resident
-        block[i] = 1
+    block[::4096] = b"\x01" * len(range(0, len(block), 4096))  # touch every page
     held.append(block)
     return sum(len(b) for b in held) // (1024 * 1024)
 
 
-@worker.method("spawn_grandchild")
+@worker.method()
 def spawn_grandchild(_body):
     child = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     return child.pid
@@ -93,25 +98,17 @@ def spawn_grandchild(_body):
 @worker.method("print")
 def print_(body):
     print(body, flush=True)
-    sys.stderr.write("%s\n" % (body,))
-    return None
+    print(body, file=sys.stderr, flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python3 -m wharf_worker.demo", description=__doc__)
-    parser.add_argument("--init-delay-ms", type=int, default=0, help="sleep this long in the init hook")
+    parser.add_argument("--init-delay-ms", type=int, default=0, metavar="N",
+                        help="sleep N ms in the init hook")
     parser.add_argument("--init-fail", metavar="MESSAGE", help="make the init hook raise")
-    parser.add_argument("--exit-after-ready", action="store_true", help="exit 0 right after the init pong")
+    parser.add_argument("--exit-after-ready", action="store_true",
+                        help="exit 0 right after sending init_pong")
     parser.parse_args(argv, namespace=options)
-    if options.exit_after_ready:
-        # Serve only the init ping, then leave: simulates a worker that quits once ready.
-        original = worker._init
-
-        def init_then_exit(rid):
-            original(rid)
-            os._exit(0)
-
-        worker._init = init_then_exit
     worker.run()
 
 

@@ -1,92 +1,150 @@
-"""The worker: handlers, hooks and the serving loop of wharf's packet protocol."""
+"""The worker: handlers, hooks and the serving loop of the wharf packet protocol."""
 
 import asyncio
 import inspect
 import logging
 import os
 import sys
-import traceback
+import types
 
-from .framing import DEFAULT_MAX_FRAME, FrameError, FrameReader, encode, write_all
+import msgpack
+
+from .framing import (
+    SCALAR_TYPES,
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    MAX_DEPTH,
+    FrameError,
+    FrameReader,
+    nests_deeper_than,
+    write_all,
+)
 
 PROTOCOL_VERSION = 1
 
 log = logging.getLogger("wharf_worker")
 
+# Results of these types are sent as they are; anything else is checked for being a generator,
+# coroutine or async generator first.
+_PLAIN = frozenset((type(None), bool, int, float, str, bytes, bytearray, list, dict, tuple))
+_GENERATOR = types.GeneratorType
+_ASYNC_GENERATOR = types.AsyncGeneratorType
+
 
 class Context:
-    """What a handler may know about its call (pass a second parameter to receive it)."""
+    """What a handler knows about its call; a handler taking two parameters receives it."""
 
     __slots__ = ("request_id", "method", "session", "deadline_ms")
 
-    def __init__(self, request_id, method, session, deadline_ms):
-        self.request_id = request_id
-        self.method = method
-        self.session = session
-        self.deadline_ms = deadline_ms
+    def __init__(self, request_id, method, session=None, deadline_ms=None):
+        self.request_id = request_id  #: the call's id
+        self.method = method  #: the method name called
+        self.session = session  #: the session the call belongs to (str), or None
+        self.deadline_ms = deadline_ms  #: the caller's remaining budget in ms, or None
 
-
-class _Handler:
-    __slots__ = ("fn", "wants_ctx", "is_async", "is_gen", "is_async_gen")
-
-    def __init__(self, fn):
-        self.fn = fn
-        try:
-            params = [
-                p
-                for p in inspect.signature(fn).parameters.values()
-                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-            ]
-            self.wants_ctx = len(params) >= 2
-        except (TypeError, ValueError):
-            self.wants_ctx = False
-        self.is_async_gen = inspect.isasyncgenfunction(fn)
-        self.is_gen = inspect.isgeneratorfunction(fn)
-        self.is_async = inspect.iscoroutinefunction(fn)
+    def __repr__(self):
+        return "Context(request_id=%r, method=%r, session=%r, deadline_ms=%r)" % (
+            self.request_id, self.method, self.session, self.deadline_ms,
+        )
 
 
 class _Exit(Exception):
-    def __init__(self, code):
-        self.code = code
+    """Stops serving with an exit status."""
+
+    def __init__(self, status):
+        Exception.__init__(self, status)
+        self.status = status
+
+
+class _Refused(Exception):
+    """A reply that cannot be sent as it is: becomes an error reply of ``kind``."""
+
+    def __init__(self, kind, message):
+        Exception.__init__(self, message)
+        self.kind = kind
+        self.message = message
+
+
+def _wants_ctx(fn):
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = 0
+    for p in params:
+        if p.kind == p.VAR_POSITIONAL:
+            return True
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return positional >= 2
+
+
+def _text(e):
+    try:
+        return str(e)
+    except Exception:
+        return "<unprintable %s>" % type(e).__name__
 
 
 class Worker:
-    """A set of handlers served over the wharf protocol.
+    """A set of methods served over the wharf packet protocol.
 
-    Handlers are ``def f(body)`` or ``def f(body, ctx)``; ``async def`` handlers run on one
-    event loop owned by the worker; generator handlers (sync or async) stream: each yielded
-    value is a chunk, and a sync generator's ``return`` value is the final result.
-    An exception in a handler becomes an error reply (kind = its type name); the worker keeps
-    serving.
+    Handlers are ``def f(body)`` or ``def f(body, ctx)`` (ctx: :class:`Context`). ``async def``
+    handlers run on one event loop owned by the worker. Generator handlers (sync or async)
+    stream: each yielded value is sent as a chunk; a sync generator's ``return`` value is the
+    final result (an async generator's is None). A handler that raises produces an error reply
+    whose kind is the exception's type name; the worker keeps serving.
     """
 
     def __init__(self):
-        self._handlers = {}
+        self._handlers = {}  # name -> (fn, wants_ctx)
         self._init_hooks = []
+        self._ready_hooks = []
         self._reset_hooks = []
+        self._initialised = False
         self._loop = None
+        self._fd_out = None
+        self._max_frame = DEFAULT_MAX_FRAME
+        # One packer for every reply (packb would build a new one per call); it resets itself
+        # when packing fails.
+        self._pack = msgpack.Packer(use_bin_type=True).pack
 
-    # -- registration -----------------------------------------------------------------------
+    # -- registration ------------------------------------------------------------------------
 
     def method(self, name=None):
-        """Decorator registering a handler under ``name`` (default: the function's name)."""
+        """Decorator registering a handler as method ``name`` (default: the function's name).
+
+        ``@w.method("echo")``, ``@w.method()`` and ``@w.method`` all work.
+        """
+        if callable(name):  # bare @w.method
+            return self.method()(name)
 
         def register(fn):
-            self._handlers[name or fn.__name__] = _Handler(fn)
+            self.add_method(name or fn.__name__, fn)
             return fn
 
-        if callable(name):  # used bare: @worker.method
-            fn, name = name, None
-            return register(fn)
         return register
 
+    def add_method(self, name, fn):
+        """Registers ``fn`` as method ``name`` (the non-decorator form)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("a method name must be a non-empty str, not %r" % (name,))
+        self._handlers[name] = (fn, _wants_ctx(fn))
+
     def on_init(self, fn):
-        """Decorator: runs before the init pong is sent (heavy imports and loading go here)."""
+        """Decorator: ``fn()`` runs when ``init`` arrives, before ``init_pong`` is sent; heavy
+        imports and loading go here. If it raises, the pong says ``status: "error"`` and the
+        worker exits with status 1."""
         self._init_hooks.append(fn)
         return fn
 
+    def on_ready(self, fn):
+        """Decorator: ``fn()`` runs right after a good ``init_pong`` has been sent."""
+        self._ready_hooks.append(fn)
+        return fn
+
     def on_reset(self, fn):
-        """Decorator: runs on ``reset``; must drop all per-session state."""
+        """Decorator: ``fn()`` runs on ``reset`` and must drop all per-session state."""
         self._reset_hooks.append(fn)
         return fn
 
@@ -95,99 +153,110 @@ class Worker:
         """The registered method names, sorted."""
         return sorted(self._handlers)
 
-    # -- serving ----------------------------------------------------------------------------
+    # -- running -----------------------------------------------------------------------------
 
     def run(self):
-        """Serves on the channel named by the environment until EOF or ``shutdown``; exits."""
-        if not logging.getLogger().handlers:
-            logging.basicConfig(
-                stream=sys.stderr,
-                level=os.environ.get("WHARF_LOG", "INFO").upper(),
-                format="%(levelname)s %(name)s: %(message)s",
-            )
-        code = self.serve_env()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        """Serves on the channel the environment names until EOF or ``shutdown``, then exits
+        the process: status 0 on EOF or shutdown, 1 if initialisation failed, 2 on a protocol
+        violation or a bad channel configuration. Never returns."""
+        _configure_logging()
+        status = self.serve_env()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
 
-    def serve_env(self):
-        """Serves on the channel named by the environment; returns the exit status."""
-        env = os.environ
+    def serve_env(self, environ=None):
+        """Serves on the channel named by ``environ`` (default ``os.environ``): ``WHARF_CHANNEL``
+        (``fds``, the default, or ``stdio``), ``WHARF_FD_IN``/``WHARF_FD_OUT`` (3 and 4) and
+        ``WHARF_MAX_FRAME``. Returns the exit status instead of exiting."""
+        env = os.environ if environ is None else environ
         try:
-            max_frame = int(env.get("WHARF_MAX_FRAME", DEFAULT_MAX_FRAME))
+            max_frame = int(env.get("WHARF_MAX_FRAME") or DEFAULT_MAX_FRAME)
+            if not 0 < max_frame <= 0xFFFFFFFF:
+                raise ValueError
         except ValueError:
-            log.error("WHARF_MAX_FRAME=%r is not a number", env.get("WHARF_MAX_FRAME"))
+            log.error("WHARF_MAX_FRAME=%r is not a frame size in bytes", env.get("WHARF_MAX_FRAME"))
             return 2
-        channel = env.get("WHARF_CHANNEL", "fds")
-        if channel == "stdio":
-            fd_in = os.dup(0)
-            fd_out = os.dup(1)
-            # Frames own the real stdout now; print() and friends go to the log (stderr).
-            os.dup2(2, 1)
-            sys.stdout = sys.stderr
-        elif channel == "fds":
-            fd_in = int(env.get("WHARF_FD_IN", "3"))
-            fd_out = int(env.get("WHARF_FD_OUT", "4"))
+        channel = env.get("WHARF_CHANNEL") or "fds"
+        if channel == "fds":
+            try:
+                fd_in = int(env.get("WHARF_FD_IN") or 3)
+                fd_out = int(env.get("WHARF_FD_OUT") or 4)
+                for fd in (fd_in, fd_out):
+                    os.fstat(fd)
+            except (ValueError, OSError) as e:
+                log.error(
+                    "no channel on WHARF_FD_IN/WHARF_FD_OUT (%s): start this worker under the "
+                    "wharf runtime, or set WHARF_CHANNEL=stdio",
+                    e,
+                )
+                return 2
+            # Processes this worker starts must not hold the channel open.
+            for fd in (fd_in, fd_out):
+                os.set_inheritable(fd, False)
+        elif channel == "stdio":
+            fd_in, fd_out = _take_stdio()
         else:
             log.error("WHARF_CHANNEL=%r: expected fds or stdio", channel)
             return 2
         return self.serve(fd_in, fd_out, max_frame)
 
     def serve(self, fd_in, fd_out, max_frame=DEFAULT_MAX_FRAME):
-        """Serves frames read from ``fd_in``, writing replies to ``fd_out``; returns the exit
-        status: 0 on EOF or shutdown, 1 if init failed, 2 on a protocol violation."""
-        reader = FrameReader(fd_in, max_frame)
-        self._out = fd_out
+        """Serves frames read from ``fd_in``, replying on ``fd_out``. Returns the exit status:
+        0 on EOF or ``shutdown``, 1 if initialisation failed, 2 on a protocol violation."""
+        for fd in (fd_in, fd_out):
+            try:
+                os.set_blocking(fd, True)
+            except OSError:
+                pass
+        self._fd_out = fd_out
         self._max_frame = max_frame
+        read = FrameReader(fd_in, max_frame).read
+        call = self._call
         try:
             while True:
-                try:
-                    msg = reader.read()
-                except FrameError as e:
-                    log.error("protocol violation from the runtime: %s", e)
-                    return 2
-                except OSError as e:
-                    log.error("cannot read the channel: %s", e)
-                    return 2
+                msg = read()
                 if msg is None:
+                    return 0  # EOF on a frame boundary: the runtime is gone or done with us
+                t = msg.get("t")
+                if t == "call":
+                    call(msg)
+                elif t == "ping":
+                    self._send({"t": "pong", "id": _id(msg)})
+                elif t == "init":
+                    self._init(_id(msg))
+                elif t == "reset":
+                    self._reset(_id(msg))
+                elif t == "shutdown":
                     return 0
-                self._dispatch(msg)
+                elif t == "cancel":
+                    _id(msg)  # calls run one at a time: the call it names has already ended
+                elif t is None:
+                    raise FrameError("message without a type (no 't' key): %r" % (_short(msg),))
+                else:
+                    raise FrameError("unknown message type %r" % (t,))
+        except FrameError as e:
+            log.error("protocol violation by the runtime: %s; exiting", e)
+            return 2
         except _Exit as e:
-            return e.code
-        except BrokenPipeError:
-            return 0
+            return e.status
+        except _Refused as e:  # a message of the SDK's own that cannot be sent
+            log.error("cannot send a message: %s; exiting", e.message)
+            return 2
+        except _ChannelError as e:
+            if isinstance(e.__cause__, BrokenPipeError):
+                log.warning("the runtime closed this worker's output channel; exiting")
+                return 0
+            log.error("cannot write to the channel: %s; exiting", e.__cause__)
+            return 2
+        except OSError as e:
+            log.error("cannot read from the channel: %s; exiting", e)
+            return 2
 
-    def _send(self, msg):
-        frame = encode(msg)
-        if len(frame) - 4 > self._max_frame:
-            raise _TooLarge(len(frame) - 4)
-        write_all(self._out, frame)
-
-    def _dispatch(self, msg):
-        t = msg.get("t")
-        rid = msg.get("id")
-        if t == "call":
-            self._call(rid, msg)
-        elif t == "ping":
-            self._send({"t": "pong", "id": rid})
-        elif t == "init":
-            self._init(rid)
-        elif t == "reset":
-            try:
-                for hook in self._reset_hooks:
-                    self._run_sync_or_async(hook)
-            except Exception as e:
-                log.exception("reset hook failed")
-                self._send({"t": "error", "id": rid, "kind": type(e).__name__, "message": str(e)})
-            else:
-                self._send({"t": "ok", "id": rid, "body": None})
-        elif t == "shutdown":
-            raise _Exit(0)
-        elif t == "cancel":
-            pass  # calls run one at a time: the call it names has already finished
-        else:
-            log.error("protocol violation from the runtime: unknown message type %r", t)
-            raise _Exit(2)
+    # -- messages ----------------------------------------------------------------------------
 
     def _init(self, rid):
         pong = {
@@ -198,81 +267,216 @@ class Worker:
             "pid": os.getpid(),
             "methods": self.methods,
         }
-        try:
-            for hook in self._init_hooks:
-                self._run_sync_or_async(hook)
-        except Exception as e:
-            log.error("init failed: %s", traceback.format_exc())
-            pong["status"] = "error"
-            pong["message"] = "%s: %s" % (type(e).__name__, e)
-            self._send(pong)
-            raise _Exit(1)
+        if not self._initialised:
+            try:
+                for hook in self._init_hooks:
+                    self._run(hook)
+            except Exception as e:
+                log.error("initialisation failed", exc_info=True)
+                pong["status"] = "error"
+                pong["message"] = "%s: %s" % (type(e).__name__, _text(e))
+                self._send(pong)
+                raise _Exit(1)
+            self._initialised = True
         self._send(pong)
+        for hook in self._ready_hooks:
+            try:
+                self._run(hook)
+            except Exception:
+                log.error("ready hook failed", exc_info=True)
 
-    def _run_sync_or_async(self, fn, *args):
-        result = fn(*args)
+    def _reset(self, rid):
+        try:
+            for hook in self._reset_hooks:
+                self._run(hook)
+        except Exception as e:
+            log.error("reset hook failed", exc_info=True)
+            self._reply_error(rid, type(e).__name__, _text(e))
+        else:
+            self._send({"t": "ok", "id": rid, "body": None})
+
+    def _call(self, msg):
+        rid = _id(msg)
+        name = msg.get("method")
+        entry = self._handlers.get(name) if type(name) is str else None
+        if entry is None:
+            if type(name) is not str:
+                raise FrameError("call %d: 'method' is %r, not a str" % (rid, name))
+            self._reply_error(rid, "unknown_method", "no method named %r" % (name,))
+            return
+        fn, wants_ctx = entry
+        body = msg.get("body")
+        try:
+            if wants_ctx:
+                result = fn(body, Context(rid, name, msg.get("session"), msg.get("deadline_ms")))
+            else:
+                result = fn(body)
+            if type(result) not in _PLAIN:
+                result = self._finish(rid, result)
+        except (_Exit, _ChannelError):
+            raise
+        except _ChunkRefused as e:
+            log.error("method %r (call %d): %s", name, rid, e.message)
+            self._reply_error(rid, e.kind, e.message)
+            return
+        except Exception as e:
+            log.error("method %r (call %d) raised", name, rid, exc_info=True)
+            self._reply_error(rid, type(e).__name__, _text(e))
+            return
+        self._reply(rid, {"t": "ok", "id": rid, "body": result})
+
+    def _finish(self, rid, result):
+        """Runs what a handler returned to its end: streams generators, awaits awaitables."""
+        if type(result) is _GENERATOR:
+            return self._stream(rid, result)
+        if type(result) is _ASYNC_GENERATOR:
+            return self._event_loop().run_until_complete(self._stream_async(rid, result))
         if inspect.isawaitable(result):
-            result = self._event_loop().run_until_complete(result)
+            return self._event_loop().run_until_complete(_awaited(result))
+        return result
+
+    def _stream(self, rid, gen):
+        seq = 0
+        send_chunk = self._send_chunk
+        try:
+            while True:
+                try:
+                    body = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                send_chunk(rid, seq, body)
+                seq += 1
+        finally:
+            gen.close()
+
+    async def _stream_async(self, rid, agen):
+        seq = 0
+        try:
+            async for body in agen:
+                self._send_chunk(rid, seq, body)
+                seq += 1
+        finally:
+            await agen.aclose()
+        return None
+
+    def _send_chunk(self, rid, seq, body):
+        try:
+            self._send({"t": "chunk", "id": rid, "seq": seq, "body": body})
+        except _Refused as e:
+            raise _ChunkRefused(e.kind, e.message) from None
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def _reply(self, rid, msg):
+        """Sends a final reply; one that cannot be sent becomes an error reply instead."""
+        try:
+            self._send(msg)
+        except _Refused as e:
+            log.error("call %d: %s; replying with an error", rid, e.message)
+            self._reply_error(rid, e.kind, e.message)
+
+    def _reply_error(self, rid, kind, message):
+        try:
+            self._send({"t": "error", "id": rid, "kind": kind, "message": message})
+        except _Refused as e:  # e.g. an exception whose text exceeds max_frame
+            self._send({"t": "error", "id": rid, "kind": e.kind, "message": e.message})
+
+    def _send(self, msg):
+        """Encodes ``msg`` and writes it as one frame. Raises _Refused if it cannot be encoded,
+        exceeds max_frame or nests too deep; nothing is written then."""
+        try:
+            payload = self._pack(msg)
+        except Exception as e:
+            why = "cannot be encoded as MessagePack: %s" % _text(e)
+            raise _Refused(type(e).__name__, _about(msg, why)) from None
+        n = len(payload)
+        if n > self._max_frame:
+            why = "of %d bytes exceeds max_frame (%d bytes)" % (n, self._max_frame)
+            raise _Refused("frame_too_large", _about(msg, why))
+        # A payload of n bytes nests at most n levels; a message of scalars nests one.
+        if (
+            n > MAX_DEPTH
+            and not SCALAR_TYPES.issuperset(map(type, msg.values()))
+            and nests_deeper_than(msg, MAX_DEPTH)
+        ):
+            why = "nests arrays/maps deeper than %d levels" % MAX_DEPTH
+            raise _Refused("ValueError", _about(msg, why))
+        try:
+            write_all(self._fd_out, HEADER.pack(n) + payload)
+        except OSError as e:
+            raise _ChannelError(e) from e
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _run(self, fn):
+        """Calls a hook; awaits its result if it is awaitable."""
+        result = fn()
+        if inspect.isawaitable(result):
+            result = self._event_loop().run_until_complete(_awaited(result))
         return result
 
     def _event_loop(self):
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
         return self._loop
 
-    def _call(self, rid, msg):
-        name = msg.get("method")
-        handler = self._handlers.get(name)
-        if handler is None:
-            self._reply_error(rid, "unknown_method", "no method named %r" % (name,))
-            return
-        body = msg.get("body")
-        args = (body,)
-        if handler.wants_ctx:
-            args = (body, Context(rid, name, msg.get("session"), msg.get("deadline_ms")))
+
+class _ChunkRefused(_Refused):
+    """A chunk could not be sent: ends its call with an error reply of ``kind``."""
+
+
+class _ChannelError(Exception):
+    """Writing to the channel failed."""
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _id(msg):
+    rid = msg.get("id")
+    if type(rid) is not int or rid < 0:
+        raise FrameError("%s message with id %r (expected a uint)" % (msg.get("t"), rid))
+    return rid
+
+
+def _about(msg, why):
+    return "the %r message %s" % (msg["t"], why)
+
+
+def _short(value, limit=200):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _take_stdio():
+    """Takes stdin/stdout for frames. Afterwards fd 0 reads /dev/null and fd 1 (and with it
+    sys.stdout, print() and any C-level writes) goes to stderr, so nothing else can touch the
+    channel. Returns the (input, output) fds of the channel."""
+    for stream in (sys.stdout, sys.__stdout__):
         try:
-            if handler.is_gen:
-                result = self._stream_sync(rid, handler.fn(*args))
-            elif handler.is_async_gen:
-                result = self._event_loop().run_until_complete(self._stream_async(rid, handler.fn(*args)))
-            elif handler.is_async:
-                result = self._event_loop().run_until_complete(handler.fn(*args))
-            else:
-                result = handler.fn(*args)
-        except (_Exit, BrokenPipeError):
-            raise
-        except Exception as e:
-            log.warning("handler %s raised %s", name, traceback.format_exc().rstrip())
-            self._reply_error(rid, type(e).__name__, str(e))
-            return
-        try:
-            self._send({"t": "ok", "id": rid, "body": result})
-        except _TooLarge as e:
-            self._reply_error(rid, "frame_too_large", "reply of %d bytes exceeds max_frame of %d" % (e.size, self._max_frame))
-        except (TypeError, ValueError) as e:
-            self._reply_error(rid, "bad_result", "result cannot be encoded as MessagePack: %s" % e)
-
-    def _stream_sync(self, rid, gen):
-        seq = 0
-        while True:
-            try:
-                chunk = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            self._send({"t": "chunk", "id": rid, "seq": seq, "body": chunk})
-            seq += 1
-
-    async def _stream_async(self, rid, agen):
-        seq = 0
-        async for chunk in agen:
-            self._send({"t": "chunk", "id": rid, "seq": seq, "body": chunk})
-            seq += 1
-        return None
-
-    def _reply_error(self, rid, kind, message):
-        self._send({"t": "error", "id": rid, "kind": kind, "message": message})
+            stream.flush()
+        except Exception:
+            pass
+    fd_in = os.dup(0)
+    fd_out = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return fd_in, fd_out
 
 
-class _TooLarge(Exception):
-    def __init__(self, size):
-        self.size = size
+def _configure_logging():
+    """Sends this SDK's log to stderr unless the program configured logging itself."""
+    if logging.getLogger().handlers or log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    worker_id = os.environ.get("WHARF_WORKER_ID")
+    prefix = "wharf_worker[%s]" % worker_id if worker_id else "wharf_worker"
+    handler.setFormatter(logging.Formatter(prefix + " %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)

@@ -1,0 +1,326 @@
+"""The demo worker as a real subprocess, on fds 3/4 and on stdin/stdout."""
+
+import math
+import os
+import signal
+import struct
+import time
+import unittest
+
+import msgpack
+
+from .support import DEMO, TIMEOUT, Peer, frame
+
+DEMO_METHODS = [
+    "alloc", "crash", "echo", "fail", "pid", "print", "sleep", "spawn_grandchild", "state_get",
+    "state_set", "stream",
+]
+
+INT_EDGES = [
+    0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1,
+    -1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**63),
+]
+FLOATS = [0.0, -0.0, 1.5, -0.25, 1e300, -1e-300, 5e-324, math.inf, -math.inf]
+STRINGS = ["", "hi", "héllo wörld ✓ 日本語 🚢", "x" * 31, "y" * 32, "z" * 300, "w" * 70000]
+BINS = [b"", b"\x00", bytes(range(256)), b"\xff" * 70000]
+NESTED = [
+    [], {}, [1, [2, [3, []]]], {"a": {"b": [1, 2, {"c": None}]}}, [{"k": [True, None]}] * 20,
+    {1: "int key", "s": [1.5, b"b"]}, list(range(100)), {str(i): i for i in range(100)},
+]
+
+
+def nested(depth):
+    value = None
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class DemoTests(unittest.TestCase):
+    channel = "fds"
+
+    def spawn(self, *args, **env):
+        peer = Peer(DEMO + list(args), self.channel, **env)
+        self.addCleanup(peer.close)
+        return peer
+
+    def setUp(self):
+        self.peer = self.spawn()
+
+    def ready(self):
+        pong = self.peer.init()
+        self.assertEqual(pong["status"], "ok", self.peer.stderr_text())
+        return self.peer
+
+    def assert_echoes(self, values):
+        for v in values:
+            with self.subTest(value=repr(v)[:60]):
+                reply = self.peer.call("echo", v)
+                self.assertEqual(reply["t"], "ok", reply)
+                self.assertEqual(reply["body"], v)
+                self.assertEqual(type(reply["body"]), type(v))
+
+    def assert_exits(self, status):
+        self.assertEqual(self.peer.wait(), status, self.peer.stderr_text())
+
+    # -- handshake and calls ----------------------------------------------------------------
+
+    def test_handshake(self):
+        self.peer.send({"t": "init", "id": 0, "version": 1})
+        pong = self.peer.recv()
+        self.assertEqual(pong["t"], "init_pong")
+        self.assertEqual(pong["id"], 0)
+        self.assertEqual(pong["status"], "ok")
+        self.assertEqual(pong["version"], 1)
+        self.assertEqual(pong["pid"], self.peer.proc.pid)
+        self.assertEqual(pong["methods"], DEMO_METHODS)
+        self.assertNotIn("message", pong)  # optional fields that are None are omitted
+
+    def test_echo_nil_and_bool(self):
+        self.ready()
+        self.assert_echoes([None, True, False])
+
+    def test_echo_integers_at_every_width_edge(self):
+        self.ready()
+        self.assert_echoes(INT_EDGES)
+
+    def test_echo_floats(self):
+        self.ready()
+        self.assert_echoes(FLOATS)
+        body = self.peer.call("echo", math.nan)["body"]
+        self.assertTrue(math.isnan(body))
+        # A float32 comes back with the same value.
+        payload = msgpack.packb({"t": "call", "id": 99, "method": "echo", "body": 1.5},
+                                use_single_float=True)
+        self.assertIn(b"\xca", payload)
+        self.peer.send_raw(struct.pack(">I", len(payload)) + payload)
+        self.assertEqual(self.peer.recv(), {"t": "ok", "id": 99, "body": 1.5})
+
+    def test_echo_strings_and_bins(self):
+        self.ready()
+        self.assert_echoes(STRINGS + BINS)
+
+    def test_echo_nested_maps_and_arrays(self):
+        self.ready()
+        self.assert_echoes(NESTED + [nested(127)])  # 127 levels + the message map = 128
+
+    def test_echo_1mib_bin(self):
+        self.ready()
+        body = os.urandom(1024 * 1024)
+        self.assertEqual(self.peer.call("echo", body)["body"], body)
+
+    def test_the_worked_example_bytes(self):
+        self.ready()
+        self.peer.send_raw(frame({"t": "call", "id": 1, "method": "echo", "body": "hi"}))
+        self.assertEqual(
+            self.peer.recv_raw(),
+            bytes.fromhex("83" "a174" "a26f6b" "a26964" "01" "a4626f6479" "a26869"),
+        )
+
+    def test_unknown_method_is_a_typed_error_and_the_worker_keeps_serving(self):
+        self.ready()
+        reply = self.peer.call("no_such_method", 1)
+        self.assertEqual((reply["t"], reply["kind"]), ("error", "unknown_method"))
+        self.assertIn("no_such_method", reply["message"])
+        self.assertEqual(self.peer.call("echo", 2)["body"], 2)
+
+    def test_handler_exception_becomes_an_error_reply(self):
+        self.ready()
+        reply = self.peer.call("fail", "bad thing")
+        self.assertEqual(reply, {"t": "error", "id": reply["id"], "kind": "RuntimeError",
+                                 "message": "bad thing"})
+        self.assertEqual(self.peer.call("fail")["message"], "requested failure")
+        self.assertEqual(self.peer.call("state_get", "not a map")["kind"], "TypeError")
+        self.assertEqual(self.peer.call("echo", 3)["body"], 3)
+        self.peer.close_input()
+        self.assert_exits(0)
+        log = self.peer.stderr_text()
+        self.assertIn("Traceback", log)
+        self.assertIn("RuntimeError: bad thing", log)
+
+    def test_state_survives_calls_until_reset(self):
+        self.ready()
+        self.assertIsNone(self.peer.call("state_set", {"key": "k", "value": [1, "v"]})["body"])
+        self.assertEqual(self.peer.call("state_get", {"key": "k"})["body"], [1, "v"])
+        rid = self.peer.request("reset", session="s-1")
+        self.assertEqual(self.peer.recv(), {"t": "ok", "id": rid, "body": None})
+        self.assertIsNone(self.peer.call("state_get", {"key": "k"})["body"])
+
+    def test_ping_pong(self):
+        self.ready()
+        self.peer.send({"t": "ping", "id": 7})
+        self.assertEqual(self.peer.recv(), {"t": "pong", "id": 7})
+
+    def test_cancel_of_a_finished_call_is_ignored(self):
+        self.ready()
+        self.peer.call("sleep", 1)
+        self.peer.send({"t": "cancel", "id": 1})
+        self.peer.send({"t": "ping", "id": 8})
+        self.assertEqual(self.peer.recv(), {"t": "pong", "id": 8})
+
+    def test_ping_while_a_call_runs_is_answered_after_it(self):
+        self.ready()
+        rid = self.peer.request("call", method="sleep", body=200, deadline_ms=5000)
+        self.peer.send({"t": "ping", "id": 50})
+        self.assertEqual(self.peer.recv(), {"t": "ok", "id": rid, "body": 200})
+        self.assertEqual(self.peer.recv(), {"t": "pong", "id": 50})
+
+    def test_stream_sends_chunks_then_ok(self):
+        self.ready()
+        chunks, final = self.peer.call_stream("stream", {"n": 3})
+        self.assertEqual([c["t"] for c in chunks], ["chunk"] * 3)
+        self.assertEqual([c["seq"] for c in chunks], [0, 1, 2])
+        self.assertEqual([c["body"] for c in chunks], [0, 1, 2])
+        self.assertEqual((final["t"], final["body"]), ("ok", 3))
+        chunks, final = self.peer.call_stream("stream", {"n": 0})
+        self.assertEqual((chunks, final["body"]), ([], 0))
+
+    def test_print_does_not_corrupt_the_channel(self):
+        self.ready()
+        self.assertEqual(self.peer.call("print", "stray output ✓")["t"], "ok")
+        self.assertEqual(self.peer.call("echo", "after")["body"], "after")
+        self.peer.close_input()
+        self.assert_exits(0)
+        stray = self.peer.stdout_text() if self.channel == "fds" else self.peer.stderr_text()
+        self.assertIn("stray output ✓\n", stray)
+
+    def test_pid_sleep_alloc(self):
+        self.ready()
+        self.assertEqual(self.peer.call("pid")["body"], self.peer.proc.pid)
+        t = time.monotonic()
+        self.assertEqual(self.peer.call("sleep", 100)["body"], 100)
+        self.assertGreaterEqual(time.monotonic() - t, 0.1)
+        self.assertEqual(self.peer.call("alloc", 4)["body"], 4)
+        self.assertEqual(self.peer.call("alloc", 2)["body"], 6)
+
+    def test_spawn_grandchild(self):
+        self.ready()
+        pid = self.peer.call("spawn_grandchild")["body"]
+        self.assertIsInstance(pid, int)
+        try:
+            os.kill(pid, 0)  # alive
+        finally:
+            os.kill(pid, signal.SIGKILL)
+
+    def test_crash_exits_hard_without_a_reply(self):
+        self.ready()
+        self.peer.request("call", method="crash", body=7)
+        self.assertIsNone(self.peer.recv())
+        self.assert_exits(7)
+
+    def test_crash_default_status(self):
+        self.ready()
+        self.peer.request("call", method="crash")
+        self.assert_exits(3)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def test_shutdown_exits_0_without_a_reply(self):
+        self.ready()
+        self.peer.send({"t": "shutdown", "id": 5})
+        self.assertIsNone(self.peer.recv())  # EOF, no frame
+        self.assert_exits(0)
+
+    def test_shutdown_without_id(self):
+        self.ready()
+        self.peer.send({"t": "shutdown"})
+        self.assert_exits(0)
+
+    def test_eof_exits_0(self):
+        self.ready()
+        self.peer.close_input()
+        self.assert_exits(0)
+
+    def test_eof_before_init_exits_0(self):
+        self.peer.close_input()
+        self.assert_exits(0)
+
+    def test_init_delay_holds_the_pong(self):
+        peer = self.spawn("--init-delay-ms", "300")
+        t = time.monotonic()
+        self.assertEqual(peer.init()["status"], "ok")
+        self.assertGreaterEqual(time.monotonic() - t, 0.3)
+
+    def test_init_failure_is_reported_in_the_pong(self):
+        peer = self.spawn("--init-fail", "no model")
+        pong = peer.init()
+        self.assertEqual(pong["t"], "init_pong")
+        self.assertEqual(pong["status"], "error")
+        self.assertEqual(pong["message"], "RuntimeError: no model")
+        self.assertEqual(pong["version"], 1)
+        self.assertEqual(peer.wait(), 1)
+
+    def test_exit_after_ready(self):
+        peer = self.spawn("--exit-after-ready")
+        self.assertEqual(peer.init()["status"], "ok")
+        self.assertEqual(peer.wait(), 0)
+
+    # -- violations: exit 2, no resync, no hang ----------------------------------------------
+
+    def assert_violation(self, data, close=False, why=None):
+        self.ready()
+        self.peer.send_raw(data)
+        if close:
+            self.peer.close_input()
+        self.assert_exits(2)
+        self.assertIn("protocol violation", self.peer.stderr_text())
+        if why:
+            self.assertIn(why, self.peer.stderr_text())
+
+    def test_oversized_length_header_exits_2_without_waiting_for_the_payload(self):
+        self.assert_violation(b"\xff\xff\xff\xff", why="max_frame")
+
+    def test_frame_over_a_small_max_frame(self):
+        self.peer = self.spawn(WHARF_MAX_FRAME=1000)
+        self.assert_violation(frame({"t": "call", "id": 1, "method": "echo", "body": "x" * 1000}))
+
+    def test_zero_length_frame_exits_2(self):
+        self.assert_violation(b"\x00\x00\x00\x00", why="zero-length")
+
+    def test_garbage_msgpack_exits_2(self):
+        self.assert_violation(b"\x00\x00\x00\x02\x81\xc1")
+
+    def test_trailing_bytes_exit_2(self):
+        payload = msgpack.packb({"t": "ping", "id": 1}) + b"\xc0"
+        self.assert_violation(struct.pack(">I", len(payload)) + payload)
+
+    def test_non_map_message_exits_2(self):
+        self.assert_violation(frame([1, 2]))
+
+    def test_message_without_t_exits_2(self):
+        self.assert_violation(frame({"id": 1, "method": "echo"}))
+
+    def test_unknown_message_type_exits_2(self):
+        self.assert_violation(frame({"t": "teleport", "id": 1}), why="teleport")
+
+    def test_too_deep_message_exits_2(self):
+        self.assert_violation(frame({"t": "call", "id": 1, "method": "echo", "body": nested(128)}))
+
+    def test_truncated_payload_then_eof_exits_2(self):
+        self.assert_violation(b"\x00\x00\x00\x10\x81", close=True, why="truncated")
+
+    def test_truncated_header_then_eof_exits_2(self):
+        self.assert_violation(b"\x00\x00", close=True, why="truncated")
+
+
+class DemoStdioTests(DemoTests):
+    channel = "stdio"
+
+
+class ChannelConfigTests(unittest.TestCase):
+    def test_fds_mode_without_the_fds_exits_2(self):
+        import subprocess
+
+        from .support import child_env
+
+        proc = subprocess.run(
+            DEMO, env=child_env("fds", WHARF_FD_IN=97, WHARF_FD_OUT=98),
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
+        )
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(proc.stdout, b"")
+        self.assertIn(b"WHARF_CHANNEL=stdio", proc.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
