@@ -1,6 +1,10 @@
 //! The raw floor: one Python demo worker on a pipe pair, driven by a hand-written blocking loop
 //! with the same framing and messages — no runtime, no actors, no pool. What wharf costs is
 //! measured against this.
+//!
+//! Also the *async* floor: the same loop written on tokio's pipes in one task (write the frame,
+//! read the reply), so the cost of waiting through the reactor rather than in a blocking `read`
+//! can be told apart from the cost of wharf itself.
 
 use std::fs::File;
 use std::io::{BufReader, Write};
@@ -9,14 +13,14 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context};
-use wharf_protocol::frame::{decode, encode, read_frame};
+use wharf_protocol::frame::{check_len, decode, encode, read_frame};
 use wharf_protocol::{FromWorker, ToWorker, Value};
 
 use crate::Env;
 
 /// One worker process and its two pipes.
 pub struct RawWorker {
-    child: Child,
+    child: Killed,
     to: File,
     from: BufReader<File>,
     next_id: u64,
@@ -55,7 +59,7 @@ impl RawWorker {
         let child = cmd.spawn().context("spawn python3")?;
         drop((to_r, from_w));
         let mut w = RawWorker {
-            child,
+            child: Killed(child),
             to: File::from(to_w),
             from: BufReader::with_capacity(1 << 16, File::from(from_r)),
             next_id: 1,
@@ -95,9 +99,66 @@ impl RawWorker {
     }
 }
 
-impl Drop for RawWorker {
+impl RawWorker {
+    /// The same worker and pipes, driven through tokio's reactor instead of blocking calls.
+    pub fn into_async(self) -> anyhow::Result<AsyncRawWorker> {
+        anyhow::ensure!(
+            self.from.buffer().is_empty(),
+            "bytes left over from the handshake"
+        );
+        Ok(AsyncRawWorker {
+            to: tokio::net::unix::pipe::Sender::from_owned_fd(OwnedFd::from(self.to))?,
+            from: tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(
+                self.from.into_inner(),
+            ))?,
+            buf: Vec::new(),
+            next_id: self.next_id,
+            _child: self.child,
+        })
+    }
+}
+
+/// The async floor: one worker, its pipes in tokio's reactor, one task driving both.
+pub struct AsyncRawWorker {
+    to: tokio::net::unix::pipe::Sender,
+    from: tokio::net::unix::pipe::Receiver,
+    buf: Vec<u8>,
+    next_id: u64,
+    _child: Killed,
+}
+
+impl AsyncRawWorker {
+    /// One echo round trip.
+    pub async fn echo(&mut self, body: &Value) -> anyhow::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let id = self.next_id;
+        self.next_id += 1;
+        let call = ToWorker::Call {
+            id,
+            method: "echo".into(),
+            body: body.clone(),
+            session: None,
+            deadline_ms: None,
+        };
+        self.to.write_all(&encode(&call, 1 << 24)?).await?;
+        let mut header = [0u8; 4];
+        self.from.read_exact(&mut header).await?;
+        let len = check_len(u32::from_be_bytes(header), 1 << 24)?;
+        self.buf.resize(len, 0);
+        self.from.read_exact(&mut self.buf).await?;
+        match decode(&self.buf)? {
+            FromWorker::Ok { id: got, .. } if got == id => Ok(()),
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// A worker process that is killed and reaped when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -9,7 +9,7 @@ use ractor::Actor;
 use serde_json::{json, Value as Json};
 use wharf::{Pool, Value};
 
-use crate::floor::RawWorker;
+use crate::floor::{AsyncRawWorker, RawWorker};
 use crate::single_actor::{DispatchMsg, Dispatcher};
 use crate::{median, percentile, Env, Scale};
 
@@ -67,6 +67,28 @@ async fn floor_latencies(
     Ok(v)
 }
 
+/// Per-call latencies (µs) of `n` sequential async-floor calls, from a runtime task.
+async fn async_floor_latencies(
+    w: &mut Option<AsyncRawWorker>,
+    n: usize,
+    body: &Value,
+) -> anyhow::Result<Vec<f64>> {
+    let mut worker = w.take().context("async floor worker")?;
+    let body = body.clone();
+    let (worker, v) = tokio::spawn(async move {
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            worker.echo(&body).await?;
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        anyhow::Ok((worker, v))
+    })
+    .await??;
+    *w = Some(worker);
+    Ok(v)
+}
+
 async fn python_pool(env: &Env, args: &[String]) -> anyhow::Result<Json> {
     let out = tokio::process::Command::new("python3")
         .arg(env.pools_script())
@@ -89,11 +111,14 @@ fn us(v: f64) -> String {
 pub async fn roundtrip(env: &Env, s: Scale) -> Outcome {
     let pool = pool(env, 1).await?;
     let mut floor = Some(RawWorker::spawn(env)?);
+    let mut afloor = Some(RawWorker::spawn(env)?.into_async()?);
     let b = body(100);
-    // Warm both.
+    // Warm them.
     wharf_latencies(&pool, 50, &b).await?;
     floor_latencies(&mut floor, 50, &b).await?;
+    async_floor_latencies(&mut afloor, 50, &b).await?;
     let (mut w50, mut w99, mut f50, mut f99) = (vec![], vec![], vec![], vec![]);
+    let (mut a50, mut a99) = (vec![], vec![]);
     let (mut p50, mut p99, mut m50, mut m99) = (vec![], vec![], vec![], vec![]);
     for _ in 0..s.rounds {
         let w = wharf_latencies(&pool, s.calls, &b).await?;
@@ -102,6 +127,9 @@ pub async fn roundtrip(env: &Env, s: Scale) -> Outcome {
         let f = floor_latencies(&mut floor, s.calls, &b).await?;
         f50.push(percentile(&f, 0.5));
         f99.push(percentile(&f, 0.99));
+        let a = async_floor_latencies(&mut afloor, s.calls, &b).await?;
+        a50.push(percentile(&a, 0.5));
+        a99.push(percentile(&a, 0.99));
         for (kind, p50s, p99s) in [("ppe", &mut p50, &mut p99), ("mppool", &mut m50, &mut m99)] {
             let r = python_pool(
                 env,
@@ -119,17 +147,21 @@ pub async fn roundtrip(env: &Env, s: Scale) -> Outcome {
     }
     pool.shutdown().await;
     let (w50, w99, f50, f99) = (median(&w50), median(&w99), median(&f50), median(&f99));
+    let (a50, a99) = (median(&a50), median(&a99));
     let (p50, p99, m50, m99) = (median(&p50), median(&p99), median(&m50), median(&m99));
     let figures = json!({
         "body_bytes": 100, "calls_per_round": s.calls, "rounds": s.rounds,
         "wharf": {"p50_us": w50, "p99_us": w99},
         "floor": {"p50_us": f50, "p99_us": f99},
+        "async_floor": {"p50_us": a50, "p99_us": a99},
         "ppe": {"p50_us": p50, "p99_us": p99},
         "mppool": {"p50_us": m50, "p99_us": m99},
     });
     let ratios = vec![
         ("roundtrip_p50_wharf_over_floor".into(), w50 / f50),
         ("roundtrip_p99_wharf_over_floor".into(), w99 / f99),
+        ("roundtrip_p50_wharf_over_async_floor".into(), w50 / a50),
+        ("roundtrip_p50_async_floor_over_floor".into(), a50 / f50),
         ("roundtrip_p50_ppe_over_wharf".into(), p50 / w50),
         ("roundtrip_p50_mppool_over_wharf".into(), m50 / w50),
     ];
@@ -141,6 +173,10 @@ pub async fn roundtrip(env: &Env, s: Scale) -> Outcome {
         (
             "round trip p50 / p99: raw pipe floor".into(),
             format!("{} / {}", us(f50), us(f99)),
+        ),
+        (
+            "round trip p50 / p99: async floor (tokio pipes, one task)".into(),
+            format!("{} / {}", us(a50), us(a99)),
         ),
         (
             "round trip p50 / p99: ProcessPoolExecutor".into(),
