@@ -17,6 +17,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::port::{PortError, ProcessPort, ProcessSpec};
 
+/// How long an exited worker's actor waits for the port's reader to report the last bytes.
+const READER_GRACE: Duration = Duration::from_secs(1);
+
 /// A worker's place in its pool's lifecycle, as the pool sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -331,6 +334,9 @@ impl Actor for WorkerActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::PortClosed => {
+                // The reap can overtake the reader: let it report what the worker last sent
+                // (bounded: a grandchild may hold the channel open).
+                state.port.reader_finished(READER_GRACE).await;
                 let kind = match (state.port.exit_status(), state.port.close_reason()) {
                     (_, Some(PortError::ProtocolViolation { reason })) => {
                         ExitKind::Crashed(PortError::ProtocolViolation { reason })

@@ -226,6 +226,8 @@ struct Shared {
     open: Arc<AtomicBool>,
     /// How many requests are in `pending` (read on every checkin).
     in_flight: AtomicUsize,
+    /// True once the reader has stopped (and has reported what it saw, if anything).
+    reader_done: watch::Receiver<bool>,
 }
 
 impl Shared {
@@ -431,6 +433,7 @@ impl ProcessPort {
             let _ = exit_tx.send(status);
         });
 
+        let (reader_done_tx, reader_done) = watch::channel(false);
         let shared = Arc::new(Shared {
             worker_id: worker_id.clone(),
             pgid: pid as i32,
@@ -440,11 +443,13 @@ impl ProcessPort {
             settled: tokio::sync::Notify::new(),
             open,
             in_flight: AtomicUsize::new(0),
+            reader_done,
         });
         let codec = MessageCodec::<FromWorker, ToWorker>::new(spec.max_frame);
         tokio::spawn(read_loop(
             FramedRead::new(input, codec.clone()),
             shared.clone(),
+            reader_done_tx,
         ));
 
         let watchdog = spawn_group_watchdog(pid);
@@ -782,6 +787,14 @@ impl ProcessPort {
         let _ = exit.wait_for(Option::is_some).await;
     }
 
+    /// Waits up to `limit` for the reader to finish with the channel: after the worker exits,
+    /// the reader may still hold its last bytes (a truncated frame, a violation) and reports
+    /// them as the port's close reason, which should win over a plain "worker died".
+    pub async fn reader_finished(&self, limit: Duration) {
+        let mut done = self.shared.reader_done.clone();
+        let _ = tokio::time::timeout(limit, done.wait_for(|d| *d)).await;
+    }
+
     /// A future, independent of the port's lifetime, that completes once the worker is reaped.
     pub fn closed_signal(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut exit = self.shared.exit.clone();
@@ -846,6 +859,7 @@ fn set_parent_death_signal() -> std::io::Result<()> {
 async fn read_loop(
     mut frames: FramedRead<Box<dyn AsyncRead + Send + Unpin>, MessageCodec<FromWorker, ToWorker>>,
     shared: Arc<Shared>,
+    done: watch::Sender<bool>,
 ) {
     let failure = loop {
         let msg = match frames.next().await {
@@ -874,6 +888,7 @@ async fn read_loop(
     };
     tracing::debug!(worker = %shared.worker_id, error = %failure, "worker channel closed");
     shared.poison(failure);
+    let _ = done.send(true);
 }
 
 fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
