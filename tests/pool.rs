@@ -23,6 +23,13 @@ fn builder(size: usize) -> PoolBuilder {
     })
 }
 
+/// Builds the pool and waits until `size` workers are ready.
+async fn ready(builder: PoolBuilder, size: usize) -> Pool {
+    let pool = builder.build().await.unwrap();
+    pool.wait_ready(size, READY).await.unwrap();
+    pool
+}
+
 /// slot -> pid of the running workers.
 fn pids_by_slot(pool: &Pool) -> HashMap<usize, u32> {
     pool.worker_info()
@@ -60,12 +67,7 @@ async fn crash_slot(pool: &Pool, slot: usize, code: i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_for_one_restarts_only_the_crashed_worker() {
-    let pool = builder(3)
-        .strategy(Strategy::OneForOne)
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(3, READY).await.unwrap();
+    let pool = ready(builder(3).strategy(Strategy::OneForOne), 3).await;
     let before = pids_by_slot(&pool);
     crash_slot(&pool, 1, 3).await;
     assert!(eventually(SETTLE, || pids_by_slot(&pool).len() == 3).await);
@@ -79,12 +81,7 @@ async fn one_for_one_restarts_only_the_crashed_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_for_all_restarts_every_worker() {
-    let pool = builder(3)
-        .strategy(Strategy::OneForAll)
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(3, READY).await.unwrap();
+    let pool = ready(builder(3).strategy(Strategy::OneForAll), 3).await;
     let before = pids_by_slot(&pool);
     crash_slot(&pool, 1, 3).await;
     assert!(
@@ -106,12 +103,7 @@ async fn one_for_all_restarts_every_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_for_one_restarts_the_crashed_worker_and_later_slots() {
-    let pool = builder(4)
-        .strategy(Strategy::RestForOne)
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(4, READY).await.unwrap();
+    let pool = ready(builder(4).strategy(Strategy::RestForOne), 4).await;
     let before = pids_by_slot(&pool);
     crash_slot(&pool, 1, 3).await;
     assert!(
@@ -127,8 +119,7 @@ async fn rest_for_one_restarts_the_crashed_worker_and_later_slots() {
 
 /// Crashes slot 0 with `code` and reports whether the slot came back.
 async fn restarted_after_exit(restart: RestartType, code: i32) -> bool {
-    let pool = builder(2).restart_type(restart).build().await.unwrap();
-    pool.wait_ready(2, READY).await.unwrap();
+    let pool = ready(builder(2).restart_type(restart), 2).await;
     let before = pids_by_slot(&pool);
     crash_slot(&pool, 0, code).await;
     // Give a restart every chance to happen.
@@ -263,8 +254,7 @@ async fn backoff_delays_grow_between_restarts_of_a_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_killed_mid_call_fails_that_call_only_and_pool_refills() {
-    let pool = builder(3).build().await.unwrap();
-    pool.wait_ready(3, READY).await.unwrap();
+    let pool = ready(builder(3), 3).await;
     let mut victim = pool.checkout().await.unwrap();
     let victim_pid = victim.pid();
     let others: Vec<_> = (0..2)
@@ -296,8 +286,7 @@ async fn worker_killed_mid_call_fails_that_call_only_and_pool_refills() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_overrun_kills_and_replaces_the_worker() {
-    let pool = builder(1).build().await.unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(builder(1), 1).await;
     let mut lease = pool.checkout().await.unwrap();
     let pid = lease.pid();
     let started = Instant::now();
@@ -329,13 +318,13 @@ async fn deadline_overrun_kills_and_replaces_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overflow_workers_start_under_load_and_stop_when_idle() {
-    let pool = builder(1)
-        .max_overflow(2)
-        .overflow_idle_timeout(Duration::from_millis(500))
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(
+        builder(1)
+            .max_overflow(2)
+            .overflow_idle_timeout(Duration::from_millis(500)),
+        1,
+    )
+    .await;
     let calls: Vec<_> = (0..3)
         .map(|_| {
             let pool = pool.clone();
@@ -360,8 +349,7 @@ async fn overflow_workers_start_under_load_and_stop_when_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_are_recycled_after_max_calls() {
-    let pool = builder(1).max_calls(3).build().await.unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(builder(1).max_calls(3), 1).await;
     let mut seen: Vec<u32> = Vec::new();
     for _ in 0..9 {
         seen.push(pid_of_some_worker(&pool).await);
@@ -377,8 +365,7 @@ async fn workers_are_recycled_after_max_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_are_recycled_when_their_rss_exceeds_max_rss() {
-    let pool = builder(1).max_rss(150 * 1024 * 1024).build().await.unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(builder(1).max_rss(150 * 1024 * 1024), 1).await;
     let first = pid_of_some_worker(&pool).await;
     assert_eq!(
         pid_of_some_worker(&pool).await,
@@ -394,12 +381,7 @@ async fn workers_are_recycled_when_their_rss_exceeds_max_rss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_pin_strictly_and_never_leak_state() {
-    let pool = builder(2)
-        .checkout_timeout(Duration::from_millis(300))
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(2, READY).await.unwrap();
+    let pool = ready(builder(2).checkout_timeout(Duration::from_millis(300)), 2).await;
     let a = pool.session("a").await.unwrap();
     let b = pool.session("b").await.unwrap();
     let (pa, pb) = (a.pid().await.unwrap(), b.pid().await.unwrap());
@@ -457,12 +439,7 @@ async fn sessions_pin_strictly_and_never_leak_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recycle_session_end_policy_replaces_the_worker() {
-    let pool = builder(1)
-        .session_end(SessionEnd::Recycle)
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(builder(1).session_end(SessionEnd::Recycle), 1).await;
     let s = pool.session("s").await.unwrap();
     let pid = s.pid().await.unwrap();
     s.end().await.unwrap();
@@ -472,8 +449,7 @@ async fn recycle_session_end_policy_replaces_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_whose_worker_dies_is_lost_not_moved() {
-    let pool = builder(2).build().await.unwrap();
-    pool.wait_ready(2, READY).await.unwrap();
+    let pool = ready(builder(2), 2).await;
     let s = pool.session("s").await.unwrap();
     s.call("state_set", &serde_json::json!({"key": "k", "value": 1}))
         .await
@@ -508,12 +484,11 @@ async fn a_session_whose_worker_dies_is_lost_not_moved() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sessions_expire_and_reset_their_worker() {
-    let pool = builder(1)
-        .session_idle_timeout(Duration::from_millis(200))
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(
+        builder(1).session_idle_timeout(Duration::from_millis(200)),
+        1,
+    )
+    .await;
     let s = pool.session("s").await.unwrap();
     s.call("state_set", &serde_json::json!({"key": "k", "value": 1}))
         .await
@@ -535,8 +510,7 @@ async fn idle_sessions_expire_and_reset_their_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_caller_never_leaves_a_dirty_worker() {
-    let pool = builder(1).build().await.unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(builder(1), 1).await;
     let pid = pid_of_some_worker(&pool).await;
     for round in 0..3 {
         let p = pool.clone();
@@ -561,15 +535,14 @@ async fn a_cancelled_caller_never_leaves_a_dirty_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_leaves_no_child_process() {
-    let pool = builder(3)
-        .health_check(HealthCheck {
+    let pool = ready(
+        builder(3).health_check(HealthCheck {
             interval: Some(Duration::from_millis(100)),
             ..HealthCheck::default()
-        })
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(3, READY).await.unwrap();
+        }),
+        3,
+    )
+    .await;
     let grandchild = pool
         .call("spawn_grandchild", &())
         .await
@@ -628,8 +601,7 @@ async fn lazy_pools_start_workers_on_demand() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_calls_deliver_chunks_then_the_result() {
-    let pool = builder(1).build().await.unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(builder(1), 1).await;
     let mut lease = pool.checkout().await.unwrap();
     let mut stream = lease
         .call_stream("stream", &serde_json::json!({"n": 4}))
@@ -651,12 +623,7 @@ async fn streaming_calls_deliver_chunks_then_the_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_timeout_reports_the_pool_state() {
-    let pool = builder(1)
-        .checkout_timeout(Duration::from_millis(200))
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(builder(1).checkout_timeout(Duration::from_millis(200)), 1).await;
     let _held = pool.checkout().await.unwrap();
     let err = pool.call("echo", &1).await.unwrap_err();
     match &err {
@@ -675,16 +642,15 @@ async fn checkout_timeout_reports_the_pool_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_worker_that_stops_answering_pings_is_replaced() {
-    let pool = builder(2)
-        .health_check(HealthCheck {
+    let pool = ready(
+        builder(2).health_check(HealthCheck {
             interval: Some(Duration::from_millis(100)),
             timeout: Duration::from_millis(200),
             max_missed: 2,
-        })
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(2, READY).await.unwrap();
+        }),
+        2,
+    )
+    .await;
     let before = pids_by_slot(&pool);
     let stopped = before[&0];
     nix::sys::signal::kill(
@@ -744,16 +710,16 @@ async fn a_command_that_never_starts_fails_the_pool_after_max_start_failures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_workers_are_retired_after_max_lifetime() {
-    let pool = builder(1)
-        .max_lifetime(Duration::from_millis(400))
-        .health_check(HealthCheck {
-            interval: Some(Duration::from_millis(100)),
-            ..HealthCheck::default()
-        })
-        .build()
-        .await
-        .unwrap();
-    pool.wait_ready(1, READY).await.unwrap();
+    let pool = ready(
+        builder(1)
+            .max_lifetime(Duration::from_millis(400))
+            .health_check(HealthCheck {
+                interval: Some(Duration::from_millis(100)),
+                ..HealthCheck::default()
+            }),
+        1,
+    )
+    .await;
     let first = pool.worker_pids()[0];
     // Nobody calls: the idle worker is retired on age alone, and replaced.
     assert!(
