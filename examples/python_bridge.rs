@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use rand::seq::SliceRandom;
+use rand::seq::IndexedRandom;
 use wharf::{Pool, ProcessSpec, Value};
 
 /// Runs a warm pool of Python workers under concurrent load, kills workers while it serves,
@@ -156,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
             while done.load(Ordering::Relaxed) < calls {
                 tick.tick().await;
                 let pids = pool.worker_pids();
-                if let Some(pid) = pids.choose(&mut rand::thread_rng()) {
+                if let Some(pid) = pids.choose(&mut rand::rng()) {
                     let pid = nix::unistd::Pid::from_raw(*pid as i32);
                     if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
                         kills.fetch_add(1, Ordering::Relaxed);

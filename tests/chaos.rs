@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use rand::Rng;
+use rand::RngExt;
 use wharf::{Backoff, Error, HealthCheck, Pool, Value};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -161,7 +161,7 @@ async fn run_chaos(pool: &Pool, killer: Killer, calls: Calls) -> Outcome {
                 let wait = match killer {
                     Killer::Timer(every) => every,
                     Killer::Poisson(mean) => {
-                        let u: f64 = rand::thread_rng().gen_range(f64::EPSILON..1.0);
+                        let u: f64 = rand::rng().random_range(f64::EPSILON..1.0);
                         mean.mul_f64(-u.ln()).min(mean * 5)
                     }
                     Killer::StopOne => Duration::from_millis(50),
@@ -171,7 +171,7 @@ async fn run_chaos(pool: &Pool, killer: Killer, calls: Calls) -> Outcome {
                 if pids.is_empty() {
                     continue;
                 }
-                let pid = pids[rand::thread_rng().gen_range(0..pids.len())];
+                let pid = pids[rand::rng().random_range(0..pids.len())];
                 match killer {
                     Killer::StopOne => {
                         if !stopped_one && started.elapsed() > Duration::from_secs(1) {

@@ -7,28 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use wharf::{
-    Backoff, Error, HealthCheck, Pool, PoolBuilder, RestartType, SessionEnd, Strategy, Value,
-};
+use wharf::{Backoff, Error, HealthCheck, Pool, RestartType, SessionEnd, Strategy, Value};
 
-const READY: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(15);
-
-fn builder(size: usize) -> PoolBuilder {
-    init_logs();
-    Pool::builder(demo_spec(&[])).size(size).backoff(Backoff {
-        initial: Duration::from_millis(20),
-        jitter: 0.0,
-        ..Backoff::default()
-    })
-}
-
-/// Builds the pool and waits until `size` workers are ready.
-async fn ready(builder: PoolBuilder, size: usize) -> Pool {
-    let pool = builder.build().await.unwrap();
-    pool.wait_ready(size, READY).await.unwrap();
-    pool
-}
 
 /// slot -> pid of the running workers.
 fn pids_by_slot(pool: &Pool) -> HashMap<usize, u32> {

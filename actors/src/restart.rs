@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
+use rand::RngExt;
 
 /// Which workers restart when one of them exits and must be restarted (OTP's strategies).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -141,7 +141,8 @@ impl Backoff {
             .multiplier
             .powi(failures.saturating_sub(2).min(60) as i32);
         let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
-        Duration::from_secs_f64(secs)
+        // Saturates: a delay too large for a Duration (`max` of `Duration::MAX`) is `max`.
+        Duration::try_from_secs_f64(secs).unwrap_or(self.max)
     }
 
     /// The delay before restart number `failures`, with jitter applied.
@@ -151,7 +152,7 @@ impl Backoff {
         if jitter == 0.0 || base.is_zero() {
             return base;
         }
-        let factor = 1.0 - rand::thread_rng().gen_range(0.0..=jitter);
+        let factor = 1.0 - rand::rng().random_range(0.0..=jitter);
         base.mul_f64(factor)
     }
 }
@@ -228,6 +229,13 @@ mod tests {
         assert_eq!(b.delay(3), Duration::from_millis(200));
         assert_eq!(b.delay(4), Duration::from_millis(400));
         assert_eq!(b.delay(10), Duration::from_secs(1));
+        let huge = Backoff {
+            initial: Duration::MAX,
+            max: Duration::MAX,
+            ..b
+        };
+        assert_eq!(huge.delay(2), Duration::MAX, "saturates, never panics");
+        assert_eq!(huge.delay(60), Duration::MAX);
         let j = Backoff { jitter: 0.5, ..b };
         for _ in 0..100 {
             let d = j.delay(3);

@@ -37,8 +37,9 @@ pub trait PoolEvents: Send + Sync + 'static {
     fn start_failed(&self, worker: &Arc<WorkerShared>, error: &PortError);
     /// A slot will be restarted after `delay` (counted as a restart).
     fn restarting(&self, slot: usize, delay: Duration);
-    /// Restart intensity was exceeded: the pool has failed for good.
-    fn escalated(&self, last_errors: Vec<PortError>);
+    /// Restart intensity was exceeded, or a slot failed to start too many times in a row: the
+    /// pool has failed for good. `reason` says which, and what the last exit was.
+    fn escalated(&self, reason: String, last_errors: Vec<PortError>);
     /// No worker is running or starting, and none will be started.
     fn exhausted(&self);
 }
@@ -275,7 +276,13 @@ impl Supervisor {
             return;
         }
         if !st.intensity.record(Instant::now()) {
-            Self::escalate(st);
+            let limit = policy.intensity;
+            let reason = format!(
+                "restart intensity exceeded (more than {} restarts within {:?}); last exit: \
+                 worker in slot {slot} {kind}",
+                limit.max_restarts, limit.within
+            );
+            Self::escalate(st, reason);
             return;
         }
         let s = &mut st.slots[slot];
@@ -307,7 +314,7 @@ impl Supervisor {
         }
     }
 
-    fn escalate(st: &mut SupervisorState) {
+    fn escalate(st: &mut SupervisorState, reason: String) {
         st.failed = true;
         st.queue.clear();
         for s in &mut st.slots {
@@ -321,8 +328,8 @@ impl Supervisor {
             s.status = SlotStatus::Stopped;
         }
         let errors: Vec<PortError> = st.last_errors.iter().cloned().collect();
-        tracing::error!(pool = %st.args.name, errors = ?errors, "restart intensity exceeded; pool failed");
-        st.args.events.escalated(errors);
+        tracing::error!(pool = %st.args.name, reason, errors = ?errors, "pool failed");
+        st.args.events.escalated(reason, errors);
     }
 
     fn check_exhausted(st: &mut SupervisorState) {
@@ -453,7 +460,11 @@ impl Actor for Supervisor {
                                     failures = s.start_failures,
                                     "a worker failed to start too many times in a row"
                                 );
-                                Self::escalate(st);
+                                let reason = format!(
+                                    "the worker in slot {slot} failed to start {} times in a row",
+                                    s.start_failures
+                                );
+                                Self::escalate(st, reason);
                             } else {
                                 let kind = ExitKind::Crashed(error);
                                 Self::on_exit(&myself, st, slot, kind, Duration::ZERO);

@@ -68,12 +68,37 @@ pub enum ExitKind {
     /// The supervisor stopped it (shutdown, or a sibling's restart under one_for_all or
     /// rest_for_one).
     Stopped,
+    /// The runtime retired it as soon as it was ready, before it served anything, because it
+    /// already exceeded a recycling limit (e.g. `max_rss` below the interpreter's baseline).
+    /// Unlike [`ExitKind::Recycled`] this counts as a failure: restarted under the restart
+    /// policy, with intensity and backoff, so a limit no fresh worker meets fails the pool
+    /// instead of replacing workers forever.
+    Unfit(String),
+}
+
+impl std::fmt::Display for ExitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitKind::Normal => write!(f, "exited with status 0"),
+            ExitKind::Crashed(e) => write!(f, "crashed: {e}"),
+            ExitKind::Unresponsive => write!(f, "stopped answering health pings"),
+            ExitKind::DeadlineKilled => write!(f, "killed for overrunning a call's deadline"),
+            ExitKind::Recycled(why) => write!(f, "recycled: {why}"),
+            ExitKind::Stopped => write!(f, "stopped by its supervisor"),
+            ExitKind::Unfit(why) => {
+                write!(f, "retired before serving anything: {why}")
+            }
+        }
+    }
 }
 
 impl ExitKind {
     /// Whether this is an abnormal exit in OTP's sense (it decides transient restarts).
     pub fn is_abnormal(&self) -> bool {
-        matches!(self, ExitKind::Crashed(_) | ExitKind::Unresponsive)
+        matches!(
+            self,
+            ExitKind::Crashed(_) | ExitKind::Unresponsive | ExitKind::Unfit(_)
+        )
     }
 
     /// Whether the runtime itself ended the worker on purpose and wants it replaced at once,
@@ -201,8 +226,15 @@ impl WorkerHandle {
 
     /// Asks the actor to stop the worker gracefully and have it replaced.
     pub fn retire(&self, reason: impl Into<String>) {
+        self.retire_as(ExitKind::Recycled(reason.into()));
+    }
+
+    /// Asks the actor to stop the worker gracefully; `kind` says why (and so how its
+    /// supervisor treats the exit: [`ExitKind::Recycled`] is replaced at once,
+    /// [`ExitKind::Unfit`] is restarted under the restart policy).
+    pub fn retire_as(&self, kind: ExitKind) {
         self.shared.set_state(WorkerState::Stopping);
-        self.shared.record_exit(ExitKind::Recycled(reason.into()));
+        self.shared.record_exit(kind);
         if self.actor.cast(WorkerMsg::Retire).is_err() {
             self.port.terminate(PortError::Closed);
         }

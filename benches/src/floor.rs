@@ -29,7 +29,7 @@ pub struct RawWorker {
 fn high_pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let lift = |fd: OwnedFd| -> anyhow::Result<OwnedFd> {
-        let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+        let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
         // SAFETY: fcntl just returned this descriptor; nothing else owns it.
         Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     };

@@ -715,7 +715,7 @@ fn nesting_is_limited_to_max_depth() {
             0x83, 0xa1, b't', 0xa2, b'o', b'k', 0xa2, b'i', b'd', 0x01, 0xa4, b'b', b'o', b'd',
             b'y',
         ];
-        p.extend(std::iter::repeat(0x91).take(levels - 1));
+        p.extend(std::iter::repeat_n(0x91, levels - 1));
         p.push(0xc0);
         p
     };
@@ -745,7 +745,7 @@ fn nesting_is_limited_to_max_depth() {
             }
             // The same with `t` last, which makes serde buffer the whole map first.
             let mut late_t = vec![0x83, 0xa2, b'i', b'd', 0x01, 0xa4, b'b', b'o', b'd', b'y'];
-            late_t.extend(std::iter::repeat(0x91).take(100_000));
+            late_t.extend(std::iter::repeat_n(0x91, 100_000));
             late_t.push(0xc0);
             late_t.extend_from_slice(&[0xa1, b't', 0xa2, b'o', b'k']);
             assert!(matches!(

@@ -252,24 +252,108 @@ impl PoolBuilder {
         &self.config
     }
 
-    /// Validates the configuration and starts the pool's supervisor. Eager pools begin
-    /// launching workers at once; use [`Pool::wait_ready`] to wait for them.
+    /// Validates the configuration ([`PoolConfig::validate`]) and starts the pool's
+    /// supervisor. Eager pools begin launching workers at once; use [`Pool::wait_ready`] to
+    /// wait for them.
     pub async fn build(self) -> Result<Pool> {
-        let c = &self.config;
-        if c.size == 0 && c.max_overflow == 0 {
-            return Err(Error::Config("size and max_overflow are both 0".into()));
-        }
-        if c.startup_concurrency == 0 {
-            return Err(Error::Config(
-                "startup_concurrency must be at least 1".into(),
-            ));
-        }
-        if c.spec.max_frame < 64 || c.spec.max_frame > u32::MAX as usize {
-            return Err(Error::Config(format!(
-                "max_frame {} is outside 64 ..= 2^32-1",
-                c.spec.max_frame
-            )));
-        }
+        self.config.validate()?;
         Pool::start(self.config).await
+    }
+}
+
+impl PoolConfig {
+    /// Checks every setting for a value that cannot work: zero, negative, NaN or infinite
+    /// where that makes no sense, a pool with no worker at all, a recycling limit no worker
+    /// can meet. The first problem found is returned as [`Error::Config`], naming the field.
+    ///
+    /// Durations may be as large as [`Duration::MAX`]: a timeout too large to add to the clock
+    /// means "no limit" (wait, or let a call run, without end).
+    pub fn validate(&self) -> Result<()> {
+        fn bad(field: &'static str, reason: impl Into<String>) -> Result<()> {
+            Err(Error::Config {
+                field,
+                reason: reason.into(),
+            })
+        }
+        let nonzero = |field: &'static str, d: Duration| -> Result<()> {
+            if d.is_zero() {
+                bad(field, "must be longer than zero")
+            } else {
+                Ok(())
+            }
+        };
+        if self.name.is_empty() {
+            return bad("name", "must not be empty");
+        }
+        if self.spec.program.is_empty() {
+            return bad("spec.program", "must not be empty");
+        }
+        if self.size == 0 && self.max_overflow == 0 {
+            return bad(
+                "size",
+                "size and max_overflow are both 0: the pool could never run a worker",
+            );
+        }
+        if self.startup_concurrency == 0 {
+            return bad("startup_concurrency", "must be at least 1");
+        }
+        if self.spec.max_frame < 64 || self.spec.max_frame > u32::MAX as usize {
+            return bad(
+                "max_frame",
+                format!("{} is outside 64 ..= 2^32-1", self.spec.max_frame),
+            );
+        }
+        nonzero("init_timeout", self.spec.init_timeout)?;
+        nonzero("call_timeout", self.call_timeout)?;
+        if self.max_overflow > 0 {
+            nonzero("overflow_idle_timeout", self.overflow_idle)?;
+        }
+        nonzero("session_idle_timeout", self.session_idle_timeout)?;
+        nonzero("intensity.within", self.restart.intensity.within)?;
+        if self.restart.max_start_failures == 0 {
+            return bad("max_start_failures", "must be at least 1");
+        }
+        let b = &self.restart.backoff;
+        if !(b.multiplier.is_finite() && b.multiplier >= 1.0) {
+            return bad(
+                "backoff.multiplier",
+                format!("{} must be a finite number of at least 1", b.multiplier),
+            );
+        }
+        if !(0.0..=1.0).contains(&b.jitter) {
+            return bad(
+                "backoff.jitter",
+                format!("{} must be a fraction between 0 and 1", b.jitter),
+            );
+        }
+        if b.max < b.initial {
+            return bad(
+                "backoff.max",
+                format!(
+                    "{:?} is shorter than backoff.initial {:?}",
+                    b.max, b.initial
+                ),
+            );
+        }
+        if let Some(interval) = self.health.interval {
+            nonzero("health.interval", interval)?;
+        }
+        nonzero("health.timeout", self.health.timeout)?;
+        if self.health.max_missed == 0 {
+            return bad("health.max_missed", "must be at least 1");
+        }
+        if self.max_calls == Some(0) {
+            return bad(
+                "max_calls",
+                "0 would retire every worker before its first call",
+            );
+        }
+        if let Some(d) = self.max_lifetime {
+            nonzero("max_lifetime", d)?;
+        }
+        if self.max_rss == Some(0) {
+            return bad("max_rss", "0 bytes: every worker would exceed it at once");
+        }
+        Ok(())
     }
 }

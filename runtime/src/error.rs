@@ -84,13 +84,16 @@ pub enum Error {
     /// A session with this id is already open; share that `Session` (it is `Clone`).
     #[error("session {0} is already open")]
     SessionInUse(String),
-    /// The pool's workers restarted too often (restart intensity exceeded) or a slot's worker
-    /// failed to start `max_start_failures` times in a row; the pool has failed for good. The
-    /// last start errors say why workers did not come up.
-    #[error("pool {pool} failed: workers restarted too often or could not start; last errors: {}", fmt_errors(.last_errors))]
+    /// The pool has failed for good: its workers restarted too often (restart intensity
+    /// exceeded), a slot's worker failed to start `max_start_failures` times in a row, or its
+    /// supervisor stopped unexpectedly. `reason` says which; the last start errors say why
+    /// workers did not come up.
+    #[error("pool {pool} failed: {reason}; last start errors: {}", fmt_errors(.last_errors))]
     PoolFailed {
         /// The pool's name.
         pool: String,
+        /// Why the pool failed.
+        reason: String,
         /// The most recent start errors, oldest first.
         last_errors: Vec<PortError>,
     },
@@ -120,9 +123,15 @@ pub enum Error {
     /// A body could not be converted to or from MessagePack, or is too large to send.
     #[error("bad body: {0}")]
     Body(String),
-    /// The pool's configuration is invalid.
-    #[error("invalid pool configuration: {0}")]
-    Config(String),
+    /// The pool's configuration is invalid: `field` names the setting (as in the builder, e.g.
+    /// `backoff.jitter`), `reason` says what is wrong with its value.
+    #[error("invalid pool configuration: {field}: {reason}")]
+    Config {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 fn fmt_errors(errors: &[PortError]) -> String {
@@ -152,7 +161,7 @@ impl Error {
             Error::ProtocolViolation { .. } => "protocol_violation",
             Error::Remote { .. } => "remote",
             Error::Body(_) => "body",
-            Error::Config(_) => "config",
+            Error::Config { .. } => "config",
         }
     }
 

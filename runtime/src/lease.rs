@@ -12,11 +12,15 @@ use wharf_actors::worker::{ExitKind, WorkerHandle};
 use wharf_protocol::Value;
 
 use crate::error::{Error, Result};
-use crate::pool::{to_value, Inner};
+use crate::pool::{to_value, until, Inner};
 
 /// Exclusive use of one worker. Calls through a lease go straight to the worker's port. When
 /// the lease drops, the worker goes back to the pool — or, if a call was abandoned mid-flight,
 /// it first finishes that call (its reply is discarded), so the next caller gets a clean worker.
+///
+/// A lease that holds a session's worker is dirty until the session's reset succeeded: dropped
+/// before that (whatever the reason: a cancelled end, a runtime shutting down), it retires its
+/// worker instead of returning it, so session state never reaches another caller.
 pub struct Lease {
     pool: Arc<Inner>,
     handle: Option<WorkerHandle>,
@@ -45,6 +49,12 @@ impl Lease {
 
     pub(crate) fn set_session(&mut self, session: String) {
         self.session = Some(session);
+    }
+
+    /// The session's state is gone from the worker (its reset succeeded): the lease may return
+    /// the worker to the pool.
+    pub(crate) fn session_cleaned(&mut self) {
+        self.session = None;
     }
 
     pub(crate) fn handle(&self) -> Option<&WorkerHandle> {
@@ -106,7 +116,7 @@ impl Lease {
             method,
             body,
             self.session.clone(),
-            Some(deadline.as_millis() as u64),
+            Some(millis(deadline)),
         );
         let outcome = tokio::time::timeout(deadline, call)
             .instrument(span.clone())
@@ -148,14 +158,14 @@ impl Lease {
                 method,
                 body,
                 self.session.clone(),
-                Some(deadline.as_millis() as u64),
+                Some(millis(deadline)),
             )
             .await
             .map_err(|e| Error::from_port(&handle.shared.id, e))?;
         Ok(CallStream {
             lease: self,
             rx,
-            deadline: tokio::time::Instant::now() + deadline,
+            deadline: tokio::time::Instant::now().checked_add(deadline),
             method: method.to_owned(),
             done: false,
         })
@@ -190,17 +200,32 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            self.pool.checkin(handle);
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        if self.session.is_some() {
+            // Its session's state may still be in the worker: never hand it out again.
+            if handle.is_alive() {
+                tracing::debug!(worker = %handle.shared.id, session = ?self.session, "a session's worker left without a reset; retiring it");
+                handle.retire("a session ended without a successful reset");
+            }
+            return;
         }
+        self.pool.checkin(handle);
     }
+}
+
+/// A deadline in whole milliseconds for the wire, saturating (`Duration::MAX` is no limit).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The chunks of a streamed call, then its result.
 pub struct CallStream<'a> {
     lease: &'a mut Lease,
-    rx: mpsc::UnboundedReceiver<StreamEvent>,
-    deadline: tokio::time::Instant,
+    rx: mpsc::Receiver<StreamEvent>,
+    /// `None`: no limit.
+    deadline: Option<tokio::time::Instant>,
     method: String,
     done: bool,
 }
@@ -221,14 +246,15 @@ impl CallStream<'_> {
             return None;
         }
         let handle = self.lease.handle.clone()?;
-        let item = match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
+        let item = match until(self.deadline, self.rx.recv()).await {
             Ok(Some(StreamEvent::Chunk { body, .. })) => return Some(Ok(StreamItem::Chunk(body))),
             Ok(Some(StreamEvent::End(Ok(body)))) => Ok(StreamItem::Done(body)),
             Ok(Some(StreamEvent::End(Err(e)))) => Err(Error::from_port(&handle.shared.id, e)),
-            Ok(None) => Err(Error::WorkerDied {
-                worker: handle.shared.id.clone(),
-                cause: PortError::Closed,
-            }),
+            // The port closed with events it could not queue: it knows why.
+            Ok(None) => Err(Error::from_port(
+                &handle.shared.id,
+                handle.port.close_reason().unwrap_or(PortError::Closed),
+            )),
             Err(_) => {
                 handle.kill(ExitKind::DeadlineKilled);
                 Err(Error::DeadlineExceeded {

@@ -29,7 +29,10 @@ use crate::stats::PoolStats;
 #[derive(Debug, Clone)]
 pub(crate) enum Status {
     Running,
-    Failed(Vec<PortError>),
+    Failed {
+        reason: String,
+        errors: Vec<PortError>,
+    },
     NoWorkers,
     ShutDown,
 }
@@ -81,8 +84,9 @@ impl Inner {
         }
         match &*lock(&self.status) {
             Status::Running => None,
-            Status::Failed(errors) => Some(Error::PoolFailed {
+            Status::Failed { reason, errors } => Some(Error::PoolFailed {
                 pool: self.config.name.clone(),
+                reason: reason.clone(),
                 last_errors: errors.clone(),
             }),
             Status::NoWorkers => Some(Error::NoWorkers(self.config.name.clone())),
@@ -105,7 +109,7 @@ impl Inner {
     }
 
     pub fn is_failed(&self) -> bool {
-        matches!(*lock(&self.status), Status::Failed(_))
+        matches!(*lock(&self.status), Status::Failed { .. })
     }
 
     pub fn state(&self) -> PoolState {
@@ -157,8 +161,11 @@ impl Inner {
                     let since = *started.get_or_insert_with(Instant::now);
                     let _waiting = WaitGuard::new(&self.waiting);
                     self.demand();
-                    let deadline = tokio::time::Instant::from_std(since + timeout);
-                    match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
+                    // A timeout too large to add to the clock means no limit.
+                    let deadline = since
+                        .checked_add(timeout)
+                        .map(tokio::time::Instant::from_std);
+                    match until(deadline, self.permits.acquire()).await {
                         Ok(Ok(permit)) => permit,
                         Ok(Err(_closed)) => continue,
                         Err(_) => {
@@ -197,6 +204,15 @@ impl Inner {
     /// Drops a dead worker from the idle stack, with its permit, so its port (and fds) go now
     /// rather than when a caller happens to pop it. If its permit is already taken, the caller
     /// holding it discards the worker instead.
+    /// Fails the pool for good: callers get [`Error::PoolFailed`] with `reason` from now on,
+    /// and idle workers are killed.
+    fn fail(&self, reason: String, errors: Vec<PortError>) {
+        self.set_status(Status::Failed { reason, errors });
+        for h in lock(&self.idle).drain(..) {
+            h.kill(ExitKind::Stopped);
+        }
+    }
+
     fn forget_idle(&self, id: &str) {
         let mut idle = lock(&self.idle);
         if let Some(pos) = idle.iter().position(|h| h.shared.id == id) {
@@ -345,6 +361,13 @@ impl PoolEvents for Events {
             return;
         };
         tracing::debug!(pool = %pool.config.name, worker = %handle.shared.id, pid = handle.port.pid(), "worker ready");
+        if let Some(reason) = pool.recycle_reason(&handle) {
+            // Over a limit before it served anything: no replacement would do better, so this
+            // is a failure under the restart policy, not a recycling.
+            tracing::warn!(pool = %pool.config.name, worker = %handle.shared.id, reason, "a fresh worker already exceeds a recycling limit");
+            handle.retire_as(ExitKind::Unfit(reason.to_owned()));
+            return;
+        }
         pool.release(handle);
         pool.changed.notify_waiters();
     }
@@ -374,12 +397,9 @@ impl PoolEvents for Events {
         }
     }
 
-    fn escalated(&self, last_errors: Vec<PortError>) {
+    fn escalated(&self, reason: String, last_errors: Vec<PortError>) {
         if let Some(pool) = self.0.upgrade() {
-            pool.set_status(Status::Failed(last_errors));
-            for h in lock(&pool.idle).drain(..) {
-                h.kill(ExitKind::Stopped);
-            }
+            pool.fail(reason, last_errors);
         }
     }
 
@@ -465,10 +485,46 @@ impl Pool {
             max_lifetime: c.max_lifetime,
             events: Arc::new(Events(Arc::downgrade(&inner))),
         };
-        let (sup, _) = Actor::spawn(None, Supervisor, args)
+        static SUPERVISORS: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "wharf.supervisor.{}.{}",
+            c.name,
+            SUPERVISORS.fetch_add(1, Ordering::Relaxed)
+        );
+        let (sup, ended) = Actor::spawn(Some(name), Supervisor, args)
             .await
-            .map_err(|e| Error::Config(format!("cannot start the supervisor: {e}")))?;
+            .map_err(|e| Error::PoolFailed {
+                pool: inner.config.name.clone(),
+                reason: format!("the supervisor could not start: {e}"),
+                last_errors: Vec::new(),
+            })?;
         let _ = inner.supervisor.set(sup);
+        // Watch the supervisor: if it ever stops while the pool still runs (a panic, a kill),
+        // nothing would restart workers any more, so the pool fails now, with that cause,
+        // instead of letting callers time out one by one.
+        let pool = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            let outcome = match ended.await {
+                Err(e) if e.is_panic() => "the supervisor panicked".to_owned(),
+                _ => "the supervisor stopped unexpectedly".to_owned(),
+            };
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            if !pool.running.load(Ordering::Acquire) {
+                return; // a shutdown or a failure stopped it
+            }
+            tracing::error!(pool = %pool.config.name, "{outcome}; the pool has failed");
+            pool.fail(outcome, Vec::new());
+            // Nothing supervises its workers any more: they go too.
+            let ports: Vec<_> = lock(&pool.workers)
+                .values()
+                .filter_map(|w| w.port().cloned())
+                .collect();
+            for port in ports {
+                port.terminate(PortError::Closed);
+            }
+        });
         Ok(Pool { inner })
     }
 
@@ -486,7 +542,7 @@ impl Pool {
     /// Returns the pool state then; an error if the pool failed or time ran out.
     pub async fn wait_ready(&self, n: usize, timeout: Duration) -> Result<PoolState> {
         let started = Instant::now();
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         loop {
             let changed = self.inner.changed.notified();
             tokio::pin!(changed);
@@ -503,7 +559,7 @@ impl Pool {
             tokio::select! {
                 _ = changed => {}
                 _ = tick => {}
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = until(deadline, std::future::pending::<()>()) => {
                     return Err(Error::CheckoutTimeout { waited: started.elapsed(), state: self.inner.state() });
                 }
             }
@@ -603,7 +659,7 @@ impl Pool {
         let inner = &self.inner;
         inner.set_status(Status::ShutDown);
         let grace = inner.config.shutdown_grace;
-        let deadline = tokio::time::Instant::now() + grace;
+        let deadline = tokio::time::Instant::now().checked_add(grace);
         loop {
             let changed = inner.changed.notified();
             tokio::pin!(changed);
@@ -614,11 +670,13 @@ impl Pool {
             tokio::select! {
                 _ = changed => {}
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = until(deadline, std::future::pending::<()>()) => break,
             }
         }
         if let Some(sup) = inner.supervisor.get() {
-            let limit = grace * 3 + Duration::from_secs(5);
+            let limit = grace
+                .saturating_mul(3)
+                .saturating_add(Duration::from_secs(5));
             let stopped = sup.call(SupervisorMsg::Shutdown, Some(limit)).await;
             if !matches!(stopped, Ok(ractor::rpc::CallResult::Success(()))) {
                 tracing::warn!(pool = %inner.config.name, "workers did not stop in time; killing them");
@@ -634,6 +692,18 @@ impl Pool {
             port.kill().await;
         }
         lock(&inner.idle).clear();
+    }
+}
+
+/// Runs `fut` until `deadline`; `Err` if the deadline came first. No deadline (a timeout too
+/// large for the clock) waits without limit.
+pub(crate) async fn until<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    fut: F,
+) -> std::result::Result<F::Output, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, fut).await,
+        None => Ok(fut.await),
     }
 }
 

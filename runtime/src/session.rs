@@ -72,16 +72,16 @@ impl Session {
         {
             return Err(Error::SessionInUse(id));
         }
-        let mut lease = match pool.checkout(pool.config.checkout_timeout).await {
-            Ok(lease) => lease,
-            Err(e) => {
-                pool.sessions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                return Err(e);
-            }
+        // Until the session exists, the id is given back however the open ends: an error, or
+        // the caller giving up while it waits for a worker.
+        let mut claim = IdClaim {
+            pool: &pool,
+            id: &id,
+            armed: true,
         };
+        let mut lease = pool.checkout(pool.config.checkout_timeout).await?;
+        claim.armed = false;
+        drop(claim);
         lease.set_session(id.clone());
         let inner = Arc::new(SessionInner {
             id,
@@ -129,11 +129,9 @@ impl Session {
         deadline: Option<Duration>,
     ) -> Result<Value> {
         let mut pin = self.inner.pin.lock().await;
-        *self
-            .inner
-            .last_used
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        // Idle time counts from the end of the last call: while a call runs, the pin is locked
+        // and the session cannot expire; when it ends, the clock starts again.
+        let _touch = Touch(&self.inner.last_used);
         let lease = match &mut *pin {
             Pin::Open(lease) => lease,
             Pin::Lost(cause) => return Err(self.lost(cause.clone())),
@@ -168,6 +166,10 @@ impl Session {
 
     /// Ends the session now: the worker is reset (or recycled, by policy) before anyone else
     /// may use it. Later calls on any clone fail with [`Error::SessionEnded`].
+    ///
+    /// Cancel-safe: the reset runs in a task of its own, so a caller that stops waiting does
+    /// not stop it; and a worker whose reset does not succeed, for any reason, is retired
+    /// rather than returned to the pool.
     pub async fn end(&self) -> Result<()> {
         let lease = {
             let mut pin = self.inner.pin.lock().await;
@@ -180,13 +182,46 @@ impl Session {
             }
         };
         self.inner.release_id();
-        finish(&self.inner.pool, &self.inner.id, lease).await;
+        let (pool, id) = (self.inner.pool.clone(), self.inner.id.clone());
+        let _ = tokio::spawn(async move { finish(&pool, &id, lease).await }).await;
         Ok(())
     }
 }
 
-/// Cleans a session's worker before it returns to the pool: reset, or retire, or (if either
-/// fails) kill.
+/// A session id claimed in the pool's registry by an open still in progress; dropped, it gives
+/// the id back.
+struct IdClaim<'a> {
+    pool: &'a Inner,
+    id: &'a str,
+    /// Cleared once the session holds the id.
+    armed: bool,
+}
+
+impl Drop for IdClaim<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.pool
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.id);
+    }
+}
+
+/// Sets a session's last use to now when dropped: at the end of a call, however it ends.
+struct Touch<'a>(&'a Mutex<Instant>);
+
+impl Drop for Touch<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+}
+
+/// Cleans a session's worker before it returns to the pool: reset, or retire. The lease only
+/// returns its worker to the pool once the reset succeeded ([`Lease::session_cleaned`]); if
+/// this future is dropped first, the lease retires the worker.
 async fn finish(pool: &Arc<Inner>, session: &str, mut lease: Lease) {
     let Some(handle) = lease.handle().cloned() else {
         return;
@@ -208,10 +243,13 @@ async fn finish(pool: &Arc<Inner>, session: &str, mut lease: Lease) {
                     .map_err(|e| e.to_string()),
                 Err(_) => Err("an abandoned call did not finish".to_owned()),
             };
-            if let Err(why) = reset {
-                tracing::warn!(worker = %handle.shared.id, session, why, "session reset failed; recycling the worker");
-                lease.take_handle();
-                handle.retire("session reset failed");
+            match reset {
+                Ok(()) => lease.session_cleaned(),
+                Err(why) => {
+                    tracing::warn!(worker = %handle.shared.id, session, why, "session reset failed; recycling the worker");
+                    lease.take_handle();
+                    handle.retire("session reset failed");
+                }
             }
         }
         SessionEnd::Recycle => {

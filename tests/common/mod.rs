@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use wharf::ProcessSpec;
+use wharf::{Backoff, Pool, PoolBuilder, ProcessSpec};
+
+/// How long a test waits for a pool's workers to be ready.
+pub const READY: Duration = Duration::from_secs(30);
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -66,4 +69,29 @@ pub fn init_logs() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// A worker script from `tests/workers/`, with the SDK on its `PYTHONPATH`.
+pub fn fixture(script: &str) -> ProcessSpec {
+    ProcessSpec::new("python3")
+        .args([repo_root().join("tests/workers").join(script)])
+        .env("PYTHONPATH", python_path())
+        .init_timeout(Duration::from_secs(20))
+}
+
+/// A pool builder for `size` demo workers, with a short backoff and no jitter.
+pub fn builder(size: usize) -> PoolBuilder {
+    init_logs();
+    Pool::builder(demo_spec(&[])).size(size).backoff(Backoff {
+        initial: Duration::from_millis(20),
+        jitter: 0.0,
+        ..Backoff::default()
+    })
+}
+
+/// Builds the pool and waits until `size` workers are ready.
+pub async fn ready(builder: PoolBuilder, size: usize) -> Pool {
+    let pool = builder.build().await.unwrap();
+    pool.wait_ready(size, READY).await.unwrap();
+    pool
 }

@@ -79,6 +79,10 @@ pub struct ProcessSpec {
     pub init_timeout: Duration,
     /// The worker's name in logs and in `WHARF_WORKER_ID`.
     pub worker_id: String,
+    /// Refuse to start a worker whose group watchdog cannot be started (no `/bin/sh`), rather
+    /// than run it with a loud warning. Without the watchdog, processes a worker forks may
+    /// outlive a runtime that dies without cleanup.
+    pub require_watchdog: bool,
 }
 
 impl ProcessSpec {
@@ -98,6 +102,7 @@ impl ProcessSpec {
             max_frame: DEFAULT_MAX_FRAME,
             init_timeout: Duration::from_secs(30),
             worker_id: "worker".into(),
+            require_watchdog: false,
         }
     }
 
@@ -155,6 +160,12 @@ impl ProcessSpec {
         self
     }
 
+    /// Requires the group watchdog (see [`ProcessSpec::require_watchdog`]).
+    pub fn require_watchdog(mut self, required: bool) -> Self {
+        self.require_watchdog = required;
+        self
+    }
+
     fn program_name(&self) -> String {
         self.program.to_string_lossy().into_owned()
     }
@@ -189,22 +200,43 @@ pub enum StreamEvent {
 enum Slot {
     Init(oneshot::Sender<Result<FromWorker, PortError>>),
     Unary(oneshot::Sender<Result<Value, PortError>>),
-    Stream(mpsc::UnboundedSender<StreamEvent>),
+    /// A streamed call: chunks go through a bounded channel, so a consumer that stops reading
+    /// stops the reader, and the pipe pushes back on the worker. `cancelled` once the runtime
+    /// has asked the worker to stop it (its consumer went away).
+    Stream {
+        tx: mpsc::Sender<StreamEvent>,
+        cancelled: bool,
+    },
     /// A ping (answered only by `pong`) or a reset (answered by `ok` or `error`).
     Ping(oneshot::Sender<Result<(), PortError>>),
     Reset(oneshot::Sender<Result<(), PortError>>),
+    /// A ping or reset whose waiter gave up (it timed out or was cancelled): its reply, if it
+    /// ever comes, is read and dropped. It does not count as a request in flight, so a worker
+    /// slow to answer control messages is never taken for one with a call stuck on it.
+    Abandoned,
 }
 
 impl Slot {
+    /// Whether this entry makes the worker busy (everything but an abandoned control request).
+    fn counts(&self) -> bool {
+        !matches!(self, Slot::Abandoned)
+    }
+
     fn fail(self, err: PortError) {
         match self {
             Slot::Init(tx) => drop(tx.send(Err(err))),
             Slot::Unary(tx) => drop(tx.send(Err(err))),
-            Slot::Stream(tx) => drop(tx.send(StreamEvent::End(Err(err)))),
+            // A full buffer drops the final error: the consumer then reads the chunks it has,
+            // sees the stream close and asks the port why (`close_reason`).
+            Slot::Stream { tx, .. } => drop(tx.try_send(StreamEvent::End(Err(err)))),
             Slot::Ping(tx) | Slot::Reset(tx) => drop(tx.send(Err(err))),
+            Slot::Abandoned => {}
         }
     }
 }
+
+/// How many chunks of one stream wait for their consumer before the reader stops reading.
+pub const STREAM_BUFFER: usize = 16;
 
 /// Requests in flight, and why the port closed if it did.
 #[derive(Default)]
@@ -213,21 +245,36 @@ struct Pending {
     closed: Option<PortError>,
 }
 
+/// The worker's process group, and what keeps its id from being reused while we may signal it.
+struct Group {
+    /// The watchdog, a member of the group that we never reap while the port lives: its
+    /// process (or zombie) keeps the group id taken, so signalling the group can never reach
+    /// another program's group that reused the id.
+    watchdog: Option<tokio::process::Child>,
+    /// Set when the port is dropped, after its last kill: nothing signals the group after.
+    released: bool,
+}
+
 /// State shared between the port and its tasks.
 struct Shared {
     worker_id: String,
     pgid: i32,
     pending: Mutex<Pending>,
+    /// `None` once the channel is closed (the worker's EOF).
+    writer: tokio::sync::Mutex<Option<Writer>>,
+    group: Mutex<Group>,
     exit: watch::Receiver<Option<ExitStatus>>,
     stderr: Tail,
     /// Woken whenever a request leaves `pending`.
     settled: tokio::sync::Notify,
     /// False once the port is poisoned or the worker reaped (read on every checkout).
     open: Arc<AtomicBool>,
-    /// How many requests are in `pending` (read on every checkin).
+    /// How many requests in `pending` count as in flight (read on every checkin).
     in_flight: AtomicUsize,
     /// True once the reader has stopped (and has reported what it saw, if anything).
     reader_done: watch::Receiver<bool>,
+    /// True once the port is poisoned: ends a reader's wait for a stream's consumer.
+    poisoned: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -235,7 +282,18 @@ impl Shared {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn group(&self) -> std::sync::MutexGuard<'_, Group> {
+        self.group.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Signals the worker's process group, unless its id may no longer be ours: once the port
+    /// has released the group, or (without a watchdog to hold the id) once the leader has
+    /// been reaped.
     fn signal_group(&self, signal: Signal) {
+        let group = self.group();
+        if group.released || (group.watchdog.is_none() && self.exit.borrow().is_some()) {
+            return;
+        }
         // ESRCH (the group is already gone) is the expected outcome once the worker has exited.
         let _ = killpg(Pid::from_raw(self.pgid), signal);
     }
@@ -261,6 +319,103 @@ impl Shared {
         }
     }
 
+    fn register(&self, id: u64, slot: Slot) -> Result<(), PortError> {
+        let mut pending = self.pending();
+        if let Some(err) = &pending.closed {
+            return Err(err.clone());
+        }
+        if let Some(old) = pending.slots.insert(id, slot) {
+            // An id reused while its old entry still waits (only an abandoned control request
+            // can still be there): the old one is gone for good.
+            if old.counts() {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Removes the entry `id`; returns it.
+    fn take(&self, pending: &mut Pending, id: u64) -> Option<Slot> {
+        let slot = pending.slots.remove(&id)?;
+        if slot.counts() {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        Some(slot)
+    }
+
+    fn unregister(&self, id: u64) {
+        let _ = self.take(&mut self.pending(), id);
+        self.settled.notify_waiters();
+    }
+
+    /// Turns a control request whose waiter gave up into an [`Slot::Abandoned`] entry.
+    fn abandon(&self, id: u64) {
+        let mut pending = self.pending();
+        if let Some(slot) = pending.slots.get_mut(&id) {
+            if slot.counts() {
+                *slot = Slot::Abandoned;
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        drop(pending);
+        self.settled.notify_waiters();
+    }
+
+    /// Whether a request is still waiting for its reply.
+    fn is_pending(&self, id: u64) -> bool {
+        self.pending().slots.get(&id).is_some_and(Slot::counts)
+    }
+
+    /// Writes one message. `buffered` runs once the frame is in the writer's buffer: from then
+    /// on it reaches the worker even if this future is dropped (the next write or
+    /// [`ProcessPort::quiesce`] flushes it).
+    async fn write(
+        &self,
+        msg: &ToWorker,
+        buffered: Option<&mut Request<'_>>,
+    ) -> Result<(), PortError> {
+        let mut guard = self.writer.lock().await;
+        let Some(writer) = guard.as_mut() else {
+            return Err(PortError::Closed);
+        };
+        let written = match writer.feed(msg).await {
+            Ok(()) => {
+                if let Some(request) = buffered {
+                    request.sent = true;
+                }
+                writer.flush().await
+            }
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_violation() => Err(PortError::from_protocol(&e)),
+            Err(_) => {
+                // The worker is gone (broken pipe): report it as the reader will.
+                drop(guard);
+                let info = self.exit_info(Duration::from_secs(1)).await;
+                let err = PortError::WorkerDied(info);
+                self.poison(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    /// Asks the worker to stop call `id`, from a task of its own (the caller that gave up may
+    /// be a destructor, or the reader, which must never wait for the writer).
+    fn cancel_later(self: &Arc<Self>, id: u64) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let shared = self.clone();
+        rt.spawn(async move {
+            if shared.is_pending(id) {
+                let _ = shared.write(&ToWorker::Cancel { id }, None).await;
+            }
+        });
+    }
+
     /// Closes the port for good: kills the group and fails every request in flight.
     /// The requests are failed before the group is signalled, so the first reason wins: a
     /// kill's own consequences (the reap, the actor's cleanup) can never overtake it with a
@@ -278,8 +433,72 @@ impl Shared {
         for (_, slot) in slots {
             slot.fail(err.clone());
         }
+        self.poisoned.send_replace(true);
         self.signal_group(Signal::SIGKILL);
         self.settled.notify_waiters();
+    }
+}
+
+/// One request on its way, from registration to reply. Dropped early, it undoes what would
+/// otherwise stay behind: an entry never sent is removed; a call already sent is cancelled
+/// (the protocol's `cancel`; its reply is still awaited, so the worker is clean when it comes);
+/// a control request already sent is abandoned (its late reply is dropped).
+struct Request<'a> {
+    shared: &'a Arc<Shared>,
+    id: u64,
+    /// The frame is in the writer's buffer.
+    sent: bool,
+    /// The reply came (or the port closed): nothing to undo.
+    done: bool,
+    /// A call (cancelled when abandoned) rather than a control request (abandoned).
+    call: bool,
+}
+
+impl<'a> Request<'a> {
+    /// Registers `slot` under `id` and sends `msg`.
+    async fn start(
+        shared: &'a Arc<Shared>,
+        id: u64,
+        slot: Slot,
+        msg: &ToWorker,
+    ) -> Result<Request<'a>, PortError> {
+        let call = matches!(slot, Slot::Unary(_) | Slot::Stream { .. });
+        shared.register(id, slot)?;
+        let mut request = Request {
+            shared,
+            id,
+            sent: false,
+            done: false,
+            call,
+        };
+        match shared.write(msg, Some(&mut request)).await {
+            Ok(()) => Ok(request),
+            Err(e) => {
+                // Nothing of it reached the worker (or the port is closed): forget it.
+                request.sent = false;
+                Err(e)
+            }
+        }
+    }
+
+    /// The reply came: nothing to undo.
+    fn finish(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Request<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if !self.sent {
+            self.shared.unregister(self.id);
+        } else if self.call {
+            self.shared.cancel_later(self.id);
+        } else {
+            self.shared.abandon(self.id);
+        }
     }
 }
 
@@ -291,8 +510,6 @@ type Writer = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, MessageCodec<FromW
 /// Dropping the port SIGKILLs the worker's process group.
 pub struct ProcessPort {
     shared: Arc<Shared>,
-    /// `None` once the channel is closed (the worker's EOF).
-    writer: tokio::sync::Mutex<Option<Writer>>,
     next_id: AtomicU64,
     pid: u32,
     info: WorkerInfo,
@@ -313,8 +530,16 @@ impl std::fmt::Debug for ProcessPort {
 impl Drop for ProcessPort {
     fn drop(&mut self) {
         // Kept in Drop so an actor that is killed (and skips its post_stop) still leaves no
-        // process behind. The reaper task collects the status.
+        // process behind. The reaper task collects the status. This is the last signal: the
+        // watchdog (its zombie, if it is dead) is released to be reaped, and with it the
+        // group id, which another process may then reuse.
         self.shared.signal_group(Signal::SIGKILL);
+        let watchdog = {
+            let mut group = self.shared.group();
+            group.released = true;
+            group.watchdog.take()
+        };
+        drop(watchdog);
     }
 }
 
@@ -323,7 +548,7 @@ impl Drop for ProcessPort {
 fn high_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let lift = |fd: OwnedFd| -> std::io::Result<OwnedFd> {
-        let raw = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+        let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
         // SAFETY: fcntl just returned this new descriptor, which nothing else owns.
         Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
     };
@@ -346,6 +571,7 @@ impl ProcessPort {
             cmd.current_dir(cwd);
         }
 
+        let parent = std::process::id() as libc::pid_t;
         let mut child_fds: Option<(OwnedFd, OwnedFd)> = None;
         let mut parent_fds: Option<(OwnedFd, OwnedFd)> = None;
         let spawn_err = |e: std::io::Error| PortError::SpawnFailed {
@@ -369,7 +595,7 @@ impl ProcessPort {
                         if libc::dup2(cr, 3) < 0 || libc::dup2(cw, 4) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
-                        set_parent_death_signal()
+                        set_parent_death_signal(parent)
                     });
                 }
                 child_fds = Some((to_r, from_w));
@@ -381,7 +607,7 @@ impl ProcessPort {
                     .stdout(Stdio::piped());
                 // SAFETY: as above; prctl and getppid are async-signal-safe.
                 unsafe {
-                    cmd.pre_exec(set_parent_death_signal);
+                    cmd.pre_exec(move || set_parent_death_signal(parent));
                 }
             }
         }
@@ -433,30 +659,60 @@ impl ProcessPort {
             let _ = exit_tx.send(status);
         });
 
+        // The watchdog joins the group before anything can signal it (see `Group`).
+        let (watchdog, watchdog_stdin) = match spawn_group_watchdog(pid) {
+            Ok((child, stdin)) => (Some(child), Some(stdin)),
+            Err(e) => {
+                let gone = exit_rx.borrow().is_some();
+                if spec.require_watchdog && !gone {
+                    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    return Err(PortError::SpawnFailed {
+                        program: spec.program_name(),
+                        reason: format!("no group watchdog (required): {e}"),
+                    });
+                }
+                if !gone {
+                    tracing::warn!(
+                        worker = %worker_id,
+                        pid,
+                        error = %e,
+                        "no group watchdog: if the runtime dies without cleanup, processes \
+                         this worker forked may outlive it (the worker itself still dies by \
+                         its parent-death signal)"
+                    );
+                }
+                (None, None)
+            }
+        };
+
         let (reader_done_tx, reader_done) = watch::channel(false);
+        let codec = MessageCodec::<FromWorker, ToWorker>::new(spec.max_frame);
         let shared = Arc::new(Shared {
             worker_id: worker_id.clone(),
             pgid: pid as i32,
             pending: Mutex::new(Pending::default()),
+            writer: tokio::sync::Mutex::new(Some(FramedWrite::new(output, codec.clone()))),
+            group: Mutex::new(Group {
+                watchdog,
+                released: false,
+            }),
             exit: exit_rx,
             stderr: stderr_tail,
             settled: tokio::sync::Notify::new(),
             open,
             in_flight: AtomicUsize::new(0),
             reader_done,
+            poisoned: watch::channel(false).0,
         });
-        let codec = MessageCodec::<FromWorker, ToWorker>::new(spec.max_frame);
         tokio::spawn(read_loop(
-            FramedRead::new(input, codec.clone()),
+            FramedRead::new(input, codec),
             shared.clone(),
             reader_done_tx,
         ));
 
-        let watchdog = spawn_group_watchdog(pid);
         let mut port = ProcessPort {
-            _watchdog: watchdog,
+            _watchdog: watchdog_stdin,
             shared,
-            writer: tokio::sync::Mutex::new(Some(FramedWrite::new(output, codec))),
             next_id: AtomicU64::new(1),
             pid,
             info: WorkerInfo {
@@ -472,13 +728,13 @@ impl ProcessPort {
 
     async fn handshake(&self, timeout: Duration) -> Result<WorkerInfo, PortError> {
         let (tx, rx) = oneshot::channel();
-        self.register(0, Slot::Init(tx))?;
+        self.shared.register(0, Slot::Init(tx))?;
         let ping = ToWorker::Init {
             id: 0,
             version: PROTOCOL_VERSION,
         };
         // A worker that dies at once makes this write fail; the reader reports why, below.
-        let _ = self.send(&ping).await;
+        let _ = self.shared.write(&ping, None).await;
         let pong = match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
                 self.shared.poison(PortError::Closed);
@@ -535,52 +791,6 @@ impl ProcessPort {
         }
     }
 
-    fn register(&self, id: u64, slot: Slot) -> Result<(), PortError> {
-        let mut pending = self.shared.pending();
-        if let Some(err) = &pending.closed {
-            return Err(err.clone());
-        }
-        pending.slots.insert(id, slot);
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        Ok(())
-    }
-
-    fn unregister(&self, id: u64) {
-        if self.shared.pending().slots.remove(&id).is_some() {
-            self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        }
-        self.shared.settled.notify_waiters();
-    }
-
-    async fn send(&self, msg: &ToWorker) -> Result<(), PortError> {
-        let mut guard = self.writer.lock().await;
-        let Some(writer) = guard.as_mut() else {
-            return Err(PortError::Closed);
-        };
-        match writer.send(msg).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.is_violation() => Err(PortError::from_protocol(&e)),
-            Err(_) => {
-                // The worker is gone (broken pipe): report it as the reader will.
-                drop(guard);
-                let info = self.shared.exit_info(Duration::from_secs(1)).await;
-                let err = PortError::WorkerDied(info);
-                self.shared.poison(err.clone());
-                Err(err)
-            }
-        }
-    }
-
-    /// Sends a request registered under `id`; on failure the registration is undone.
-    async fn request(&self, id: u64, slot: Slot, msg: &ToWorker) -> Result<(), PortError> {
-        self.register(id, slot)?;
-        let sent = self.send(msg).await;
-        if sent.is_err() {
-            self.unregister(id);
-        }
-        sent
-    }
-
     /// Allocates a fresh request id.
     pub fn next_request_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -589,7 +799,9 @@ impl ProcessPort {
     /// Calls `method` and waits for its one result. Chunks, if the worker streams, are a
     /// protocol violation here: use [`ProcessPort::call_stream`].
     ///
-    /// If the caller stops waiting, the reply is still read and discarded when it comes.
+    /// If the caller stops waiting, the worker is sent the protocol's `cancel` for the call,
+    /// and its reply is still read and discarded when it comes ([`ProcessPort::quiesce`] waits
+    /// for it). A call dropped before its frame was written leaves nothing behind.
     pub async fn call(
         &self,
         id: u64,
@@ -606,11 +818,18 @@ impl ProcessPort {
             session,
             deadline_ms,
         };
-        self.request(id, Slot::Unary(tx), &msg).await?;
-        rx.await.unwrap_or(Err(PortError::Closed))
+        let request = Request::start(&self.shared, id, Slot::Unary(tx), &msg).await?;
+        let reply = rx.await.unwrap_or(Err(PortError::Closed));
+        request.finish();
+        reply
     }
 
     /// Calls `method` and returns its stream of chunks, ending with the call's result.
+    ///
+    /// At most [`STREAM_BUFFER`] events wait in the returned receiver: while it is full the
+    /// port reads nothing more from the worker, and the worker blocks on its full pipe. Dropping
+    /// the receiver before the end sends the worker the protocol's `cancel`; the rest of the
+    /// stream is read and discarded.
     pub async fn call_stream(
         &self,
         id: u64,
@@ -618,8 +837,8 @@ impl ProcessPort {
         body: Value,
         session: Option<String>,
         deadline_ms: Option<u64>,
-    ) -> Result<mpsc::UnboundedReceiver<StreamEvent>, PortError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> Result<mpsc::Receiver<StreamEvent>, PortError> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let msg = ToWorker::Call {
             id,
             method: method.to_owned(),
@@ -627,11 +846,17 @@ impl ProcessPort {
             session,
             deadline_ms,
         };
-        self.request(id, Slot::Stream(tx), &msg).await?;
+        let slot = Slot::Stream {
+            tx,
+            cancelled: false,
+        };
+        // From here the reader owns the stream's end: it cancels the call if the receiver goes.
+        Request::start(&self.shared, id, slot, &msg).await?.finish();
         Ok(rx)
     }
 
-    /// Pings the worker; fails if no pong comes within `timeout`.
+    /// Pings the worker; fails if no pong comes within `timeout`. A pong that comes later is
+    /// dropped: a ping that timed out does not keep the worker busy.
     pub async fn ping(&self, timeout: Duration) -> Result<(), PortError> {
         let id = self.next_request_id();
         let (tx, rx) = oneshot::channel();
@@ -655,27 +880,32 @@ impl ProcessPort {
         msg: ToWorker,
         timeout: Duration,
     ) -> Result<(), PortError> {
-        self.request(id, slot, &msg).await?;
-        match tokio::time::timeout(timeout, rx).await {
+        let request = Request::start(&self.shared, id, slot, &msg).await?;
+        let reply = match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(PortError::Closed),
-            Err(_) => Err(PortError::Timeout(timeout)),
-        }
+            // `request` drops unfinished: the entry is abandoned.
+            Err(_) => return Err(PortError::Timeout(timeout)),
+        };
+        request.finish();
+        reply
     }
 
     /// Asks the worker to stop the call `id` early (best effort; its reply still comes).
     pub async fn cancel(&self, id: u64) -> Result<(), PortError> {
-        self.send(&ToWorker::Cancel { id }).await
+        self.shared.write(&ToWorker::Cancel { id }, None).await
     }
 
     /// Sends the `shutdown` message (the worker should exit 0 without replying).
     pub async fn request_shutdown(&self) -> Result<(), PortError> {
-        self.send(&ToWorker::Shutdown { id: None }).await
+        self.shared
+            .write(&ToWorker::Shutdown { id: None }, None)
+            .await
     }
 
     /// Closes the runtime's end of the channel: the worker's EOF, its dead-man switch.
     pub async fn close_channel(&self) {
-        if let Some(mut writer) = self.writer.lock().await.take() {
+        if let Some(mut writer) = self.shared.writer.lock().await.take() {
             let _ = writer.flush().await;
             // Dropping the writer closes our end of the pipe.
         }
@@ -747,7 +977,7 @@ impl ProcessPort {
     /// Waits until no request is in flight (every reply has come, or the port closed). Frames
     /// still buffered by an abandoned send are flushed first, so their replies can come.
     pub async fn quiesce(&self) {
-        if let Some(writer) = self.writer.lock().await.as_mut() {
+        if let Some(writer) = self.shared.writer.lock().await.as_mut() {
             let _ = writer.flush().await;
         }
         loop {
@@ -814,7 +1044,12 @@ impl ProcessPort {
 /// runtime ends — even by SIGKILL — the group dies with it, grandchildren included (the
 /// parent-death signal reaches only the direct child). A process that leaves the group with
 /// `setsid` escapes; nothing short of a cgroup catches that.
-fn spawn_group_watchdog(pgid: u32) -> Option<tokio::process::ChildStdin> {
+///
+/// The watchdog is returned unreaped: the port keeps it (and, once it is dead, its zombie) so
+/// that the group id stays taken for as long as the port may signal the group.
+fn spawn_group_watchdog(
+    pgid: u32,
+) -> std::io::Result<(tokio::process::Child, tokio::process::ChildStdin)> {
     let mut cmd = Command::new("/bin/sh");
     cmd.args(["-c", "read _ignored; kill -KILL 0"])
         .env_clear()
@@ -823,23 +1058,19 @@ fn spawn_group_watchdog(pgid: u32) -> Option<tokio::process::ChildStdin> {
         .stderr(Stdio::null())
         .process_group(pgid as i32)
         .kill_on_drop(false);
-    match cmd.spawn() {
-        Ok(mut child) => {
-            let stdin = child.stdin.take();
-            tokio::spawn(async move {
-                let _ = child.wait().await;
-            });
-            stdin
-        }
-        Err(e) => {
-            // The worker may already be gone (its group with it); nothing to guard then.
-            tracing::debug!(pgid, error = %e, "no group watchdog");
-            None
-        }
-    }
+    let mut child = cmd.spawn()?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| std::io::Error::other("the watchdog has no stdin"))?;
+    Ok((child, stdin))
 }
 
-fn set_parent_death_signal() -> std::io::Result<()> {
+/// Runs in the forked child before exec: asks for SIGKILL when the runtime (`parent`) dies,
+/// and exits at once if it already has. The parent's pid is captured before the fork, so a
+/// runtime that is itself PID 1 (a container without an init) is told apart from a child that
+/// was re-parented to init.
+fn set_parent_death_signal(parent: libc::pid_t) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid are async-signal-safe and touch no memory.
     unsafe {
@@ -847,11 +1078,25 @@ fn set_parent_death_signal() -> std::io::Result<()> {
             return Err(std::io::Error::last_os_error());
         }
         // The parent may have died between fork and prctl: then we were re-parented already.
-        if libc::getppid() == 1 {
+        if libc::getppid() != parent {
             libc::_exit(1);
         }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = parent;
     Ok(())
+}
+
+/// What the reader does with one frame once it is routed.
+enum Delivery {
+    /// Nothing more.
+    Done,
+    /// Hand this event to a stream's consumer, waiting while its buffer is full.
+    Stream {
+        id: u64,
+        tx: mpsc::Sender<StreamEvent>,
+        event: StreamEvent,
+    },
 }
 
 /// Routes every frame from the worker to the request it answers; poisons the port on any
@@ -882,8 +1127,10 @@ async fn read_loop(
         };
         let routed = route(&shared, msg);
         shared.settled.notify_waiters();
-        if let Err(violation) = routed {
-            break violation;
+        match routed {
+            Ok(Delivery::Done) => {}
+            Ok(Delivery::Stream { id, tx, event }) => deliver(&shared, id, tx, event).await,
+            Err(violation) => break violation,
         }
     };
     tracing::debug!(worker = %shared.worker_id, error = %failure, "worker channel closed");
@@ -891,27 +1138,86 @@ async fn read_loop(
     let _ = done.send(true);
 }
 
-fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
+/// Hands a stream event to its consumer. While the consumer's buffer is full the reader waits
+/// here, reading nothing: backpressure reaches the worker through the pipe. If the port is
+/// poisoned meanwhile (the worker was killed) the wait ends and the event is dropped. If the
+/// consumer is gone, the call is cancelled once and the rest of the stream is dropped as it
+/// comes.
+async fn deliver(shared: &Arc<Shared>, id: u64, tx: mpsc::Sender<StreamEvent>, event: StreamEvent) {
+    let end = matches!(event, StreamEvent::End(_));
+    let mut poisoned = shared.poisoned.subscribe();
+    let permit = tokio::select! {
+        biased;
+        permit = tx.reserve() => permit,
+        _ = poisoned.wait_for(|p| *p) => return,
+    };
+    match permit {
+        Ok(permit) => permit.send(event),
+        Err(_) if end => {}
+        Err(_) => {
+            let first = {
+                let mut pending = shared.pending();
+                match pending.slots.get_mut(&id) {
+                    Some(Slot::Stream { cancelled, .. }) if !*cancelled => {
+                        *cancelled = true;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if first {
+                shared.cancel_later(id);
+            }
+        }
+    }
+}
+
+fn route(shared: &Shared, msg: FromWorker) -> Result<Delivery, PortError> {
     let id = msg.id();
     let mut pending = shared.pending();
-    let Some(slot) = pending.slots.remove(&id).inspect(|_| {
-        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }) else {
+    // A chunk leaves its stream's entry in place: the call stays in flight until its end.
+    if let FromWorker::Chunk { seq, body, .. } = msg {
+        return match pending.slots.get(&id) {
+            Some(Slot::Stream { tx, .. }) => Ok(Delivery::Stream {
+                id,
+                tx: tx.clone(),
+                event: StreamEvent::Chunk { seq, body },
+            }),
+            Some(Slot::Abandoned) | None => Err(PortError::ProtocolViolation {
+                reason: format!("chunk with unknown request id {id}"),
+            }),
+            Some(_) => {
+                let reason = format!("unexpected chunk for request {id}");
+                if let Some(slot) = shared.take(&mut pending, id) {
+                    drop(pending);
+                    slot.fail(PortError::ProtocolViolation {
+                        reason: reason.clone(),
+                    });
+                }
+                Err(PortError::ProtocolViolation { reason })
+            }
+        };
+    }
+    let Some(slot) = shared.take(&mut pending, id) else {
         return Err(PortError::ProtocolViolation {
             reason: format!("reply with unknown request id {id}: {}", describe(&msg)),
         });
     };
+    drop(pending);
     match (slot, msg) {
-        (Slot::Stream(tx), FromWorker::Chunk { seq, body, .. }) => {
-            let _ = tx.send(StreamEvent::Chunk { seq, body });
-            pending.slots.insert(id, Slot::Stream(tx));
-            shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        (Slot::Stream { tx, .. }, FromWorker::Ok { body, .. }) => {
+            return Ok(Delivery::Stream {
+                id,
+                tx,
+                event: StreamEvent::End(Ok(body)),
+            });
         }
-        (Slot::Stream(tx), FromWorker::Ok { body, .. }) => {
-            let _ = tx.send(StreamEvent::End(Ok(body)));
-        }
-        (Slot::Stream(tx), FromWorker::Error { kind, message, .. }) => {
-            let _ = tx.send(StreamEvent::End(Err(PortError::Remote { kind, message })));
+        (Slot::Stream { tx, .. }, FromWorker::Error { kind, message, .. }) => {
+            return Ok(Delivery::Stream {
+                id,
+                tx,
+                event: StreamEvent::End(Err(PortError::Remote { kind, message })),
+            });
         }
         (Slot::Unary(tx), FromWorker::Ok { body, .. }) => {
             let _ = tx.send(Ok(body));
@@ -928,16 +1234,20 @@ fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
         (Slot::Init(tx), msg @ FromWorker::InitPong { .. }) => {
             let _ = tx.send(Ok(msg));
         }
+        // The late answer to a ping or reset nobody waits for any more.
+        (
+            Slot::Abandoned,
+            FromWorker::Pong { .. } | FromWorker::Ok { .. } | FromWorker::Error { .. },
+        ) => {}
         (slot, msg) => {
             let reason = format!("unexpected {} for request {id}", describe(&msg));
-            drop(pending);
             slot.fail(PortError::ProtocolViolation {
                 reason: reason.clone(),
             });
             return Err(PortError::ProtocolViolation { reason });
         }
     }
-    Ok(())
+    Ok(Delivery::Done)
 }
 
 fn describe(msg: &FromWorker) -> &'static str {
