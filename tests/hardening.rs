@@ -408,3 +408,72 @@ async fn a_lease_dropped_mid_stream_returns_its_worker_only_when_the_stream_ende
     );
     pool.shutdown().await;
 }
+
+/// Config validation: every setting that cannot work is refused at build with a typed error
+/// naming it, before any worker starts.
+#[tokio::test]
+async fn nonsensical_settings_are_refused_at_build_naming_the_field() {
+    let zero = Duration::ZERO;
+    let health = |interval, timeout, max_missed| HealthCheck {
+        interval,
+        timeout,
+        max_missed,
+    };
+    let cases = [
+        (builder(0), "size"),
+        (builder(1).name(""), "name"),
+        (builder(1).startup_concurrency(0), "startup_concurrency"),
+        (builder(1).max_frame(10), "max_frame"),
+        (builder(1).init_timeout(zero), "init_timeout"),
+        (builder(1).call_timeout(zero), "call_timeout"),
+        (
+            builder(1).max_overflow(1).overflow_idle_timeout(zero),
+            "overflow_idle_timeout",
+        ),
+        (builder(1).session_idle_timeout(zero), "session_idle_timeout"),
+        (builder(1).intensity(3, zero), "intensity.within"),
+        (builder(1).max_start_failures(0), "max_start_failures"),
+        (
+            builder(1).backoff(Backoff {
+                initial: Duration::from_secs(2),
+                max: Duration::from_secs(1),
+                ..Backoff::default()
+            }),
+            "backoff.max",
+        ),
+        (
+            builder(1).health_check(health(Some(zero), Duration::from_secs(1), 2)),
+            "health.interval",
+        ),
+        (
+            builder(1).health_check(health(None, zero, 2)),
+            "health.timeout",
+        ),
+        (
+            builder(1).health_check(health(None, Duration::from_secs(1), 0)),
+            "health.max_missed",
+        ),
+    ];
+    for (b, field) in cases {
+        let err = b.build().await.unwrap_err();
+        assert!(
+            matches!(&err, Error::Config { field: f, .. } if *f == field),
+            "expected a config error naming {field}, got {err:?}"
+        );
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    // Zero where zero has a meaning is accepted: no wait for a worker, no backoff, no grace.
+    let pool = builder(1)
+        .checkout_timeout(zero)
+        .shutdown_grace(zero)
+        .drain_timeout(zero)
+        .backoff(Backoff {
+            initial: zero,
+            jitter: 0.0,
+            ..Backoff::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    pool.shutdown().await;
+}
