@@ -430,7 +430,10 @@ async fn nonsensical_settings_are_refused_at_build_naming_the_field() {
             builder(1).max_overflow(1).overflow_idle_timeout(zero),
             "overflow_idle_timeout",
         ),
-        (builder(1).session_idle_timeout(zero), "session_idle_timeout"),
+        (
+            builder(1).session_idle_timeout(zero),
+            "session_idle_timeout",
+        ),
         (builder(1).intensity(3, zero), "intensity.within"),
         (builder(1).max_start_failures(0), "max_start_failures"),
         (

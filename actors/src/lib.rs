@@ -6,6 +6,7 @@
 //! checkout: it tells its embedder of ready and exited workers through
 //! [`supervisor::PoolEvents`].
 
+pub mod engine;
 pub mod port;
 pub mod restart;
 pub mod supervisor;
