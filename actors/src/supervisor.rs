@@ -15,7 +15,7 @@ use ractor::{
     Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
 };
 
-use crate::port::{PortError, ProcessSpec};
+use crate::port::{PortError, WorkerSpec};
 use crate::restart::{IntensityTracker, RestartPolicy, Strategy};
 use crate::worker::{
     ExitKind, HealthCheck, WorkerActor, WorkerArgs, WorkerHandle, WorkerShared, WorkerState,
@@ -49,7 +49,7 @@ pub struct SupervisorArgs {
     /// The pool's name (prefix of worker names).
     pub name: String,
     /// How to launch one worker.
-    pub spec: ProcessSpec,
+    pub spec: WorkerSpec,
     /// Core workers.
     pub size: usize,
     /// Extra workers started under load.
@@ -217,7 +217,7 @@ impl Supervisor {
             max_lifetime: st.args.max_lifetime,
         };
         let me = myself.clone();
-        let program = st.args.spec.program.to_string_lossy().into_owned();
+        let program = st.args.spec.describe();
         tokio::spawn(async move {
             let result = match Actor::spawn_linked(None, WorkerActor, args, me.get_cell()).await {
                 Ok((actor, _)) => Ok(actor),
@@ -554,7 +554,7 @@ impl Actor for Supervisor {
                 }));
         }
         worker.shared.set_state(WorkerState::Dead);
-        worker.port.terminate(PortError::Closed);
+        worker.port.kill(PortError::Closed);
         let kind = worker.shared.exit_kind().unwrap_or(ExitKind::Normal);
         st.args.events.worker_exited(&worker.shared, &kind);
         if st.slots[slot].token == token {

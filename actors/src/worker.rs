@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::port::{PortError, ProcessPort, ProcessSpec};
+use crate::port::{Port, PortError, WorkerSpec};
 
 /// How long an exited worker's actor waits for the port's reader to report the last bytes.
 const READER_GRACE: Duration = Duration::from_secs(1);
@@ -120,7 +120,7 @@ pub struct WorkerShared {
     started: Instant,
     last_used_ms: AtomicU64,
     exit: Mutex<Option<ExitKind>>,
-    port: OnceLock<Arc<ProcessPort>>,
+    port: OnceLock<Arc<Port>>,
 }
 
 impl WorkerShared {
@@ -182,12 +182,12 @@ impl WorkerShared {
         self.started.elapsed().saturating_sub(last)
     }
 
-    fn set_port(&self, port: Arc<ProcessPort>) {
+    fn set_port(&self, port: Arc<Port>) {
         let _ = self.port.set(port);
     }
 
     /// The worker's port, once it has started.
-    pub fn port(&self) -> Option<&Arc<ProcessPort>> {
+    pub fn port(&self) -> Option<&Arc<Port>> {
         self.port.get()
     }
 
@@ -211,7 +211,7 @@ pub struct WorkerHandle {
     /// The worker's shared state.
     pub shared: Arc<WorkerShared>,
     /// The worker's port.
-    pub port: Arc<ProcessPort>,
+    pub port: Arc<Port>,
     /// The worker's actor.
     pub actor: ActorRef<WorkerMsg>,
 }
@@ -221,7 +221,7 @@ impl WorkerHandle {
     pub fn kill(&self, kind: ExitKind) {
         self.shared.record_exit(kind);
         self.shared.set_state(WorkerState::Dead);
-        self.port.terminate(PortError::Closed);
+        self.port.kill(PortError::Closed);
     }
 
     /// Asks the actor to stop the worker gracefully and have it replaced.
@@ -236,7 +236,7 @@ impl WorkerHandle {
         self.shared.set_state(WorkerState::Stopping);
         self.shared.record_exit(kind);
         if self.actor.cast(WorkerMsg::Retire).is_err() {
-            self.port.terminate(PortError::Closed);
+            self.port.kill(PortError::Closed);
         }
     }
 
@@ -281,7 +281,7 @@ pub enum WorkerMsg {
 /// What a worker actor is started with.
 pub struct WorkerArgs {
     /// How to launch the process.
-    pub spec: ProcessSpec,
+    pub spec: WorkerSpec,
     /// State shared with the supervisor and the pool.
     pub shared: Arc<WorkerShared>,
     /// Health checking.
@@ -298,7 +298,7 @@ pub struct WorkerActor;
 
 /// The worker actor's state.
 pub struct WorkerActorState {
-    port: Arc<ProcessPort>,
+    port: Arc<Port>,
     shared: Arc<WorkerShared>,
     health: HealthCheck,
     shutdown_grace: Duration,
@@ -308,7 +308,7 @@ pub struct WorkerActorState {
 
 impl WorkerActorState {
     /// The worker's port.
-    pub fn port(&self) -> &Arc<ProcessPort> {
+    pub fn port(&self) -> &Arc<Port> {
         &self.port
     }
 }
@@ -316,7 +316,7 @@ impl WorkerActorState {
 impl Drop for WorkerActorState {
     fn drop(&mut self) {
         // An actor that is killed skips post_stop: the process group still dies with its state.
-        self.port.terminate(PortError::Closed);
+        self.port.kill(PortError::Closed);
     }
 }
 
@@ -330,7 +330,7 @@ impl Actor for WorkerActor {
         myself: ActorRef<WorkerMsg>,
         args: WorkerArgs,
     ) -> Result<WorkerActorState, ActorProcessingErr> {
-        let port = match ProcessPort::spawn(&args.spec).await {
+        let port = match Port::start(&args.spec).await {
             Ok(port) => Arc::new(port),
             Err(e) => {
                 args.shared.set_state(WorkerState::Dead);
@@ -416,7 +416,7 @@ impl Actor for WorkerActor {
                                 .transition(WorkerState::Ready, WorkerState::Dead)
                         {
                             state.shared.record_exit(ExitKind::Unresponsive);
-                            state.port.terminate(PortError::Closed);
+                            state.port.kill(PortError::Closed);
                         }
                     }
                     // The port closed: PortClosed follows.
@@ -428,7 +428,7 @@ impl Actor for WorkerActor {
                 state
                     .shared
                     .record_exit(ExitKind::Recycled("retired".into()));
-                state.port.shutdown(state.shutdown_grace).await;
+                state.port.stop(state.shutdown_grace).await;
                 state.shared.set_state(WorkerState::Dead);
                 myself.stop(None);
             }
@@ -443,7 +443,7 @@ impl Actor for WorkerActor {
     ) -> Result<(), ActorProcessingErr> {
         state.shared.set_state(WorkerState::Dead);
         if state.port.is_open() {
-            state.port.shutdown(state.shutdown_grace).await;
+            state.port.stop(state.shutdown_grace).await;
         }
         Ok(())
     }

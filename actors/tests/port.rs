@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use wharf_actors::port::{PortError, ProcessPort, ProcessSpec, StreamEvent};
+use wharf_actors::port::{Port, PortError, ProcessSpec, StreamEvent};
 use wharf_protocol::Value;
 
 fn repo_root() -> PathBuf {
@@ -32,13 +32,13 @@ fn map(pairs: &[(&str, Value)]) -> Value {
 }
 
 /// Waits (bounded) until no request is in flight.
-async fn settles(port: &ProcessPort, limit: Duration) -> bool {
+async fn settles(port: &Port, limit: Duration) -> bool {
     tokio::time::timeout(limit, port.quiesce()).await.is_ok() && port.in_flight() == 0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_stays_in_flight_between_its_chunks() {
-    let port = Arc::new(ProcessPort::spawn(&fixture("streamer.py")).await.unwrap());
+    let port = Arc::new(Port::start(&fixture("streamer.py").into()).await.unwrap());
     const N: u64 = 20_000;
     // The last chunk is followed by a pause: until the final reply, the call is in flight.
     let body = map(&[("n", N.into()), ("end_ms", 300.into())]);
@@ -86,12 +86,12 @@ async fn a_stream_stays_in_flight_between_its_chunks() {
          would hand out a worker that is still streaming"
     );
     assert!(settles(&port, Duration::from_secs(5)).await);
-    port.kill().await;
+    port.kill(PortError::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_stream_consumer_stops_the_reader() {
-    let port = ProcessPort::spawn(&fixture("streamer.py")).await.unwrap();
+    let port = Port::start(&fixture("streamer.py").into()).await.unwrap();
     // 2000 chunks of 64 KiB: 125 MiB if the runtime buffered them all.
     const N: u64 = 2000;
     let body = map(&[("n", N.into()), ("size", (64 * 1024).into())]);
@@ -127,12 +127,12 @@ async fn a_paused_stream_consumer_stops_the_reader() {
     }
     assert_eq!(next, N);
     assert!(settles(&port, Duration::from_secs(5)).await);
-    port.kill().await;
+    port.kill(PortError::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cancelled_before_it_is_sent_leaves_no_entry() {
-    let port = Arc::new(ProcessPort::spawn(&fixture("streamer.py")).await.unwrap());
+    let port = Arc::new(Port::start(&fixture("streamer.py").into()).await.unwrap());
     // A stream of 8 MiB in 64 KiB chunks keeps the worker writing; a 4 MiB echo cannot be
     // written in full until the worker reads again, so the writer stays busy with it.
     let body = map(&[
@@ -181,12 +181,12 @@ async fn a_request_cancelled_before_it_is_sent_leaves_no_entry() {
         "{} request(s) still in flight: an abandoned send left its entry",
         port.in_flight()
     );
-    port.kill().await;
+    port.kill(PortError::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_call_is_cancelled() {
-    let port = ProcessPort::spawn(&fixture("cancellable.py"))
+    let port = Port::start(&fixture("cancellable.py").into())
         .await
         .unwrap();
     // The worker ends `sleep` only when cancelled.
@@ -205,12 +205,12 @@ async fn an_abandoned_call_is_cancelled() {
         .await
         .unwrap();
     assert_eq!(echo, Value::from("after"));
-    port.kill().await;
+    port.kill(PortError::Closed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ping_that_timed_out_is_not_in_flight() {
-    let port = ProcessPort::spawn(&fixture("no_pong.py")).await.unwrap();
+    let port = Port::start(&fixture("no_pong.py").into()).await.unwrap();
     let missed = port.ping(Duration::from_millis(100)).await;
     assert!(matches!(missed, Err(PortError::Timeout(_))), "{missed:?}");
     assert_eq!(
@@ -225,5 +225,5 @@ async fn a_ping_that_timed_out_is_not_in_flight() {
         .unwrap();
     assert_eq!(echo, Value::from(5));
     assert!(settles(&port, Duration::from_secs(5)).await);
-    port.kill().await;
+    port.kill(PortError::Closed);
 }

@@ -503,9 +503,10 @@ pub async fn recovery(env: &Env, s: Scale) -> Outcome {
         }
         rec.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        let port = wharf_actors::port::ProcessPort::spawn(&env.demo_spec()).await?;
+        let port = wharf_actors::port::Port::start(&env.demo_spec().into()).await?;
         cold.push(t.elapsed().as_secs_f64() * 1e3);
-        port.kill().await;
+        port.kill(wharf::PortError::Closed);
+        port.exit_info(Duration::from_secs(5)).await;
     }
     pool.shutdown().await;
     let (r, c) = (median(&rec), median(&cold));

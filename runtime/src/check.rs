@@ -1,7 +1,7 @@
 //! The conformance checker behind `wharf check`: the executable form of `docs/protocol.md`.
 //!
 //! [`run_checks`] starts a worker command through the process port
-//! ([`ProcessPort`](wharf_actors::port::ProcessPort)) and drives it through the protocol, one
+//! ([`Port`](wharf_actors::port::Port)) and drives it through the protocol, one
 //! named check at a time:
 //!
 //! | check | passes when |
@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use wharf_actors::port::{PortError, ProcessPort, ProcessSpec, StreamEvent};
+use wharf_actors::port::{Port, PortError, ProcessSpec, StreamEvent};
 use wharf_protocol::message::kinds;
 use wharf_protocol::{Value, PROTOCOL_VERSION};
 
@@ -359,7 +359,7 @@ struct Runner<F> {
     spec: ProcessSpec,
     opts: CheckOptions,
     /// The worker the next check runs on, if it is still usable.
-    port: Option<Arc<ProcessPort>>,
+    port: Option<Arc<Port>>,
     /// Set once a fresh worker could not be started: the remaining checks fail with it.
     broken: Option<String>,
     report: CheckReport,
@@ -378,12 +378,12 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
     }
 
     /// Starts a fresh worker (replacing the current one) and waits until it is ready.
-    async fn spawn(&mut self) -> Result<Arc<ProcessPort>, Failure> {
+    async fn spawn(&mut self) -> Result<Arc<Port>, Failure> {
         self.discard().await;
         // The port bounds the handshake by the init timeout; this also bounds the spawn itself
         // and the port's own waits for an exit status after a failed start.
         let limit = self.opts.init_timeout + Duration::from_secs(10);
-        let port = tokio::time::timeout(limit, ProcessPort::spawn(&self.spec))
+        let port = tokio::time::timeout(limit, Port::start(&self.spec.clone().into()))
             .await
             .map_err(|_| Failure::Timeout(limit))??;
         let port = Arc::new(port);
@@ -392,7 +392,7 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
     }
 
     /// The current worker if it is still usable, else a fresh one.
-    async fn port(&mut self) -> Result<Arc<ProcessPort>, Failure> {
+    async fn port(&mut self) -> Result<Arc<Port>, Failure> {
         if let Some(why) = &self.broken {
             return Err(Failure::NoWorker(why.clone()));
         }
@@ -410,7 +410,8 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
     /// Kills the current worker, if any.
     async fn discard(&mut self) {
         if let Some(port) = self.port.take() {
-            port.kill().await;
+            port.kill(PortError::Closed);
+            port.exit_info(Duration::from_secs(5)).await;
         }
     }
 
@@ -418,7 +419,7 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
     /// A worker whose check failed is discarded: the next check gets a fresh one.
     async fn check<C, Fut>(&mut self, name: &str, check: C)
     where
-        C: FnOnce(Arc<ProcessPort>) -> Fut,
+        C: FnOnce(Arc<Port>) -> Fut,
         Fut: Future<Output = Result<(), Failure>>,
     {
         let timeout = self.opts.timeout;
@@ -478,7 +479,7 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
 }
 
 /// Echoes `value`; it must come back equal (map entries in any order).
-async fn echo(port: &ProcessPort, value: Value) -> Result<(), Failure> {
+async fn echo(port: &Port, value: Value) -> Result<(), Failure> {
     let back = call(port, "echo", value.clone()).await?;
     match difference(&value, &back) {
         None => Ok(()),
@@ -486,14 +487,14 @@ async fn echo(port: &ProcessPort, value: Value) -> Result<(), Failure> {
     }
 }
 
-async fn call(port: &ProcessPort, method: &str, body: Value) -> Result<Value, PortError> {
+async fn call(port: &Port, method: &str, body: Value) -> Result<Value, PortError> {
     port.call(port.next_request_id(), method, body, None, None)
         .await
 }
 
 /// Calls `method`, which must fail with an error reply (of `kind`, if given, else of any
 /// non-empty kind); the worker must then still answer an echo.
-async fn expect_error(port: &ProcessPort, method: &str, kind: Option<&str>) -> Result<(), Failure> {
+async fn expect_error(port: &Port, method: &str, kind: Option<&str>) -> Result<(), Failure> {
     match call(port, method, "wharf check".into()).await {
         Ok(v) => {
             return Err(Failure::Wrong(format!(
@@ -519,7 +520,7 @@ async fn expect_error(port: &ProcessPort, method: &str, kind: Option<&str>) -> R
 }
 
 /// Calls `stream` with `{"n": n}`: chunks seq 0..n with body = seq, then `ok` with body n.
-async fn stream(port: &ProcessPort, n: u64) -> Result<(), Failure> {
+async fn stream(port: &Port, n: u64) -> Result<(), Failure> {
     let body = Value::Map(vec![("n".into(), n.into())]);
     let id = port.next_request_id();
     let mut events = port.call_stream(id, "stream", body, None, None).await?;
@@ -551,10 +552,10 @@ async fn stream(port: &ProcessPort, n: u64) -> Result<(), Failure> {
 }
 
 /// Tells the worker to exit (`how`) and waits for it to exit by itself with status 0.
-async fn exits(port: &ProcessPort, how: Exit, timeout: Duration) -> Result<(), Failure> {
+async fn exits(port: &Port, how: Exit, timeout: Duration) -> Result<(), Failure> {
     let what = match how {
         Exit::Shutdown => {
-            port.request_shutdown().await?;
+            port.send_shutdown().await?;
             "shutdown"
         }
         Exit::Eof => {
@@ -595,7 +596,7 @@ async fn exits(port: &ProcessPort, how: Exit, timeout: Duration) -> Result<(), F
 
 /// The port snapshots a dead worker's stderr tail as soon as it is reaped, which can be before
 /// its last lines were read from the pipe: give those lines a moment to arrive.
-async fn settled_stderr(port: &ProcessPort, seen: usize) -> Vec<String> {
+async fn settled_stderr(port: &Port, seen: usize) -> Vec<String> {
     for _ in 0..25 {
         let tail = port.stderr_tail();
         if tail.len() > seen {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use wharf_actors::port::{Channel, ProcessSpec};
+use wharf_actors::port::{Channel, WorkerSpec};
 use wharf_actors::restart::{Backoff, Intensity, RestartPolicy, RestartType, Strategy};
 use wharf_actors::worker::HealthCheck;
 
@@ -45,7 +45,7 @@ pub struct PoolConfig {
     /// The pool's name, in logs and worker names.
     pub name: String,
     /// How to launch a worker.
-    pub spec: ProcessSpec,
+    pub spec: WorkerSpec,
     /// Core workers.
     pub size: usize,
     /// Extra workers started while callers wait, stopped after `overflow_idle`.
@@ -89,7 +89,7 @@ pub struct PoolBuilder {
 }
 
 impl PoolBuilder {
-    pub(crate) fn new(spec: ProcessSpec) -> Self {
+    pub(crate) fn new(spec: WorkerSpec) -> Self {
         Self {
             config: PoolConfig {
                 name: "pool".into(),
@@ -147,7 +147,7 @@ impl PoolBuilder {
     }
     /// How long a worker may take to answer its init ping (default 30 s).
     pub fn init_timeout(mut self, d: Duration) -> Self {
-        self.config.spec.init_timeout = d;
+        self.config.spec.set_init_timeout(d);
         self
     }
     /// Default deadline of a call (default 30 s).
@@ -211,12 +211,14 @@ impl PoolBuilder {
     }
     /// Largest frame either side may send (default 8 MiB).
     pub fn max_frame(mut self, bytes: usize) -> Self {
-        self.config.spec.max_frame = bytes;
+        self.config.spec.set_max_frame(bytes);
         self
     }
-    /// The protocol channel (default fds 3/4).
+    /// The protocol channel of process workers (default fds 3/4).
     pub fn channel(mut self, c: Channel) -> Self {
-        self.config.spec.channel = c;
+        if let WorkerSpec::Process(spec) = &mut self.config.spec {
+            spec.channel = c;
+        }
         self
     }
     /// What happens to a session's worker when the session ends (default reset).
@@ -285,8 +287,11 @@ impl PoolConfig {
         if self.name.is_empty() {
             return bad("name", "must not be empty");
         }
-        if self.spec.program.is_empty() {
-            return bad("spec.program", "must not be empty");
+        match &self.spec {
+            WorkerSpec::Process(spec) if spec.program.is_empty() => {
+                return bad("spec.program", "must not be empty");
+            }
+            _ => {}
         }
         if self.size == 0 && self.max_overflow == 0 {
             return bad(
@@ -297,13 +302,11 @@ impl PoolConfig {
         if self.startup_concurrency == 0 {
             return bad("startup_concurrency", "must be at least 1");
         }
-        if self.spec.max_frame < 64 || self.spec.max_frame > u32::MAX as usize {
-            return bad(
-                "max_frame",
-                format!("{} is outside 64 ..= 2^32-1", self.spec.max_frame),
-            );
+        let max_frame = self.spec.max_frame();
+        if !(64..=u32::MAX as usize).contains(&max_frame) {
+            return bad("max_frame", format!("{max_frame} is outside 64 ..= 2^32-1"));
         }
-        nonzero("init_timeout", self.spec.init_timeout)?;
+        nonzero("init_timeout", self.spec.init_timeout())?;
         nonzero("call_timeout", self.call_timeout)?;
         if self.max_overflow > 0 {
             nonzero("overflow_idle_timeout", self.overflow_idle)?;

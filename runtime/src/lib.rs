@@ -27,7 +27,7 @@ pub use lease::{CallStream, Lease, StreamItem};
 pub use pool::{from_value, to_value, Pool, WorkerInfo};
 pub use session::Session;
 pub use stats::PoolStats;
-pub use wharf_actors::port::{Channel, ExitInfo, PortError, ProcessSpec};
+pub use wharf_actors::port::{Channel, ExitInfo, PortError, ProcessSpec, WorkerSpec};
 pub use wharf_actors::restart::{Backoff, Intensity, RestartPolicy, RestartType, Strategy};
 pub use wharf_actors::worker::{HealthCheck, WorkerState};
 pub use wharf_protocol::Value;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
-use wharf_actors::port::PortError;
+use wharf_actors::port::{PortError, WorkerSpec};
 use wharf_actors::supervisor::{PoolEvents, Supervisor, SupervisorArgs, SupervisorMsg};
 use wharf_actors::worker::{ExitKind, WorkerHandle, WorkerShared, WorkerState};
 use wharf_protocol::Value;
@@ -339,7 +339,7 @@ impl Drop for Inner {
         }
         for w in lock(&self.workers).values() {
             if let Some(port) = w.port() {
-                port.terminate(PortError::Closed);
+                port.kill(PortError::Closed);
             }
         }
     }
@@ -452,8 +452,9 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// Starts building a pool of workers launched from `spec`.
-    pub fn builder(spec: wharf_actors::port::ProcessSpec) -> PoolBuilder {
-        PoolBuilder::new(spec)
+    /// A process spec or any other [`WorkerSpec`] will do.
+    pub fn builder(spec: impl Into<WorkerSpec>) -> PoolBuilder {
+        PoolBuilder::new(spec.into())
     }
 
     pub(crate) async fn start(config: PoolConfig) -> Result<Pool> {
@@ -522,7 +523,7 @@ impl Pool {
                 .filter_map(|w| w.port().cloned())
                 .collect();
             for port in ports {
-                port.terminate(PortError::Closed);
+                port.kill(PortError::Closed);
             }
         });
         Ok(Pool { inner })
@@ -689,7 +690,8 @@ impl Pool {
             .filter_map(|w| w.port().cloned())
             .collect();
         for port in ports {
-            port.kill().await;
+            port.kill(PortError::Closed);
+            port.exit_info(Duration::from_secs(5)).await;
         }
         lock(&inner.idle).clear();
     }
