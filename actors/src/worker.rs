@@ -374,10 +374,7 @@ impl Actor for WorkerActor {
                         ExitKind::Crashed(PortError::ProtocolViolation { reason })
                     }
                     (Some(status), _) if status.success() => ExitKind::Normal,
-                    _ => ExitKind::Crashed(PortError::WorkerDied(crate::port::ExitInfo {
-                        status: state.port.exit_status(),
-                        stderr_tail: state.port.stderr_tail(),
-                    })),
+                    _ => ExitKind::Crashed(PortError::WorkerDied(state.port.exit_now())),
                 };
                 state.shared.record_exit(kind);
                 state.shared.set_state(WorkerState::Dead);

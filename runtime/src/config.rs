@@ -291,6 +291,12 @@ impl PoolConfig {
             WorkerSpec::Process(spec) if spec.program.is_empty() => {
                 return bad("spec.program", "must not be empty");
             }
+            WorkerSpec::Container(spec) if spec.image.is_empty() => {
+                return bad("spec.image", "must not be empty");
+            }
+            WorkerSpec::Container(spec) if spec.command.is_empty() => {
+                return bad("spec.command", "must not be empty");
+            }
             _ => {}
         }
         if self.size == 0 && self.max_overflow == 0 {

@@ -27,7 +27,10 @@ pub use lease::{CallStream, Lease, StreamItem};
 pub use pool::{from_value, to_value, Pool, WorkerInfo};
 pub use session::Session;
 pub use stats::PoolStats;
-pub use wharf_actors::port::{Channel, ExitInfo, PortError, ProcessSpec, WorkerSpec};
+pub use wharf_actors::engine::{Engine, EngineError};
+pub use wharf_actors::port::{
+    Channel, ContainerSpec, ExitInfo, Mount, PortError, ProcessSpec, Transport, WorkerSpec,
+};
 pub use wharf_actors::restart::{Backoff, Intensity, RestartPolicy, RestartType, Strategy};
 pub use wharf_actors::worker::{HealthCheck, WorkerState};
 pub use wharf_protocol::Value;

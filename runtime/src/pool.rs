@@ -457,7 +457,28 @@ impl Pool {
         PoolBuilder::new(spec.into())
     }
 
-    pub(crate) async fn start(config: PoolConfig) -> Result<Pool> {
+    pub(crate) async fn start(mut config: PoolConfig) -> Result<Pool> {
+        config.spec.set_pool(&config.name);
+        if let WorkerSpec::Container(spec) = &config.spec {
+            // Containers a dead runtime left behind for this pool go first.
+            let engine = match &spec.engine {
+                Some(engine) => Ok(engine.clone()),
+                None => wharf_actors::port::container::local_engine().await,
+            };
+            let swept = match engine {
+                Ok(engine) => {
+                    wharf_actors::port::container::sweep(&engine, &config.name, true).await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = swept {
+                return Err(Error::PoolFailed {
+                    pool: config.name.clone(),
+                    reason: format!("the pool's engine cannot be used: {e}"),
+                    last_errors: Vec::new(),
+                });
+            }
+        }
         let inner = Arc::new(Inner {
             permits: Semaphore::new(0),
             idle: Mutex::new(Vec::with_capacity(config.size + config.max_overflow)),
@@ -694,6 +715,20 @@ impl Pool {
             port.exit_info(Duration::from_secs(5)).await;
         }
         lock(&inner.idle).clear();
+        if let WorkerSpec::Container(spec) = &inner.config.spec {
+            // Every container this pool created goes, whatever state its worker was left in.
+            let engine = match &spec.engine {
+                Some(engine) => Ok(engine.clone()),
+                None => wharf_actors::port::container::local_engine().await,
+            };
+            if let Ok(engine) = engine {
+                if let Err(e) =
+                    wharf_actors::port::container::sweep(&engine, &inner.config.name, false).await
+                {
+                    tracing::warn!(pool = %inner.config.name, error = %e, "cannot remove the pool's containers");
+                }
+            }
+        }
     }
 }
 

@@ -14,6 +14,8 @@ pub struct ExitInfo {
     pub status: Option<ExitStatus>,
     /// The last lines the worker wrote to stderr (newest last).
     pub stderr_tail: Vec<String>,
+    /// The kernel killed the worker for exceeding its memory limit (a container's).
+    pub oom_killed: bool,
 }
 
 impl fmt::Display for ExitInfo {
@@ -21,6 +23,9 @@ impl fmt::Display for ExitInfo {
         match &self.status {
             Some(status) => write!(f, "{status}")?,
             None => write!(f, "exit status unknown")?,
+        }
+        if self.oom_killed {
+            write!(f, ", killed for exceeding its memory limit (OOM)")?;
         }
         if !self.stderr_tail.is_empty() {
             write!(f, "; last stderr: {}", self.stderr_tail.join(" | "))?;

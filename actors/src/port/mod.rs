@@ -17,6 +17,7 @@
 //!
 //! Dropping a port kills its worker.
 
+pub mod container;
 pub mod logs;
 pub mod process;
 pub(crate) mod router;
@@ -31,18 +32,22 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use wharf_protocol::message::{FromWorker, InitStatus, ToWorker, Value, PROTOCOL_VERSION};
 
+pub use container::{ContainerSpec, Mount, Transport};
 pub use error::{ExitInfo, PortError};
 pub use process::{Channel, ProcessSpec};
 pub use router::STREAM_BUFFER;
 
 use router::{Request, Router, Slot};
 
-/// How to start one worker: a process (and, later, other kinds of host).
+/// How to start one worker: an OS process or a Docker container. Everything above the port
+/// (worker actor, supervisor, pool, sessions) treats both alike.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum WorkerSpec {
     /// An OS process on this machine.
     Process(ProcessSpec),
+    /// A Docker container on an engine.
+    Container(Box<ContainerSpec>),
 }
 
 impl From<ProcessSpec> for WorkerSpec {
@@ -51,11 +56,25 @@ impl From<ProcessSpec> for WorkerSpec {
     }
 }
 
+impl From<ContainerSpec> for WorkerSpec {
+    fn from(spec: ContainerSpec) -> Self {
+        WorkerSpec::Container(Box::new(spec))
+    }
+}
+
 impl WorkerSpec {
     /// Names the worker (in logs and in `WHARF_WORKER_ID`).
     pub fn worker_id(self, id: impl Into<String>) -> Self {
         match self {
             WorkerSpec::Process(spec) => WorkerSpec::Process(spec.worker_id(id)),
+            WorkerSpec::Container(spec) => WorkerSpec::Container(Box::new(spec.worker_id(id))),
+        }
+    }
+
+    /// Names the pool the worker belongs to (a container's `wharf.pool` label).
+    pub fn set_pool(&mut self, pool: &str) {
+        if let WorkerSpec::Container(spec) = self {
+            spec.pool = pool.to_owned();
         }
     }
 
@@ -63,6 +82,7 @@ impl WorkerSpec {
     pub fn init_timeout(&self) -> Duration {
         match self {
             WorkerSpec::Process(spec) => spec.init_timeout,
+            WorkerSpec::Container(spec) => spec.init_timeout,
         }
     }
 
@@ -70,6 +90,7 @@ impl WorkerSpec {
     pub fn set_init_timeout(&mut self, timeout: Duration) {
         match self {
             WorkerSpec::Process(spec) => spec.init_timeout = timeout,
+            WorkerSpec::Container(spec) => spec.init_timeout = timeout,
         }
     }
 
@@ -77,6 +98,7 @@ impl WorkerSpec {
     pub fn max_frame(&self) -> usize {
         match self {
             WorkerSpec::Process(spec) => spec.max_frame,
+            WorkerSpec::Container(spec) => spec.max_frame,
         }
     }
 
@@ -84,13 +106,15 @@ impl WorkerSpec {
     pub fn set_max_frame(&mut self, max_frame: usize) {
         match self {
             WorkerSpec::Process(spec) => spec.max_frame = max_frame,
+            WorkerSpec::Container(spec) => spec.max_frame = max_frame,
         }
     }
 
-    /// What the worker runs, for error messages (a program).
+    /// What the worker runs, for error messages (a program, or an image).
     pub fn describe(&self) -> String {
         match self {
             WorkerSpec::Process(spec) => spec.program_name(),
+            WorkerSpec::Container(spec) => format!("container image {}", spec.image),
         }
     }
 }
@@ -153,6 +177,7 @@ impl Port {
     pub async fn start(spec: &WorkerSpec) -> Result<Port, PortError> {
         let router = match spec {
             WorkerSpec::Process(spec) => process::launch(spec).await?,
+            WorkerSpec::Container(spec) => container::launch(spec).await?,
         };
         let mut port = Port {
             pid: router.host.pid().unwrap_or(0),
@@ -381,7 +406,7 @@ impl Port {
         self.router.close(PortError::Closed);
         ExitInfo {
             status,
-            stderr_tail: self.router.stderr.lines(),
+            ..self.router.exit_now()
         }
     }
 
@@ -391,10 +416,7 @@ impl Port {
     /// instead.
     pub fn kill(&self, reason: PortError) {
         let reason = match (reason, self.exit_status()) {
-            (PortError::Closed, Some(status)) => PortError::WorkerDied(ExitInfo {
-                status: Some(status),
-                stderr_tail: self.router.stderr.lines(),
-            }),
+            (PortError::Closed, Some(_)) => PortError::WorkerDied(self.router.exit_now()),
             (reason, _) => reason,
         };
         self.router.close(reason);
@@ -475,5 +497,10 @@ impl Port {
     /// The last lines the worker wrote to stderr.
     pub fn stderr_tail(&self) -> Vec<String> {
         self.router.stderr.lines()
+    }
+
+    /// How the worker ended, as far as is known now (no waiting).
+    pub fn exit_now(&self) -> ExitInfo {
+        self.router.exit_now()
     }
 }

@@ -46,6 +46,10 @@ pub(crate) trait Host: Send + Sync + 'static {
     fn release(&self);
     /// The worker's process id as the runtime sees it, if it has one here.
     fn pid(&self) -> Option<u32>;
+    /// Whether the worker was killed for exceeding its memory limit (known once it ended).
+    fn oom_killed(&self) -> bool {
+        false
+    }
 }
 
 pub(crate) type Writer =
@@ -207,6 +211,16 @@ impl Router {
         ExitInfo {
             status,
             stderr_tail: self.stderr.lines(),
+            oom_killed: self.host.oom_killed(),
+        }
+    }
+
+    /// How the worker ended, as far as is known now.
+    pub(crate) fn exit_now(&self) -> ExitInfo {
+        ExitInfo {
+            status: *self.exit.borrow(),
+            stderr_tail: self.stderr.lines(),
+            oom_killed: self.host.oom_killed(),
         }
     }
 
