@@ -113,3 +113,8 @@ async fn serves(transport: Transport, pool_name: &str) {
 async fn a_pool_of_containers_serves_over_attach() {
     serves(Transport::Attach, "ct-attach").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_containers_serves_over_a_socket() {
+    serves(Transport::Socket, "ct-socket").await;
+}

@@ -154,8 +154,9 @@ impl Worker {
         self
     }
 
-    /// Serves on the channel named by the environment (`WHARF_CHANNEL`, `WHARF_FD_IN`,
-    /// `WHARF_FD_OUT`, `WHARF_MAX_FRAME`). Returns on EOF or `shutdown`.
+    /// Serves on the channel named by the environment (`WHARF_CHANNEL`: `fds`, `stdio` or
+    /// `socket`; `WHARF_FD_IN`, `WHARF_FD_OUT`, `WHARF_SOCKET`, `WHARF_MAX_FRAME`). Returns on
+    /// EOF or `shutdown`.
     pub fn serve(self) -> Result<(), ServeError> {
         let env = |k: &str| std::env::var(k).ok();
         let max_frame = match env("WHARF_MAX_FRAME") {
@@ -184,8 +185,21 @@ impl Worker {
                 let stdout = std::io::stdout().lock();
                 self.serve_on(stdin, stdout, max_frame)
             }
+            #[cfg(unix)]
+            Some("socket") => {
+                let path = env("WHARF_SOCKET").ok_or_else(|| {
+                    ServeError::Config("WHARF_CHANNEL=socket needs WHARF_SOCKET".into())
+                })?;
+                let stream = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
+                    ServeError::Config(format!("cannot connect to WHARF_SOCKET={path}: {e}"))
+                })?;
+                let output = stream.try_clone().map_err(|e| {
+                    ServeError::Config(format!("cannot use the socket {path}: {e}"))
+                })?;
+                self.serve_on(BufReader::new(stream), output, max_frame)
+            }
             Some(other) => Err(ServeError::Config(format!(
-                "WHARF_CHANNEL={other}: expected fds or stdio"
+                "WHARF_CHANNEL={other}: expected fds, stdio or socket"
             ))),
         }
     }

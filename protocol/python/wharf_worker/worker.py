@@ -4,6 +4,7 @@ import asyncio
 import inspect
 import logging
 import os
+import socket
 import sys
 import types
 
@@ -170,8 +171,9 @@ class Worker:
 
     def serve_env(self, environ=None):
         """Serves on the channel named by ``environ`` (default ``os.environ``): ``WHARF_CHANNEL``
-        (``fds``, the default, or ``stdio``), ``WHARF_FD_IN``/``WHARF_FD_OUT`` (3 and 4) and
-        ``WHARF_MAX_FRAME``. Returns the exit status instead of exiting."""
+        (``fds``, the default, ``stdio`` or ``socket``), ``WHARF_FD_IN``/``WHARF_FD_OUT`` (3 and
+        4), ``WHARF_SOCKET`` (the unix socket to connect to) and ``WHARF_MAX_FRAME``. Returns
+        the exit status instead of exiting."""
         env = os.environ if environ is None else environ
         try:
             max_frame = int(env.get("WHARF_MAX_FRAME") or DEFAULT_MAX_FRAME)
@@ -199,8 +201,22 @@ class Worker:
                 os.set_inheritable(fd, False)
         elif channel == "stdio":
             fd_in, fd_out = _take_stdio()
+        elif channel == "socket":
+            path = env.get("WHARF_SOCKET")
+            if not path:
+                log.error("WHARF_CHANNEL=socket needs WHARF_SOCKET, the socket's path")
+                return 2
+            try:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(path)
+            except OSError as e:
+                log.error("cannot connect to WHARF_SOCKET=%r: %s", path, e)
+                return 2
+            # One fd both ways; processes this worker starts must not hold it open.
+            fd_in = fd_out = sock.detach()
+            os.set_inheritable(fd_in, False)
         else:
-            log.error("WHARF_CHANNEL=%r: expected fds or stdio", channel)
+            log.error("WHARF_CHANNEL=%r: expected fds, stdio or socket", channel)
             return 2
         return self.serve(fd_in, fd_out, max_frame)
 
