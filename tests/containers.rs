@@ -118,3 +118,179 @@ async fn a_pool_of_containers_serves_over_attach() {
 async fn a_pool_of_containers_serves_over_a_socket() {
     serves(Transport::Socket, "ct-socket").await;
 }
+
+/// The container a pool's worker runs in.
+async fn inspect_worker(engine: &Engine, pool: &str) -> bollard::models::ContainerInspectResponse {
+    let filters = HashMap::from([("label".to_owned(), vec![format!("wharf.pool={pool}")])]);
+    let list = engine
+        .docker()
+        .list_containers(Some(ListContainersOptions {
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    let id = list[0].id.clone().unwrap();
+    engine
+        .docker()
+        .inspect_container(
+            &id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_run_with_the_secure_defaults_limits_and_labels() {
+    let Some(engine) = engine().await else {
+        return;
+    };
+    init_logs();
+    let spec = demo(Transport::Socket)
+        .memory(256 << 20)
+        .cpus(0.5)
+        .pids_limit(64);
+    let pool = Pool::builder(spec)
+        .name("ct-secure")
+        .size(1)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let c = inspect_worker(&engine, "ct-secure").await;
+    let host = c.host_config.unwrap();
+    assert_eq!(host.network_mode.as_deref(), Some("none"));
+    assert_eq!(host.readonly_rootfs, Some(true));
+    assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(
+        host.security_opt,
+        Some(vec!["no-new-privileges:true".to_owned()])
+    );
+    assert_eq!(host.init, Some(true));
+    assert_eq!(host.memory, Some(256 << 20));
+    assert_eq!(
+        host.memory_swap,
+        Some(256 << 20),
+        "no swap beyond the limit"
+    );
+    assert_eq!(host.nano_cpus, Some(500_000_000));
+    assert_eq!(host.pids_limit, Some(64));
+    assert!(host.tmpfs.unwrap().contains_key("/tmp"));
+    let config = c.config.unwrap();
+    assert_eq!(config.user.as_deref(), Some("65534:65534"));
+    let labels = config.labels.unwrap();
+    assert_eq!(labels["wharf.pool"], "ct-secure");
+    assert!(labels["wharf.worker"].starts_with("ct-secure-0."));
+    assert!(labels.contains_key("wharf.owner"));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oom_kill_is_reported_as_such() {
+    let Some(_engine) = engine().await else {
+        return;
+    };
+    init_logs();
+    let spec = demo(Transport::Socket).memory(96 << 20);
+    let pool = Pool::builder(spec)
+        .name("ct-oom")
+        .size(1)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let err = pool.call("alloc", &512).await.unwrap_err();
+    match &err {
+        Error::WorkerDied {
+            cause: wharf::PortError::WorkerDied(info),
+            ..
+        } => assert!(info.oom_killed, "{err}"),
+        other => panic!("expected WorkerDied with an OOM kill, got {other:?}"),
+    }
+    assert!(err.to_string().contains("OOM"), "{err}");
+    pool.wait_ready(1, READY).await.unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_kill_under_load_fails_only_the_killed_calls_and_the_pool_recovers() {
+    let Some(engine) = engine().await else {
+        return;
+    };
+    init_logs();
+    let pool = Pool::builder(demo(Transport::Socket))
+        .name("ct-chaos")
+        .size(3)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(3, READY).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for c in 0..6 {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        callers.push(tokio::spawn(async move {
+            let (mut ok, mut died, mut other) = (0u32, 0u32, Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let ms = if i.is_multiple_of(4) { 5 } else { 0 };
+                let call = pool.call("sleep", &ms);
+                match tokio::time::timeout(Duration::from_secs(20), call).await {
+                    Ok(Ok(_)) => ok += 1,
+                    Ok(Err(Error::WorkerDied { .. })) => died += 1,
+                    Ok(Err(e)) => other.push(e.to_string()),
+                    Err(_) => panic!("caller {c}: a call hung"),
+                }
+            }
+            (ok, died, other)
+        }));
+    }
+    let mut kills = 0;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let filters = HashMap::from([("label".to_owned(), vec!["wharf.pool=ct-chaos".to_owned()])]);
+        let running = engine
+            .docker()
+            .list_containers(Some(ListContainersOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        if let Some(victim) = running.first().and_then(|c| c.id.clone()) {
+            let killed = engine
+                .docker()
+                .kill_container(
+                    &victim,
+                    None::<bollard::query_parameters::KillContainerOptions>,
+                )
+                .await;
+            if killed.is_ok() {
+                kills += 1;
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut died) = (0, 0);
+    for caller in callers {
+        let (o, d, other) = caller.await.unwrap();
+        assert!(
+            other.is_empty(),
+            "untyped or unexpected failures: {other:?}"
+        );
+        ok += o;
+        died += d;
+    }
+    assert!(kills >= 4, "only {kills} kills landed");
+    assert!(ok > 100, "only {ok} calls succeeded");
+    assert!(died <= kills, "{died} calls died for {kills} kills");
+    pool.wait_ready(3, READY).await.unwrap();
+    println!(
+        "{}",
+        serde_json::json!({"scenario": "docker_kill_under_load", "kills": kills, "ok": ok, "failed": died, "hung": 0})
+    );
+    pool.shutdown().await;
+    assert_eq!(containers_of(&engine, "ct-chaos").await, 0);
+}

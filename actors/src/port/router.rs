@@ -440,12 +440,14 @@ async fn read_loop(mut frames: Reader, router: Arc<Router>, done: watch::Sender<
     let failure = loop {
         let msg = match frames.next().await {
             Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
+            Some(Err(e)) if e.is_violation() => {
                 break PortError::ProtocolViolation {
                     reason: e.to_string(),
                 }
             }
-            None => {
+            // EOF, or the channel failed under us (a connection reset by a dying worker): the
+            // worker's end, not a violation.
+            _ => {
                 // The worker closed its channel: it is exiting, or it is useless. Give an exit
                 // a moment to finish (a worker may close its fds just before it exits), then
                 // make sure, and tell every waiter how it ended.
