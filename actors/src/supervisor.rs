@@ -18,7 +18,7 @@ use ractor::{
 use crate::port::{PortError, WorkerSpec};
 use crate::restart::{IntensityTracker, RestartPolicy, Strategy};
 use crate::worker::{
-    ExitKind, HealthCheck, WorkerActor, WorkerArgs, WorkerHandle, WorkerShared, WorkerState,
+    ExitKind, HealthCheck, Lifecycle, WorkerActor, WorkerArgs, WorkerHandle, WorkerShared,
 };
 
 /// How many recent start errors a failed pool reports.
@@ -432,7 +432,7 @@ impl Actor for Supervisor {
                         if !current {
                             handle.kill(ExitKind::Stopped);
                             st.args.events.worker_exited(&shared, &ExitKind::Stopped);
-                        } else if shared.state() == WorkerState::Dead {
+                        } else if shared.lifecycle() == Lifecycle::Dead {
                             // It died before this message arrived; its termination was not ours
                             // to see yet, so handle the exit here.
                             let kind = shared.exit_kind().unwrap_or(ExitKind::Normal);
@@ -499,7 +499,7 @@ impl Actor for Supervisor {
                         if worker.shared.idle_for() >= idle_limit
                             && worker
                                 .shared
-                                .transition(WorkerState::Ready, WorkerState::Stopping)
+                                .transition(Lifecycle::Idle, Lifecycle::Stopping)
                         {
                             worker.retire("idle overflow worker");
                         }
@@ -553,7 +553,7 @@ impl Actor for Supervisor {
                     reason: format!("worker actor failed: {reason}"),
                 }));
         }
-        worker.shared.set_state(WorkerState::Dead);
+        worker.shared.set_lifecycle(Lifecycle::Dead);
         worker.port.kill(PortError::Closed);
         let kind = worker.shared.exit_kind().unwrap_or(ExitKind::Normal);
         st.args.events.worker_exited(&worker.shared, &kind);

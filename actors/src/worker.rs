@@ -20,32 +20,31 @@ use crate::port::{Port, PortError, WorkerSpec};
 /// How long an exited worker's actor waits for the port's reader to report the last bytes.
 const READER_GRACE: Duration = Duration::from_secs(1);
 
-/// A worker's place in its pool's lifecycle, as the pool sees it.
+/// Where a worker is in its life. Whether a running worker serves a caller is its embedder's
+/// business (the pool's checkout): the embedder *holds* it ([`WorkerShared::try_hold`]), and
+/// the actor leaves a held worker alone (no health pings, no retiring on age).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
-pub enum WorkerState {
+pub enum Lifecycle {
     /// Launching and waiting for the init pong.
     Starting = 0,
-    /// Ready and idle, waiting for a caller.
-    Ready = 1,
-    /// Checked out by a caller.
-    Busy = 2,
-    /// Finishing an abandoned call before it can be reused.
-    Draining = 3,
+    /// Running, and nobody holds it.
+    Idle = 1,
+    /// Running, and held by the embedder.
+    Held = 2,
     /// Being stopped (retired, shut down).
-    Stopping = 4,
+    Stopping = 3,
     /// Gone.
-    Dead = 5,
+    Dead = 4,
 }
 
-impl WorkerState {
+impl Lifecycle {
     fn from_u8(v: u8) -> Self {
         match v {
             0 => Self::Starting,
-            1 => Self::Ready,
-            2 => Self::Busy,
-            3 => Self::Draining,
-            4 => Self::Stopping,
+            1 => Self::Idle,
+            2 => Self::Held,
+            3 => Self::Stopping,
             _ => Self::Dead,
         }
     }
@@ -129,7 +128,7 @@ impl WorkerShared {
         Self {
             id,
             slot,
-            state: AtomicU8::new(WorkerState::Starting as u8),
+            state: AtomicU8::new(Lifecycle::Starting as u8),
             calls: AtomicU64::new(0),
             started: Instant::now(),
             last_used_ms: AtomicU64::new(0),
@@ -138,21 +137,33 @@ impl WorkerShared {
         }
     }
 
-    /// The current state.
-    pub fn state(&self) -> WorkerState {
-        WorkerState::from_u8(self.state.load(Ordering::Acquire))
+    /// Where the worker is in its life.
+    pub fn lifecycle(&self) -> Lifecycle {
+        Lifecycle::from_u8(self.state.load(Ordering::Acquire))
     }
 
-    /// Sets the state unconditionally.
-    pub fn set_state(&self, state: WorkerState) {
+    /// Sets the lifecycle state unconditionally.
+    pub fn set_lifecycle(&self, state: Lifecycle) {
         self.state.store(state as u8, Ordering::Release);
     }
 
     /// Moves from `from` to `to` only if the state is still `from`.
-    pub fn transition(&self, from: WorkerState, to: WorkerState) -> bool {
+    pub fn transition(&self, from: Lifecycle, to: Lifecycle) -> bool {
         self.state
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// Takes an idle worker for the embedder (`Idle → Held`); false if it is not idle (being
+    /// stopped, dead, or already held).
+    pub fn try_hold(&self) -> bool {
+        self.transition(Lifecycle::Idle, Lifecycle::Held)
+    }
+
+    /// Gives a held worker back (`Held → Idle`); a worker that started stopping meanwhile
+    /// stays as it is.
+    pub fn unhold(&self) {
+        self.transition(Lifecycle::Held, Lifecycle::Idle);
     }
 
     /// Counts one call; returns the count so far.
@@ -220,7 +231,7 @@ impl WorkerHandle {
     /// Kills the worker at once (its actor then stops, and its supervisor replaces it).
     pub fn kill(&self, kind: ExitKind) {
         self.shared.record_exit(kind);
-        self.shared.set_state(WorkerState::Dead);
+        self.shared.set_lifecycle(Lifecycle::Dead);
         self.port.kill(PortError::Closed);
     }
 
@@ -233,7 +244,7 @@ impl WorkerHandle {
     /// supervisor treats the exit: [`ExitKind::Recycled`] is replaced at once,
     /// [`ExitKind::Unfit`] is restarted under the restart policy).
     pub fn retire_as(&self, kind: ExitKind) {
-        self.shared.set_state(WorkerState::Stopping);
+        self.shared.set_lifecycle(Lifecycle::Stopping);
         self.shared.record_exit(kind);
         if self.actor.cast(WorkerMsg::Retire).is_err() {
             self.port.kill(PortError::Closed);
@@ -242,7 +253,7 @@ impl WorkerHandle {
 
     /// Whether the worker can still serve.
     pub fn is_alive(&self) -> bool {
-        self.shared.state() != WorkerState::Dead && self.port.is_open()
+        self.shared.lifecycle() != Lifecycle::Dead && self.port.is_open()
     }
 }
 
@@ -333,7 +344,7 @@ impl Actor for WorkerActor {
         let port = match Port::start(&args.spec).await {
             Ok(port) => Arc::new(port),
             Err(e) => {
-                args.shared.set_state(WorkerState::Dead);
+                args.shared.set_lifecycle(Lifecycle::Dead);
                 return Err(Box::new(e));
             }
         };
@@ -348,6 +359,8 @@ impl Actor for WorkerActor {
         if let Some(interval) = args.health.interval {
             myself.send_interval(interval, || WorkerMsg::HealthTick);
         }
+        // Ready: idle until its embedder holds it.
+        args.shared.transition(Lifecycle::Starting, Lifecycle::Idle);
         Ok(WorkerActorState {
             port,
             shared: args.shared,
@@ -377,11 +390,11 @@ impl Actor for WorkerActor {
                     _ => ExitKind::Crashed(PortError::WorkerDied(state.port.exit_now())),
                 };
                 state.shared.record_exit(kind);
-                state.shared.set_state(WorkerState::Dead);
+                state.shared.set_lifecycle(Lifecycle::Dead);
                 myself.stop(None);
             }
             WorkerMsg::HealthTick => {
-                if state.shared.state() != WorkerState::Ready {
+                if state.shared.lifecycle() != Lifecycle::Idle {
                     state.missed = 0;
                     return Ok(());
                 }
@@ -391,7 +404,7 @@ impl Actor for WorkerActor {
                 if expired
                     && state
                         .shared
-                        .transition(WorkerState::Ready, WorkerState::Stopping)
+                        .transition(Lifecycle::Idle, Lifecycle::Stopping)
                 {
                     state
                         .shared
@@ -408,9 +421,7 @@ impl Actor for WorkerActor {
                         state.missed += 1;
                         tracing::warn!(worker = %state.shared.id, missed = state.missed, "worker missed a health ping");
                         if state.missed >= state.health.max_missed
-                            && state
-                                .shared
-                                .transition(WorkerState::Ready, WorkerState::Dead)
+                            && state.shared.transition(Lifecycle::Idle, Lifecycle::Dead)
                         {
                             state.shared.record_exit(ExitKind::Unresponsive);
                             state.port.kill(PortError::Closed);
@@ -421,12 +432,12 @@ impl Actor for WorkerActor {
                 }
             }
             WorkerMsg::Retire => {
-                state.shared.set_state(WorkerState::Stopping);
+                state.shared.set_lifecycle(Lifecycle::Stopping);
                 state
                     .shared
                     .record_exit(ExitKind::Recycled("retired".into()));
                 state.port.stop(state.shutdown_grace).await;
-                state.shared.set_state(WorkerState::Dead);
+                state.shared.set_lifecycle(Lifecycle::Dead);
                 myself.stop(None);
             }
         }
@@ -438,7 +449,7 @@ impl Actor for WorkerActor {
         _myself: ActorRef<WorkerMsg>,
         state: &mut WorkerActorState,
     ) -> Result<(), ActorProcessingErr> {
-        state.shared.set_state(WorkerState::Dead);
+        state.shared.set_lifecycle(Lifecycle::Dead);
         if state.port.is_open() {
             state.port.stop(state.shutdown_grace).await;
         }

@@ -494,7 +494,7 @@ pub async fn recovery(env: &Env, s: Scale) -> Outcome {
             if info.len() == 2
                 && info
                     .iter()
-                    .all(|w| w.pid != victim && w.state == wharf::WorkerState::Ready)
+                    .all(|w| w.pid != victim && w.state == wharf::WorkerState::Idle)
             {
                 break;
             }

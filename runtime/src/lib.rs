@@ -24,7 +24,7 @@ pub mod stats;
 pub use config::{PoolBuilder, PoolConfig, Retry, SessionEnd};
 pub use error::{Error, PoolState, Result};
 pub use lease::{CallStream, Lease, StreamItem};
-pub use pool::{from_value, to_value, Pool, WorkerInfo};
+pub use pool::{from_value, to_value, Pool, WorkerInfo, WorkerState};
 pub use session::Session;
 pub use stats::PoolStats;
 pub use wharf_actors::engine::{Engine, EngineError};
@@ -32,5 +32,5 @@ pub use wharf_actors::port::{
     Channel, ContainerSpec, ExitInfo, Mount, PortError, ProcessSpec, Transport, WorkerSpec,
 };
 pub use wharf_actors::restart::{Backoff, Intensity, RestartPolicy, RestartType, Strategy};
-pub use wharf_actors::worker::{HealthCheck, WorkerState};
+pub use wharf_actors::worker::HealthCheck;
 pub use wharf_protocol::Value;

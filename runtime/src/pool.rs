@@ -16,7 +16,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use wharf_actors::port::{PortError, WorkerSpec};
 use wharf_actors::supervisor::{PoolEvents, Supervisor, SupervisorArgs, SupervisorMsg};
-use wharf_actors::worker::{ExitKind, WorkerHandle, WorkerShared, WorkerState};
+use wharf_actors::worker::{ExitKind, Lifecycle, WorkerHandle, WorkerShared};
 use wharf_protocol::Value;
 
 use crate::config::{PoolBuilder, PoolConfig};
@@ -64,6 +64,8 @@ pub(crate) struct Inner {
     pub counters: Counters,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
     pub sessions: Mutex<HashSet<String>>,
+    /// Workers finishing an abandoned call before they can be handed out again.
+    draining: Mutex<HashSet<String>>,
     /// Woken when a worker becomes ready and when the pool's status changes (not on every
     /// checkin: that is the hot path; waiters poll as well).
     changed: Notify,
@@ -121,21 +123,33 @@ impl Inner {
             ..PoolState::default()
         };
         for w in workers.values() {
-            match w.state() {
-                WorkerState::Starting => state.starting += 1,
-                WorkerState::Ready => state.idle += 1,
-                WorkerState::Busy | WorkerState::Draining => state.busy += 1,
-                WorkerState::Stopping | WorkerState::Dead => {}
+            match w.lifecycle() {
+                Lifecycle::Starting => state.starting += 1,
+                Lifecycle::Idle => state.idle += 1,
+                Lifecycle::Held => state.busy += 1,
+                Lifecycle::Stopping | Lifecycle::Dead => {}
             }
         }
         state
     }
 
+    /// A worker's state as the pool sees it.
+    fn worker_state(&self, w: &WorkerShared) -> WorkerState {
+        match w.lifecycle() {
+            Lifecycle::Starting => WorkerState::Starting,
+            Lifecycle::Idle => WorkerState::Idle,
+            Lifecycle::Held if lock(&self.draining).contains(&w.id) => WorkerState::Draining,
+            Lifecycle::Held => WorkerState::Busy,
+            Lifecycle::Stopping => WorkerState::Stopping,
+            Lifecycle::Dead => WorkerState::Dead,
+        }
+    }
+
     pub fn worker_states(&self) -> Vec<(String, WorkerState)> {
-        let workers = lock(&self.workers);
+        let workers: Vec<_> = lock(&self.workers).values().cloned().collect();
         let mut v: Vec<_> = workers
-            .values()
-            .map(|w| (w.id.clone(), w.state()))
+            .iter()
+            .map(|w| (w.id.clone(), self.worker_state(w)))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -183,11 +197,7 @@ impl Inner {
             let Some(handle) = lock(&self.idle).pop() else {
                 continue;
             };
-            if handle.port.is_open()
-                && handle
-                    .shared
-                    .transition(WorkerState::Ready, WorkerState::Busy)
-            {
+            if handle.port.is_open() && handle.shared.try_hold() {
                 let waited = started.map_or(Duration::ZERO, |t| t.elapsed());
                 self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
                 if !waited.is_zero() {
@@ -240,14 +250,14 @@ impl Inner {
             return;
         }
         if matches!(
-            handle.shared.state(),
-            WorkerState::Stopping | WorkerState::Dead
+            handle.shared.lifecycle(),
+            Lifecycle::Stopping | Lifecycle::Dead
         ) {
             return;
         }
         if handle.port.in_flight() > 0 {
             // The caller gave up mid-call: the worker is dirty until its reply has come.
-            handle.shared.set_state(WorkerState::Draining);
+            lock(&self.draining).insert(handle.shared.id.clone());
             let Ok(rt) = tokio::runtime::Handle::try_current() else {
                 handle.kill(ExitKind::Recycled(
                     "abandoned call, no runtime to drain it".into(),
@@ -257,10 +267,9 @@ impl Inner {
             let pool = self.clone();
             let limit = self.config.drain_timeout;
             rt.spawn(async move {
-                if tokio::time::timeout(limit, handle.port.quiesce())
-                    .await
-                    .is_ok()
-                {
+                let settled = tokio::time::timeout(limit, handle.port.quiesce()).await;
+                lock(&pool.draining).remove(&handle.shared.id);
+                if settled.is_ok() {
                     pool.release(handle);
                 } else {
                     handle.kill(ExitKind::Recycled("abandoned call did not finish".into()));
@@ -282,7 +291,7 @@ impl Inner {
             return;
         }
         handle.shared.touch();
-        handle.shared.set_state(WorkerState::Ready);
+        handle.shared.unhold();
         if self.running.load(Ordering::Acquire) {
             lock(&self.idle).push(handle);
             self.permits.add_permits(1);
@@ -410,6 +419,24 @@ impl PoolEvents for Events {
     }
 }
 
+/// A worker's state, as the pool sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum WorkerState {
+    /// Launching and waiting for the init pong.
+    Starting,
+    /// Ready, waiting for a caller.
+    Idle,
+    /// Checked out by a caller (or pinned to a session).
+    Busy,
+    /// Finishing a call its caller abandoned, before it can be handed out again.
+    Draining,
+    /// Being stopped (retired, shut down).
+    Stopping,
+    /// Gone.
+    Dead,
+}
+
 /// One running worker, as [`Pool::worker_info`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerInfo {
@@ -489,6 +516,7 @@ impl Pool {
             counters: Counters::default(),
             supervisor: OnceLock::new(),
             sessions: Mutex::new(HashSet::new()),
+            draining: Mutex::new(HashSet::new()),
             changed: Notify::new(),
             config,
         });
@@ -660,7 +688,7 @@ impl Pool {
                     id: w.id.clone(),
                     slot: w.slot,
                     pid: port.pid(),
-                    state: w.state(),
+                    state: self.inner.worker_state(w),
                     calls: w.calls(),
                 })
             })
