@@ -807,6 +807,21 @@ impl ProcessPort {
     pub fn stderr_tail(&self) -> Vec<String> {
         self.shared.stderr.lines()
     }
+
+    /// Writes `bytes` to the worker's input as they are, outside the framing: for conformance
+    /// tests that must send malformed input (a header over the worker's max frame, garbage
+    /// MessagePack). Frames queued by earlier sends go first. Nothing is registered, so no
+    /// reply is expected; [`PortError::Closed`] if the channel is closed or the write fails
+    /// (the worker is gone).
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), PortError> {
+        use tokio::io::AsyncWriteExt;
+        let mut guard = self.writer.lock().await;
+        let writer = guard.as_mut().ok_or(PortError::Closed)?;
+        writer.flush().await.map_err(|_| PortError::Closed)?;
+        let raw = writer.get_mut();
+        raw.write_all(bytes).await.map_err(|_| PortError::Closed)?;
+        raw.flush().await.map_err(|_| PortError::Closed)
+    }
 }
 
 /// Starts a watchdog inside the worker's process group: a shell that waits for EOF on its
@@ -919,7 +934,10 @@ fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
         (Slot::Unary(tx), FromWorker::Error { kind, message, .. }) => {
             let _ = tx.send(Err(PortError::Remote { kind, message }));
         }
-        (Slot::Ping(tx), FromWorker::Pong { .. }) | (Slot::Reset(tx), FromWorker::Ok { .. }) => {
+        (Slot::Ping(tx), FromWorker::Pong { .. })
+        | (Slot::Reset(tx), FromWorker::Ok {
+            body: Value::Nil, ..
+        }) => {
             let _ = tx.send(Ok(()));
         }
         (Slot::Reset(tx), FromWorker::Error { kind, message, .. }) => {
@@ -929,7 +947,12 @@ fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
             let _ = tx.send(Ok(msg));
         }
         (slot, msg) => {
-            let reason = format!("unexpected {} for request {id}", describe(&msg));
+            let reason = match (&slot, &msg) {
+                (Slot::Reset(_), FromWorker::Ok { .. }) => {
+                    format!("ok with a non-nil body for reset {id} (a reset's ok carries nil)")
+                }
+                _ => format!("unexpected {} for request {id}", describe(&msg)),
+            };
             drop(pending);
             slot.fail(PortError::ProtocolViolation {
                 reason: reason.clone(),
