@@ -33,7 +33,7 @@ pub enum ToWorker {
         id: u64,
         /// Method name.
         method: String,
-        /// Argument.
+        /// Argument; an absent body reads as nil (`docs/protocol.md`, section 3).
         #[serde(default = "nil")]
         body: Value,
         /// Session the call belongs to, if any.
@@ -104,8 +104,7 @@ pub enum FromWorker {
     Ok {
         /// Id of the request.
         id: u64,
-        /// The result.
-        #[serde(default = "nil")]
+        /// The result (required: a reset's `ok` carries nil).
         body: Value,
     },
     /// A call or reset failed; the worker keeps serving.
@@ -123,8 +122,7 @@ pub enum FromWorker {
         id: u64,
         /// Position of this chunk in the stream, from 0.
         seq: u64,
-        /// The piece.
-        #[serde(default = "nil")]
+        /// The piece (required).
         body: Value,
     },
     /// The answer to a ping.

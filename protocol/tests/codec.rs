@@ -785,3 +785,37 @@ fn violations_are_violations_and_io_is_not() {
         Err(ProtocolError::Io(_))
     ));
 }
+
+/// `body` is required in a worker's `ok` and `chunk` (a reset's `ok` carries nil): a reply
+/// without one is a violation, not a nil result.
+#[test]
+fn ok_and_chunk_without_a_body_are_malformed() {
+    let cases = [
+        map(&[("t", Value::from("ok")), ("id", Value::from(1))]),
+        map(&[
+            ("t", Value::from("chunk")),
+            ("id", Value::from(1)),
+            ("seq", Value::from(0)),
+        ]),
+    ];
+    for case in cases {
+        match decode::<FromWorker>(&msgpack(&case)) {
+            Err(ProtocolError::Malformed { reason }) => {
+                assert!(reason.contains("body"), "{case}: {reason}")
+            }
+            other => panic!("{case}: {other:?}"),
+        }
+    }
+    let nil_body = map(&[
+        ("t", Value::from("ok")),
+        ("id", Value::from(1)),
+        ("body", Value::Nil),
+    ]);
+    assert_eq!(
+        decode::<FromWorker>(&msgpack(&nil_body)).unwrap(),
+        FromWorker::Ok {
+            id: 1,
+            body: Value::Nil
+        }
+    );
+}

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use wharf_actors::port::{Port, PortError, ProcessSpec, StreamEvent};
+use wharf_protocol::frame::encode;
 use wharf_protocol::message::kinds;
 use wharf_protocol::{Value, PROTOCOL_VERSION};
 
@@ -130,9 +131,38 @@ pub const CHECKS: &[&str] = &[
     "ping",
     "reset",
     "stream",
+    "cancel",
+    "deadline",
+    "session",
     "shutdown_exits",
     "eof_exits",
+    "oversized_frame",
+    "malformed_payload",
+    "not_a_map",
+    "unknown_type",
+    "truncated_frame",
 ];
+
+/// How soon a worker must exit after `shutdown`, EOF or a protocol violation it receives
+/// (`docs/protocol.md`, section 4): the checker's bound, capped by the per-check timeout.
+pub const EXIT_BOUND: Duration = Duration::from_secs(2);
+
+/// How soon a call of `wait` must end after its `cancel`, or after its `deadline_ms` ran out.
+pub const STOP_BOUND: Duration = Duration::from_secs(2);
+
+/// How long `wait` is asked to run in the `cancel` and `deadline` checks: far longer than any
+/// check, so only a cancel or the deadline can end it in time.
+const WAIT_MS: u64 = 600_000;
+
+/// The `deadline_ms` of the `deadline` check's call.
+const DEADLINE_MS: u64 = 300;
+
+/// How long the handshake watches for a late violation (a second `init_pong`) before it passes.
+const HANDSHAKE_SETTLE: Duration = Duration::from_millis(200);
+
+/// The sessions of the `session` check.
+const SESSION_A: &str = "wharf.check.session-a";
+const SESSION_B: &str = "wharf.check.session-b";
 
 /// The method the `unknown_method` check calls; no worker should offer it.
 const NO_SUCH_METHOD: &str = "wharf.check.no_such_method";
@@ -196,14 +226,17 @@ where
             info.version
         ))
     } else if info.pid == 0 {
-        Outcome::Fail("init_pong pid is 0".into())
+        Outcome::Fail("init_pong pid is 0; a worker reports its real process id".into())
     } else if !offers("echo") || !offers("fail") {
         Outcome::Fail(format!(
             "methods {:?} must include echo and fail (docs/protocol.md, section 6)",
             info.methods
         ))
     } else {
-        Outcome::Pass
+        match run.settle_handshake().await {
+            Some(late) => Outcome::Fail(late),
+            None => Outcome::Pass,
+        }
     };
     run.record("handshake", handshake);
 
@@ -229,20 +262,132 @@ where
     })
     .await;
 
-    if offers("stream") {
-        run.check("stream", |port| async move { stream(&port, 5).await })
-            .await;
-    } else {
-        let why = "the worker does not offer `stream`".to_owned();
-        run.record("stream", Outcome::Skip(why));
+    let optional: [(&str, &[&str], Skippable); 4] = [
+        ("stream", &["stream"], Skippable::Stream),
+        ("cancel", &["wait"], Skippable::Cancel),
+        ("deadline", &["wait"], Skippable::Deadline),
+        ("session", &["state_set", "state_get"], Skippable::Session),
+    ];
+    for (name, methods, which) in optional {
+        if let Some(missing) = methods.iter().find(|m| !offers(m)) {
+            let why =
+                format!("the worker does not offer `{missing}` (docs/protocol.md, section 6)");
+            run.record(name, Outcome::Skip(why));
+            continue;
+        }
+        run.check(name, move |port| async move {
+            match which {
+                Skippable::Stream => stream(&port, 5).await,
+                Skippable::Cancel => cancel(&port).await,
+                Skippable::Deadline => deadline(&port).await,
+                Skippable::Session => session(&port, timeout).await,
+            }
+        })
+        .await;
     }
 
     let outcome = run.exits(Exit::Shutdown).await;
     run.record("shutdown_exits", outcome);
     let outcome = run.exits(Exit::Eof).await;
     run.record("eof_exits", outcome);
+    for bad in Bad::ALL {
+        let outcome = if bad == Bad::Oversized && run.spec.max_frame >= u32::MAX as usize {
+            Outcome::Skip("max_frame is the largest a header can announce".into())
+        } else {
+            run.exits(Exit::Violation(bad)).await
+        };
+        run.record(bad.check(), outcome);
+    }
     run.report
 }
+
+/// The optional checks, each run only if the worker offers its methods.
+#[derive(Clone, Copy)]
+enum Skippable {
+    Stream,
+    Cancel,
+    Deadline,
+    Session,
+}
+
+/// Malformed input the checker sends a fresh worker, one check each.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Bad {
+    /// A header announcing one byte more than the worker's `WHARF_MAX_FRAME`, and no payload.
+    Oversized,
+    /// A frame whose payload is not MessagePack.
+    Garbage,
+    /// A frame whose payload is valid MessagePack but not a map.
+    NotAMap,
+    /// A well-formed message of a type the protocol does not have.
+    UnknownType,
+    /// Half a frame, then EOF.
+    Truncated,
+}
+
+impl Bad {
+    const ALL: [Bad; 5] = [
+        Bad::Oversized,
+        Bad::Garbage,
+        Bad::NotAMap,
+        Bad::UnknownType,
+        Bad::Truncated,
+    ];
+
+    fn check(self) -> &'static str {
+        match self {
+            Bad::Oversized => "oversized_frame",
+            Bad::Garbage => "malformed_payload",
+            Bad::NotAMap => "not_a_map",
+            Bad::UnknownType => "unknown_type",
+            Bad::Truncated => "truncated_frame",
+        }
+    }
+
+    /// The bytes sent, and what they are (for failure reasons).
+    fn input(self, max_frame: usize) -> (Vec<u8>, String) {
+        let framed = |payload: &[u8]| {
+            let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(payload);
+            f
+        };
+        match self {
+            Bad::Oversized => {
+                let n = (max_frame as u64 + 1).min(u64::from(u32::MAX)) as u32;
+                (
+                    n.to_be_bytes().to_vec(),
+                    format!("a frame header announcing {n} bytes (WHARF_MAX_FRAME is {max_frame})"),
+                )
+            }
+            // A map of one entry whose key is 0xc1, a byte MessagePack never uses.
+            Bad::Garbage => (
+                framed(b"\x81\xc1\xc1"),
+                "a frame of invalid MessagePack".into(),
+            ),
+            Bad::NotAMap => (
+                framed(b"\x93\x01\x02\x03"),
+                "a frame holding the array [1, 2, 3] instead of a map".into(),
+            ),
+            Bad::UnknownType => {
+                let msg = Value::Map(vec![
+                    ("t".into(), UNKNOWN_TYPE.into()),
+                    ("id".into(), 7.into()),
+                ]);
+                let frame = encode(&msg, usize::MAX).expect("a small map always encodes");
+                (frame, format!("a message of unknown type {UNKNOWN_TYPE:?}"))
+            }
+            // The start of a map announced as 100 bytes: EOF after 4 + 8 of 104 bytes.
+            Bad::Truncated => {
+                let mut f = 100u32.to_be_bytes().to_vec();
+                f.extend_from_slice(b"\x82\xa1t\xa4ping");
+                (f, "half a frame, then EOF".into())
+            }
+        }
+    }
+}
+
+/// The message type the `unknown_type` check sends; no version of the protocol has it.
+const UNKNOWN_TYPE: &str = "wharf.check.no_such_type";
 
 /// The values echoed, one check per class of MessagePack value.
 fn echo_cases() -> Vec<(&'static str, Value)> {
@@ -275,8 +420,14 @@ fn echo_cases() -> Vec<(&'static str, Value)> {
     .chain([Value::from(u64::MAX)])
     .collect();
     let floats = [
+        // Integral floats (a JavaScript number would go back as an int), floats a float32
+        // holds exactly (an encoder that shrinks them), -0.0, a subnormal, the extremes.
         0.0,
+        -0.0,
+        1.0,
         -1.5,
+        1e15,
+        5e-324,
         0.1,
         f64::MAX,
         f64::MIN,
@@ -345,13 +496,15 @@ fn echo_cases() -> Vec<(&'static str, Value)> {
     ]
 }
 
-/// How a worker is told to exit.
+/// How a worker is told (or driven) to exit.
 #[derive(Clone, Copy)]
 enum Exit {
-    /// The `shutdown` message, channel left open.
+    /// The `shutdown` message, channel left open: exit status 0.
     Shutdown,
-    /// EOF on its input, no message.
+    /// EOF on its input, no message: exit status 0.
     Eof,
+    /// Malformed input: a non-zero exit status.
+    Violation(Bad),
 }
 
 /// Runs the checks and holds the current worker.
@@ -424,14 +577,29 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
     {
         let timeout = self.opts.timeout;
         let result = match self.port().await {
-            Ok(port) => match tokio::time::timeout(timeout, check(port.clone())).await {
-                Ok(Err(Failure::Port(PortError::WorkerDied(mut info)))) => {
-                    info.stderr_tail = settled_stderr(&port, info.stderr_tail.len()).await;
-                    Err(PortError::WorkerDied(info).into())
+            Ok(port) => {
+                let started = tokio::time::Instant::now();
+                let result = match tokio::time::timeout(timeout, check(port.clone())).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Failure::Timeout(timeout)),
+                };
+                // A late violation (a second reply to a request the check made) belongs to this
+                // check, not the next: a ping answered in order proves nothing is still coming.
+                let result = match result {
+                    Ok(()) => {
+                        let left = timeout.saturating_sub(started.elapsed());
+                        barrier(&port, left.max(Duration::from_millis(500))).await
+                    }
+                    failed => failed,
+                };
+                match result {
+                    Err(Failure::Port(PortError::WorkerDied(mut info))) => {
+                        info.stderr_tail = settled_stderr(&port, info.stderr_tail.len()).await;
+                        Err(PortError::WorkerDied(info).into())
+                    }
+                    other => other,
                 }
-                Ok(result) => result,
-                Err(_) => Err(Failure::Timeout(timeout)),
-            },
+            }
             Err(failure) => Err(failure),
         };
         let outcome = match result {
@@ -449,11 +617,28 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
         self.record(name, outcome);
     }
 
-    /// A fresh worker must exit by itself with status 0 after `how`, without writing anything
-    /// more; a worker still running after the per-check timeout fails (the runtime would have
-    /// had to SIGTERM or SIGKILL it).
+    /// After the handshake: waits briefly for a late violation (a second `init_pong`); its
+    /// reason if one came (the worker is then discarded).
+    async fn settle_handshake(&mut self) -> Option<String> {
+        let port = self.port.clone()?;
+        tokio::time::sleep(HANDSHAKE_SETTLE).await;
+        let late = match port.close_reason()? {
+            violation @ PortError::ProtocolViolation { .. } => {
+                format!("after a good init_pong: {violation}")
+            }
+            other => format!("right after its init_pong: {other}"),
+        };
+        self.discard().await;
+        Some(late)
+    }
+
+    /// A fresh worker must exit by itself after `how` within [`EXIT_BOUND`] (or the per-check
+    /// timeout, if shorter), without writing anything more: with status 0 after `shutdown` or
+    /// EOF, with a non-zero status after a violation. A worker still running then fails (the
+    /// runtime would have had to SIGTERM or SIGKILL it).
     async fn exits(&mut self, how: Exit) -> Outcome {
-        let timeout = self.opts.timeout;
+        let timeout = self.opts.timeout.min(EXIT_BOUND);
+        let max_frame = self.spec.max_frame;
         let port = if let Some(why) = &self.broken {
             Err(Failure::NoWorker(why.clone()))
         } else {
@@ -465,7 +650,7 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
         // slack keeps this outer bound (for a worker that does not even read) from cutting in.
         let limit = timeout + Duration::from_secs(5);
         let result = match port {
-            Ok(port) => tokio::time::timeout(limit, exits(&port, how, timeout))
+            Ok(port) => tokio::time::timeout(limit, exits(&port, how, timeout, max_frame))
                 .await
                 .unwrap_or(Err(Failure::Timeout(limit))),
             Err(failure) => Err(failure),
@@ -551,21 +736,38 @@ async fn stream(port: &Port, n: u64) -> Result<(), Failure> {
     ))
 }
 
-/// Tells the worker to exit (`how`) and waits for it to exit by itself with status 0.
-async fn exits(port: &Port, how: Exit, timeout: Duration) -> Result<(), Failure> {
+/// Tells the worker to exit (`how`) and waits for it to exit by itself with the status the
+/// protocol asks for: 0 after `shutdown` or EOF, non-zero after a violation.
+async fn exits(port: &Port, how: Exit, timeout: Duration, max_frame: usize) -> Result<(), Failure> {
     let what = match how {
         Exit::Shutdown => {
             port.send_shutdown().await?;
-            "shutdown"
+            "shutdown".to_owned()
         }
         Exit::Eof => {
             port.close_channel().await;
-            "EOF on its input"
+            "EOF on its input".to_owned()
+        }
+        Exit::Violation(bad) => {
+            let (bytes, what) = bad.input(max_frame);
+            // A worker that already exited (the write fails) is judged by its exit below.
+            let _ = port.send_raw(&bytes).await;
+            if bad == Bad::Truncated {
+                port.close_channel().await;
+            }
+            what
         }
     };
+    let violation = matches!(how, Exit::Violation(_));
     let Some(status) = port.wait_exit(timeout).await else {
+        let must = if violation {
+            "; a worker must exit with a non-zero status on a protocol violation, not wait or \
+             keep serving"
+        } else {
+            "; the runtime would have to kill it"
+        };
         return Err(Failure::Wrong(format!(
-            "still running {timeout:?} after {what}; the runtime would have to kill it{}",
+            "still running {timeout:?} after {what}{must}{}",
             stderr(&port.stderr_tail())
         )));
     };
@@ -585,10 +787,180 @@ async fn exits(port: &Port, how: Exit, timeout: Duration) -> Result<(), Failure>
             "after {what}: {violation} (the worker ended with {status})"
         )));
     }
-    if status.code() != Some(0) {
-        return Err(Failure::Wrong(format!(
+    match status.code() {
+        Some(0) if !violation => Ok(()),
+        Some(code) if violation && code != 0 => Ok(()),
+        Some(0) => Err(Failure::Wrong(format!(
+            "exited with status 0 after {what}; a protocol violation must end the worker with \
+             a non-zero status{}",
+            stderr(&settled_stderr(port, 0).await)
+        ))),
+        _ if violation => Err(Failure::Wrong(format!(
+            "ended with {status} after {what}, expected an exit with a non-zero status{}",
+            stderr(&settled_stderr(port, 0).await)
+        ))),
+        _ => Err(Failure::Wrong(format!(
             "ended with {status} after {what}, expected exit status 0{}",
             stderr(&settled_stderr(port, 0).await)
+        ))),
+    }
+}
+
+/// After a check passed: a ping, answered in order, proves no late reply to the check's
+/// requests is still on its way (one would have arrived first and closed the port).
+async fn barrier(port: &Port, timeout: Duration) -> Result<(), Failure> {
+    match port.ping(timeout).await {
+        Ok(()) => Ok(()),
+        Err(violation @ PortError::ProtocolViolation { .. }) => Err(Failure::Wrong(format!(
+            "after the check passed: {violation}"
+        ))),
+        Err(PortError::Timeout(t)) => Err(Failure::Wrong(format!(
+            "after the check passed, a ping got no pong within {t:?}"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Calls `wait` with `{"ms": ms}`; the call's id and a task that ends with its reply.
+fn start_wait(
+    port: &Arc<Port>,
+    ms: u64,
+    deadline_ms: Option<u64>,
+) -> (u64, tokio::task::JoinHandle<Result<Value, PortError>>) {
+    let id = port.next_request_id();
+    let body = Value::Map(vec![("ms".into(), ms.into())]);
+    let port = port.clone();
+    let task = tokio::spawn(async move { port.call(id, "wait", body, None, deadline_ms).await });
+    (id, task)
+}
+
+/// Waits up to `bound` for a `wait` call to end; the reply, or `None` if it is still running.
+async fn stopped(
+    task: &mut tokio::task::JoinHandle<Result<Value, PortError>>,
+    bound: Duration,
+) -> Option<Result<Value, PortError>> {
+    match tokio::time::timeout(bound, task).await {
+        Ok(Ok(result)) => Some(result),
+        Ok(Err(join)) => Some(Err(PortError::ProtocolViolation {
+            reason: format!("the call's task failed: {join}"),
+        })),
+        Err(_) => None,
+    }
+}
+
+/// `wait` ends early with error kind `cancelled` when cancelled while it runs; a cancel of a
+/// call that has ended is ignored.
+async fn cancel(port: &Arc<Port>) -> Result<(), Failure> {
+    let back = call(port, "wait", Value::Map(vec![("ms".into(), 10.into())])).await?;
+    if back != Value::from(10) {
+        return Err(Failure::Wrong(format!(
+            "wait {{\"ms\": 10}} returned {}, expected 10",
+            describe(&back)
+        )));
+    }
+    let (id, mut task) = start_wait(port, WAIT_MS, None);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    port.cancel(id).await?;
+    let Some(result) = stopped(&mut task, STOP_BOUND).await else {
+        task.abort();
+        return Err(Failure::Wrong(format!(
+            "wait {{\"ms\": {WAIT_MS}}} was still running {STOP_BOUND:?} after its cancel; a \
+             worker must read its input while a call runs and end a cancelled call with error \
+             kind \"cancelled\""
+        )));
+    };
+    match result {
+        Err(PortError::Remote { kind, .. }) if kind == kinds::CANCELLED => {}
+        Err(PortError::Remote { kind, message }) => {
+            return Err(Failure::Wrong(format!(
+                "the cancelled wait ended with error kind {kind:?} ({message}), expected \
+                 \"cancelled\""
+            )))
+        }
+        Ok(v) => {
+            return Err(Failure::Wrong(format!(
+                "the cancelled wait ended with ok {}, expected error kind \"cancelled\"",
+                describe(&v)
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
+    // The call has ended: a cancel naming it is ignored (no reply, no violation).
+    port.cancel(id).await?;
+    echo(port, "still serving".into())
+        .await
+        .map_err(|f| Failure::Wrong(format!("the echo after the cancelled wait failed: {f}")))
+}
+
+/// `wait` ends with error kind `deadline_exceeded` once its `deadline_ms` runs out, not before.
+async fn deadline(port: &Arc<Port>) -> Result<(), Failure> {
+    let sent = tokio::time::Instant::now();
+    let budget = Duration::from_millis(DEADLINE_MS);
+    let (_, mut task) = start_wait(port, WAIT_MS, Some(DEADLINE_MS));
+    let Some(result) = stopped(&mut task, budget + STOP_BOUND).await else {
+        task.abort();
+        return Err(Failure::Wrong(format!(
+            "wait {{\"ms\": {WAIT_MS}}} with deadline_ms {DEADLINE_MS} was still running \
+             {STOP_BOUND:?} after its deadline ran out; expected error kind \
+             \"deadline_exceeded\""
+        )));
+    };
+    let took = sent.elapsed();
+    match result {
+        // The worker's budget starts when it reads the frame, after it was sent.
+        Err(PortError::Remote { kind, .. })
+            if kind == kinds::DEADLINE_EXCEEDED && took + Duration::from_millis(10) < budget =>
+        {
+            Err(Failure::Wrong(format!(
+                "wait with deadline_ms {DEADLINE_MS} ended with deadline_exceeded after only \
+                 {took:?}"
+            )))
+        }
+        Err(PortError::Remote { kind, .. }) if kind == kinds::DEADLINE_EXCEEDED => Ok(()),
+        Err(PortError::Remote { kind, message }) => Err(Failure::Wrong(format!(
+            "wait with deadline_ms {DEADLINE_MS} ended with error kind {kind:?} ({message}), \
+             expected \"deadline_exceeded\""
+        ))),
+        Ok(v) => Err(Failure::Wrong(format!(
+            "wait {{\"ms\": {WAIT_MS}}} with deadline_ms {DEADLINE_MS} ended with ok {}, \
+             expected error kind \"deadline_exceeded\"",
+            describe(&v)
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// State set in a session is kept for that session and gone after `reset`.
+async fn session(port: &Port, timeout: Duration) -> Result<(), Failure> {
+    let key = || ("key".into(), Value::from("wharf.check"));
+    let value = Value::from(format!("set in {SESSION_A}"));
+    let in_session = |method: &'static str, body: Value, session: &str| {
+        port.call(
+            port.next_request_id(),
+            method,
+            body,
+            Some(session.to_owned()),
+            None,
+        )
+    };
+    let set = Value::Map(vec![key(), ("value".into(), value.clone())]);
+    in_session("state_set", set, SESSION_A).await?;
+    let get = Value::Map(vec![key()]);
+    let got = in_session("state_get", get.clone(), SESSION_A).await?;
+    if got != value {
+        return Err(Failure::Wrong(format!(
+            "state_get in session {SESSION_A} returned {} right after state_set stored {}",
+            describe(&got),
+            describe(&value)
+        )));
+    }
+    port.reset(Some(SESSION_A.to_owned()), timeout).await?;
+    let got = in_session("state_get", get, SESSION_B).await?;
+    if got != Value::Nil {
+        return Err(Failure::Wrong(format!(
+            "state leaked across reset: after session {SESSION_A} was reset, state_get in \
+             session {SESSION_B} returned {}, expected nil",
+            describe(&got)
         )));
     }
     Ok(())
@@ -643,7 +1015,14 @@ fn difference(sent: &Value, got: &Value) -> Option<String> {
                 path.truncate(len);
                 diff
             }),
-            // `==` on floats: 0.0 == -0.0, and NaN is never sent.
+            // Floats compare by their bits (-0.0 is not 0.0; NaN is never sent), and a float64
+            // must come back as a float64: not a float32, not an int.
+            (Value::F64(a), Value::F64(b)) if a.to_bits() == b.to_bits() => None,
+            (Value::F64(_), Value::F64(_)) => Some(format!(
+                "{path}: sent {}, got {}",
+                describe(sent),
+                describe(got)
+            )),
             (a, b) if a == b => None,
             (a, b) => Some(format!("{path}: sent {}, got {}", describe(a), describe(b))),
         }

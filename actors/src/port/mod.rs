@@ -371,6 +371,15 @@ impl Port {
             .await
     }
 
+    /// Writes `bytes` to the worker's input as they are, outside the framing: for conformance
+    /// tests that must send malformed input (a header over the worker's max frame, garbage
+    /// MessagePack). Frames queued by earlier sends go first. Nothing is registered, so no
+    /// reply is expected; [`PortError::Closed`] if the channel is closed or the write fails
+    /// (the worker is gone).
+    pub async fn send_raw(&self, bytes: &[u8]) -> Result<(), PortError> {
+        self.router.send_raw(bytes).await
+    }
+
     /// Closes the runtime's end of the channel: the worker's EOF, its dead-man switch.
     pub async fn close_channel(&self) {
         self.router.close_channel().await;

@@ -314,6 +314,17 @@ impl Router {
         }
     }
 
+    /// Writes `bytes` as they are, outside the framing, after the frames already buffered.
+    pub(crate) async fn send_raw(&self, bytes: &[u8]) -> Result<(), PortError> {
+        use tokio::io::AsyncWriteExt;
+        let mut guard = self.writer.lock().await;
+        let writer = guard.as_mut().ok_or(PortError::Closed)?;
+        writer.flush().await.map_err(|_| PortError::Closed)?;
+        let raw = writer.get_mut();
+        raw.write_all(bytes).await.map_err(|_| PortError::Closed)?;
+        raw.flush().await.map_err(|_| PortError::Closed)
+    }
+
     /// Closes our end of the channel (the worker's EOF), after flushing what is buffered.
     pub(crate) async fn close_channel(&self) {
         if let Some(mut writer) = self.writer.lock().await.take() {
@@ -558,7 +569,13 @@ fn route(router: &Router, msg: FromWorker) -> Result<Delivery, PortError> {
         (Slot::Unary(tx), FromWorker::Error { kind, message, .. }) => {
             let _ = tx.send(Err(PortError::Remote { kind, message }));
         }
-        (Slot::Ping(tx), FromWorker::Pong { .. }) | (Slot::Reset(tx), FromWorker::Ok { .. }) => {
+        (Slot::Ping(tx), FromWorker::Pong { .. })
+        | (
+            Slot::Reset(tx),
+            FromWorker::Ok {
+                body: Value::Nil, ..
+            },
+        ) => {
             let _ = tx.send(Ok(()));
         }
         (Slot::Reset(tx), FromWorker::Error { kind, message, .. }) => {
@@ -573,7 +590,12 @@ fn route(router: &Router, msg: FromWorker) -> Result<Delivery, PortError> {
             FromWorker::Pong { .. } | FromWorker::Ok { .. } | FromWorker::Error { .. },
         ) => {}
         (slot, msg) => {
-            let reason = format!("unexpected {} for request {id}", describe(&msg));
+            let reason = match (&slot, &msg) {
+                (Slot::Reset(_), FromWorker::Ok { .. }) => {
+                    format!("ok with a non-nil body for reset {id} (a reset's ok carries nil)")
+                }
+                _ => format!("unexpected {} for request {id}", describe(&msg)),
+            };
             slot.fail(PortError::ProtocolViolation {
                 reason: reason.clone(),
             });
