@@ -626,6 +626,11 @@ impl Import {
         F: FnOnce(CreateImageOptions) -> S,
         S: futures::Stream<Item = Result<CreateImageInfo, bollard::errors::Error>>,
     {
+        // One import at a time in this process, so two callers ensuring the same image do not
+        // both import it (each import makes a new id). Other processes may still race: that is
+        // tolerated below.
+        static IMPORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = IMPORTS.lock().await;
         if let Some(id) = self.existing(engine, &content).await? {
             tracing::debug!(tag = %self.tag, %id, "image: reusing");
             return Ok(BuiltImage {
