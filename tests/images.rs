@@ -112,11 +112,14 @@ struct Attached {
     buf: BytesMut,
     codec: MessageCodec<FromWorker, ToWorker>,
     stderr: String,
+    case: String,
+    created: Instant,
 }
 
 /// Creates a container with wharf's secure defaults, attaches stdin/stdout/stderr (before
 /// start, so no output is lost), and starts it.
 async fn start(engine: &Engine, run: Run<'_>) -> Attached {
+    let began = Instant::now();
     let mut env = vec![
         "WHARF_CHANNEL=stdio".to_owned(),
         format!("WHARF_MAX_FRAME={DEFAULT_MAX_FRAME}"),
@@ -190,6 +193,8 @@ async fn start(engine: &Engine, run: Run<'_>) -> Attached {
         buf: BytesMut::new(),
         codec: MessageCodec::new(DEFAULT_MAX_FRAME),
         stderr: String::new(),
+        case: run.case.to_owned(),
+        created: began,
     }
 }
 
@@ -245,10 +250,16 @@ impl Attached {
             ),
         };
         assert!(methods.iter().any(|m| m == "echo"), "{methods:?}");
+        eprintln!(
+            "{}: create + attach + start -> init_pong in {:?}",
+            self.case,
+            self.created.elapsed()
+        );
         for (id, body) in [
             (1, Value::from("hi")),
             (2, Value::Binary(vec![0xa5; 1 << 20])),
         ] {
+            let sent = Instant::now();
             self.send(&ToWorker::Call {
                 id,
                 method: "echo".to_owned(),
@@ -264,6 +275,11 @@ impl Attached {
                 } => {
                     assert_eq!(got, id);
                     assert!(echoed == body, "echo {id} came back changed");
+                    eprintln!(
+                        "{}: echo {id} round trip in {:?}",
+                        self.case,
+                        sent.elapsed()
+                    );
                 }
                 other => panic!("expected ok for call {id}, got {other:?}"),
             }
