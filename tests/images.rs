@@ -367,6 +367,7 @@ async fn new_content_under_a_tag_replaces_the_old_image() {
     let Some(engine) = common::docker_engine(CASE).await else {
         return;
     };
+    sweep(&engine, CASE).await;
     let round = |n: &str| HostPythonOptions {
         tag: "wharf-test/replaced:latest".to_owned(),
         labels: vec![
@@ -375,9 +376,37 @@ async fn new_content_under_a_tag_replaces_the_old_image() {
         ],
         ..host_python_options()
     };
+    let zeroth = image::ensure_host_python(&engine, &round("0"))
+        .await
+        .unwrap();
     let first = image::ensure_host_python(&engine, &round("1"))
         .await
         .unwrap();
+    assert_ne!(zeroth.id, first.id);
+    // The image the tag named before is unused, so it was removed.
+    assert!(
+        engine.docker().inspect_image(&zeroth.id).await.is_err(),
+        "the replaced, unused image is still there"
+    );
+
+    // A container (created, never started) keeps round 1's image in use through round 2.
+    let holder = engine
+        .docker()
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            ContainerCreateBody {
+                image: Some(first.id.clone()),
+                entrypoint: Some(first.command(["-c", "pass"])),
+                labels: Some(HashMap::from([
+                    ("wharf.test".to_owned(), "1".to_owned()),
+                    ("wharf.test.case".to_owned(), CASE.to_owned()),
+                ])),
+                ..ContainerCreateBody::default()
+            },
+        )
+        .await
+        .expect("create a container of round 1's image")
+        .id;
     let second = image::ensure_host_python(&engine, &round("2"))
         .await
         .unwrap();
@@ -385,16 +414,28 @@ async fn new_content_under_a_tag_replaces_the_old_image() {
     assert_ne!(first.id, second.id);
     let tagged = engine.docker().inspect_image(&second.image).await.unwrap();
     assert_eq!(tagged.id.as_deref(), Some(second.id.as_str()));
-    // The image the tag named before is unused, so it was removed.
-    let old = engine.docker().inspect_image(&first.id).await;
-    assert!(old.is_err(), "the replaced image is still there");
+    let old = engine.docker().inspect_image(&first.id).await.unwrap();
+    assert!(
+        old.repo_tags.unwrap_or_default().is_empty(),
+        "round 1 kept its tag"
+    );
+
     let listed = image::list(&engine).await.unwrap();
     let mine = listed
         .iter()
         .find(|i| i.id == second.id)
-        .expect("wharf image list shows the image");
+        .expect("the list shows the image");
     assert_eq!(mine.kind, "host-python");
     assert!(mine.tags.iter().any(|t| t == "wharf-test/replaced:latest"));
+    assert!(listed.iter().any(|i| i.id == first.id && i.tags.is_empty()));
+
+    // In use: prune leaves it. Unused: prune removes it.
+    assert!(!image::prune(&engine).await.unwrap().contains(&first.id));
+    assert!(engine.docker().inspect_image(&first.id).await.is_ok());
+    remove(&engine, &holder).await;
+    assert!(image::prune(&engine).await.unwrap().contains(&first.id));
+    assert!(engine.docker().inspect_image(&first.id).await.is_err());
+    assert!(engine.docker().inspect_image(&second.image).await.is_ok());
 }
 
 #[tokio::test]

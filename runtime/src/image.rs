@@ -16,6 +16,30 @@
 //!   made by `debootstrap` from Debian's packages, with `wharf_worker` copied in, as a user's
 //!   image would be. Takes about a minute and root privileges.
 //!
+//! How to build and run each kind, what they cost and the pitfalls in full: `docs/containers.md`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use wharf::image::{self, HostPythonOptions, StaticBinaryOptions};
+//!
+//! let engine = wharf::Engine::local(Duration::from_secs(10)).await?;
+//!
+//! // No Python in the image: run it with these mounts, this environment and entrypoint.
+//! let py = image::ensure_host_python(&engine, &HostPythonOptions::default()).await?;
+//! let binds: Vec<String> = py.mounts.iter().map(|m| m.bind()).collect(); // "src:dst:ro"
+//! let entrypoint = py.command(["-m", "wharf_worker.demo"]); // [python, "-m", ...]
+//! let env = py.env_strings(); // ["PYTHONPATH=/opt/wharf/python", ...]
+//!
+//! // A static Rust worker: the image's entrypoint, no mounts.
+//! let worker = StaticBinaryOptions::new("target/x86_64-unknown-linux-gnu/release/my-worker");
+//! let img = image::ensure_static_binary(&engine, &worker).await?;
+//! println!("{} {} {:?} {:?} {:?}", img.image, img.id, binds, entrypoint, env);
+//! # Ok(()) }
+//! ```
+//!
 //! # Guarantees
 //!
 //! - **Idempotent.** Every image carries the label [`LABEL_CONTENT`], a SHA-256 of what went
@@ -23,7 +47,8 @@
 //!   package's files). `ensure_*` reuses an image whose tag already carries the same content hash
 //!   and imports nothing; otherwise it imports, retags, and removes the image the tag named
 //!   before if nothing else uses it.
-//! - **Labelled.** [`LABEL_KIND`] says which kind an image is; [`list`] finds wharf's images.
+//! - **Labelled.** [`LABEL_KIND`] says which kind an image is; [`list`] finds wharf's images
+//!   and [`prune`] removes the untagged ones nothing uses.
 //! - **Checked.** After an import the tag is inspected: it must name the imported image (or,
 //!   when two builders raced, an image with the same content hash).
 //!
@@ -1340,6 +1365,35 @@ pub async fn list(engine: &Engine) -> Result<Vec<ImageInfo>, ImageError> {
         .collect();
     out.sort_by(|a, b| b.created.cmp(&a.created).then(a.id.cmp(&b.id)));
     Ok(out)
+}
+
+/// Removes wharf's untagged images (replaced by a newer import while a container still used
+/// them) that nothing uses any more. Returns the ids removed; images still in use stay.
+pub async fn prune(engine: &Engine) -> Result<Vec<String>, ImageError> {
+    let mut filters = std::collections::HashMap::new();
+    filters.insert("label".to_owned(), vec![LABEL_KIND.to_owned()]);
+    filters.insert("dangling".to_owned(), vec!["true".to_owned()]);
+    let options = ListImagesOptionsBuilder::default()
+        .filters(&filters)
+        .build();
+    let images = engine
+        .docker()
+        .list_images(Some(options))
+        .await
+        .map_err(|e| engine.api_error("list images", e))?;
+    let mut removed = Vec::new();
+    for image in images {
+        let options = RemoveImageOptionsBuilder::default().build();
+        if engine
+            .docker()
+            .remove_image(&image.id, Some(options), None)
+            .await
+            .is_ok()
+        {
+            removed.push(image.id);
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]

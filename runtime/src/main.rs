@@ -8,7 +8,8 @@
 //!
 //! `wharf image build host-python|static BINARY|debian-python` builds a worker image locally
 //! through the engine's import API (no registry, no Dockerfile; see `wharf::image`) and prints
-//! its id and how to run it; `wharf image ls` lists wharf's images. Exit 0 on success, 1 on an
+//! its id and how to run it; `wharf image ls` lists wharf's images, `wharf image prune` removes
+//! the untagged ones no container uses. Exit 0 on success, 1 on an
 //! error.
 
 use std::ffi::OsString;
@@ -78,6 +79,8 @@ enum ImageCommand {
     },
     /// List wharf's images (those labelled wharf.image).
     Ls,
+    /// Remove wharf's untagged images that no container uses.
+    Prune,
 }
 
 #[derive(Subcommand, Debug)]
@@ -150,6 +153,11 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 async fn image_command(command: ImageCommand) -> Result<(), Box<dyn std::error::Error>> {
     let engine = Engine::local(Duration::from_secs(10)).await?;
     match command {
+        ImageCommand::Prune => {
+            for id in image::prune(&engine).await? {
+                println!("removed {id}");
+            }
+        }
         ImageCommand::Ls => {
             println!("{:<40} {:<15} {:<14} {:>10}", "TAG", "KIND", "ID", "SIZE");
             for i in image::list(&engine).await? {
