@@ -578,7 +578,10 @@ async fn pool_round_trip(engine: &Engine, case: &str, spec: ProcessSpec) {
     pool.wait_ready(2, Duration::from_secs(60))
         .await
         .expect("two container workers ready");
-    assert_eq!(containers(engine, case).await.len(), 2);
+    assert!(
+        containers(engine, case).await.len() >= 2,
+        "the workers are containers"
+    );
     for i in 0..4 {
         let got = pool.call("echo", &format!("call {i}")).await.expect("echo");
         assert_eq!(got, Value::from(format!("call {i}")));

@@ -867,7 +867,12 @@ pub async fn ensure_host_python(
             _ => {}
         }
     }
-    let mounted = |p: &Path, mounts: &[Mount]| mounts.iter().any(|m| under(p, &m.target));
+    // Whether a host path is visible at the same path in the container.
+    let mounted = |p: &Path, mounts: &[Mount]| {
+        mounts
+            .iter()
+            .any(|m| m.source == m.target && under(p, &m.source))
+    };
     if !mounted(&facts.base_prefix, &mounts) {
         mounts.push(Mount::read_only(&facts.base_prefix, &facts.base_prefix));
     }
