@@ -605,6 +605,13 @@ impl Import {
         split_tag(&self.tag)?;
         for (k, v) in &self.labels {
             check_label(k, v)?;
+            if k == LABEL_KIND || k == LABEL_CONTENT {
+                return Err(ImageError::Invalid {
+                    what: "label key",
+                    value: k.clone(),
+                    reason: "wharf sets this label itself",
+                });
+            }
         }
         let mut h = Sha256::new();
         h.update(b"wharf image v1\n");
@@ -1501,6 +1508,8 @@ mod tests {
         assert_eq!(a, import("static", vec![]).content(b"tree").unwrap());
         assert_ne!(a, import("static", vec![]).content(b"tree2").unwrap());
         assert_ne!(a, import("host-python", vec![]).content(b"tree").unwrap());
+        let reserved = vec![(LABEL_CONTENT.to_owned(), "x".to_owned())];
+        assert!(import("static", reserved).content(b"tree").is_err());
         let labelled = vec![("wharf.test".to_owned(), "1".to_owned())];
         assert_ne!(a, import("static", labelled).content(b"tree").unwrap());
     }
