@@ -9,48 +9,26 @@ use std::time::Duration;
 
 use bollard::query_parameters::ListContainersOptions;
 use common::*;
+use wharf::image::{self, HostPythonOptions};
 use wharf::{ContainerSpec, Engine, Error, Pool, Transport, Value};
 
-/// The local engine, or `None` (after saying why) if the tests must skip.
-async fn engine() -> Option<Engine> {
-    match Engine::local(Duration::from_secs(10)).await {
-        Ok(engine) => Some(engine),
-        Err(e) => {
-            let why = format!("DOCKER UNAVAILABLE: {e}; skipping the container tests");
-            assert!(std::env::var_os("CI").is_none(), "{why} (CI=true: failing)");
-            eprintln!("{why}");
-            None
-        }
-    }
-}
-
-/// The host's Python prefix (the real one, not a shim).
-fn python_prefix() -> String {
-    let out = std::process::Command::new("python3")
-        .args(["-c", "import sys; print(sys.base_prefix)"])
-        .output()
-        .expect("python3 runs");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// The demo worker in a container of the host-Python image.
-fn demo(transport: Transport) -> ContainerSpec {
-    let prefix = python_prefix();
-    ContainerSpec::new(
-        "wharf-dev/hostpy:1",
-        [
-            format!("{prefix}/bin/python3"),
-            "-m".into(),
-            "wharf_worker.demo".into(),
-        ],
-    )
-    .mount("/usr", "/usr", true)
-    .mount(&prefix, prefix.clone(), true)
-    .mount(python_path(), "/opt/wharf", true)
-    .env("PYTHONPATH", "/opt/wharf")
-    .user("65534:65534")
-    .transport(transport)
-    .init_timeout(Duration::from_secs(30))
+/// The local engine and the demo worker's container spec over `transport` (the host-Python
+/// image, built if missing), or `None` (after a loud notice) if the test must skip.
+async fn setup(test: &str, transport: Transport) -> Option<(Engine, ContainerSpec)> {
+    let engine = docker_engine(test).await?;
+    init_logs();
+    let opts = HostPythonOptions {
+        worker_package: Some(python_path().into()),
+        ..HostPythonOptions::default()
+    };
+    let img = image::ensure_host_python(&engine, &opts)
+        .await
+        .expect("the host-Python image builds");
+    let spec = img
+        .spec(["-m", "wharf_worker.demo"])
+        .transport(transport)
+        .init_timeout(Duration::from_secs(30));
+    Some((engine, spec))
 }
 
 async fn containers_of(engine: &Engine, pool: &str) -> usize {
@@ -68,11 +46,10 @@ async fn containers_of(engine: &Engine, pool: &str) -> usize {
 }
 
 async fn serves(transport: Transport, pool_name: &str) {
-    let Some(engine) = engine().await else {
+    let Some((engine, spec)) = setup(pool_name, transport).await else {
         return;
     };
-    init_logs();
-    let pool = Pool::builder(demo(transport))
+    let pool = Pool::builder(spec)
         .name(pool_name)
         .size(2)
         .build()
@@ -143,14 +120,10 @@ async fn inspect_worker(engine: &Engine, pool: &str) -> bollard::models::Contain
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_run_with_the_secure_defaults_limits_and_labels() {
-    let Some(engine) = engine().await else {
+    let Some((engine, spec)) = setup("ct-secure", Transport::Socket).await else {
         return;
     };
-    init_logs();
-    let spec = demo(Transport::Socket)
-        .memory(256 << 20)
-        .cpus(0.5)
-        .pids_limit(64);
+    let spec = spec.memory(256 << 20).cpus(0.5).pids_limit(64);
     let pool = Pool::builder(spec)
         .name("ct-secure")
         .size(1)
@@ -188,11 +161,10 @@ async fn containers_run_with_the_secure_defaults_limits_and_labels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oom_kill_is_reported_as_such() {
-    let Some(_engine) = engine().await else {
+    let Some((_engine, spec)) = setup("ct-oom", Transport::Socket).await else {
         return;
     };
-    init_logs();
-    let spec = demo(Transport::Socket).memory(96 << 20);
+    let spec = spec.memory(96 << 20);
     let pool = Pool::builder(spec)
         .name("ct-oom")
         .size(1)
@@ -215,11 +187,10 @@ async fn an_oom_kill_is_reported_as_such() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_kill_under_load_fails_only_the_killed_calls_and_the_pool_recovers() {
-    let Some(engine) = engine().await else {
+    let Some((engine, spec)) = setup("ct-chaos", Transport::Socket).await else {
         return;
     };
-    init_logs();
-    let pool = Pool::builder(demo(Transport::Socket))
+    let pool = Pool::builder(spec)
         .name("ct-chaos")
         .size(3)
         .build()

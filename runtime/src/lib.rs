@@ -9,6 +9,7 @@
 //! - [`PoolConfig`] / [`PoolBuilder`] (`config.rs`): every knob.
 //! - [`Error`] (`error.rs`): what callers see.
 //! - [`check`]: the protocol conformance checker behind `wharf check`.
+//! - [`image`]: worker images built locally through the engine's import API (`wharf image`).
 //!
 //! The supervisor, worker actors and process ports live in `wharf-actors`; the wire protocol
 //! and worker SDK in `wharf-protocol`.
@@ -16,6 +17,7 @@
 pub mod check;
 pub mod config;
 pub mod error;
+pub mod image;
 pub mod lease;
 pub mod pool;
 pub mod session;

@@ -5,14 +5,22 @@
 //! It prints one line per check (`PASS name`, `FAIL name: reason`, `SKIP name: reason`), then a
 //! summary (`N passed, N failed[, N skipped]`), and exits 0 if no check failed, 1 if one did, 2
 //! on a usage error. Logs (`RUST_LOG`, default `warn`) go to stderr.
+//!
+//! `wharf image build host-python|static BINARY|debian-python` builds a worker image locally
+//! through the engine's import API (no registry, no Dockerfile; see `wharf::image`) and prints
+//! its id and how to run it; `wharf image ls` lists wharf's images, `wharf image prune` removes
+//! the untagged ones no container uses. Exit 0 on success, 1 on an
+//! error.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use wharf::check::{run_checks_with, CheckOptions, Outcome};
-use wharf::{Channel, ProcessSpec};
+use wharf::image::{self, DebianPythonOptions, HostPythonOptions, StaticBinaryOptions};
+use wharf::{Channel, Engine, ProcessSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -55,6 +63,209 @@ enum Command {
         #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
         cmd: Vec<OsString>,
     },
+    /// Build and list worker images, locally, through the Docker engine's import API.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build a worker image (or reuse one with the same content) and print how to run it.
+    Build {
+        #[command(subcommand)]
+        kind: BuildKind,
+    },
+    /// List wharf's images (those labelled wharf.image).
+    Ls,
+    /// Remove wharf's untagged images that no container uses.
+    Prune,
+}
+
+#[derive(Subcommand, Debug)]
+enum BuildKind {
+    /// A near-empty root filesystem; the host's /usr, Python and wharf_worker are bind-mounted
+    /// read-only at run time (a local engine only).
+    HostPython {
+        /// The image tag.
+        #[arg(long, default_value = image::HOST_PYTHON_TAG)]
+        tag: String,
+        /// The Python to mount (its real prefix is used, not a shim's).
+        #[arg(long, default_value = "python3")]
+        python: OsString,
+        /// The directory holding wharf_worker/ (default: where that Python finds it).
+        #[arg(long, value_name = "DIR")]
+        worker_package: Option<PathBuf>,
+        /// An extra image label (repeatable).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+        label: Vec<(String, String)>,
+    },
+    /// One statically linked executable as the image's entrypoint (self-contained).
+    Static {
+        /// The executable (e.g. built with RUSTFLAGS="-C target-feature=+crt-static" and
+        /// --target x86_64-unknown-linux-gnu).
+        binary: PathBuf,
+        /// The image tag (default wharf/<file name>:latest).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Where the executable goes in the image (default /usr/local/bin/<file name>).
+        #[arg(long, value_name = "PATH")]
+        path: Option<PathBuf>,
+        /// An extra image label (repeatable).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+        label: Vec<(String, String)>,
+    },
+    /// A self-contained Python image from Debian's packages (debootstrap, root, ~1 minute).
+    DebianPython {
+        /// The directory holding wharf_worker/ (copied into the image).
+        #[arg(long, value_name = "DIR")]
+        worker_package: PathBuf,
+        /// The image tag.
+        #[arg(long, default_value = image::DEBIAN_PYTHON_TAG)]
+        tag: String,
+        /// The Debian suite.
+        #[arg(long, default_value = "bookworm")]
+        suite: String,
+        /// The Debian mirror (default: debootstrap's).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Packages on top of minbase (repeatable; default python3-minimal python3-msgpack).
+        #[arg(long = "package", value_name = "NAME")]
+        packages: Vec<String>,
+        /// Where to build the temporary root filesystem (default: the temp directory).
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+        /// An extra image label (repeatable).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+        label: Vec<(String, String)>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.into(), v.into())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Runs `wharf image ...`.
+async fn image_command(command: ImageCommand) -> Result<(), Box<dyn std::error::Error>> {
+    let engine = Engine::local(Duration::from_secs(10)).await?;
+    match command {
+        ImageCommand::Prune => {
+            for id in image::prune(&engine).await? {
+                println!("removed {id}");
+            }
+        }
+        ImageCommand::Ls => {
+            println!("{:<40} {:<15} {:<14} {:>10}", "TAG", "KIND", "ID", "SIZE");
+            for i in image::list(&engine).await? {
+                let id = i.id.trim_start_matches("sha256:");
+                let tags = if i.tags.is_empty() {
+                    vec!["<none>".to_owned()]
+                } else {
+                    i.tags
+                };
+                for tag in tags {
+                    println!(
+                        "{tag:<40} {:<15} {:<14} {:>10}",
+                        i.kind,
+                        &id[..id.len().min(12)],
+                        i.size
+                    );
+                }
+            }
+        }
+        ImageCommand::Build { kind } => match kind {
+            BuildKind::HostPython {
+                tag,
+                python,
+                worker_package,
+                label,
+            } => {
+                let opts = HostPythonOptions {
+                    tag,
+                    python,
+                    worker_package,
+                    labels: label,
+                };
+                let img = image::ensure_host_python(&engine, &opts).await?;
+                println!("image {}", img.image);
+                println!("id {}", img.id);
+                println!("reused {}", img.reused);
+                println!("python {} ({})", img.python.display(), img.version);
+                for m in &img.mounts {
+                    println!("mount {}", m.bind());
+                }
+                for (k, v) in &img.env {
+                    println!("env {k}={v}");
+                }
+                let mut run = vec![
+                    "docker run --rm -i --init --network none --read-only --user 65534:65534"
+                        .to_owned(),
+                ];
+                run.extend(img.mounts.iter().map(|m| format!("-v {}", m.bind())));
+                run.extend(img.env.iter().map(|(k, v)| format!("-e {k}={v}")));
+                run.push("-e WHARF_CHANNEL=stdio".to_owned());
+                run.push(format!("--entrypoint {}", img.python.display()));
+                run.push(format!("{} -m wharf_worker.demo", img.image));
+                println!("run {}", run.join(" "));
+            }
+            BuildKind::Static {
+                binary,
+                tag,
+                path,
+                label,
+            } => {
+                let opts = StaticBinaryOptions {
+                    binary,
+                    path_in_image: path,
+                    tag,
+                    labels: label,
+                };
+                let img = image::ensure_static_binary(&engine, &opts).await?;
+                println!("image {}", img.image);
+                println!("id {}", img.id);
+                println!("reused {}", img.reused);
+                println!("entrypoint {}", img.entrypoint.display());
+                println!(
+                    "run docker run --rm -i --init --network none --read-only --user 65534:65534 \
+                     -e WHARF_CHANNEL=stdio {}",
+                    img.image
+                );
+            }
+            BuildKind::DebianPython {
+                worker_package,
+                tag,
+                suite,
+                mirror,
+                packages,
+                work_dir,
+                label,
+            } => {
+                let mut opts = DebianPythonOptions::new(worker_package);
+                opts.tag = tag;
+                opts.suite = suite;
+                opts.mirror = mirror;
+                if !packages.is_empty() {
+                    opts.packages = packages;
+                }
+                opts.work_dir = work_dir;
+                opts.labels = label;
+                let img = image::ensure_debian_python(&engine, &opts).await?;
+                println!("image {}", img.tag);
+                println!("id {}", img.id);
+                println!("reused {}", img.reused);
+                println!(
+                    "run docker run --rm -i --init --network none --read-only --user 65534:65534 \
+                     -e WHARF_CHANNEL=stdio {} -m wharf_worker.demo",
+                    img.tag
+                );
+            }
+        },
+    }
+    Ok(())
 }
 
 fn parse_env(s: &str) -> Result<(OsString, OsString), String> {
@@ -82,6 +293,13 @@ async fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Image { command } => match image_command(command).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wharf image: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Check {
             stdio,
             init_timeout_ms,

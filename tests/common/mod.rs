@@ -95,3 +95,84 @@ pub async fn ready(builder: PoolBuilder, size: usize) -> Pool {
     pool.wait_ready(size, READY).await.unwrap();
     pool
 }
+
+/// The local Docker engine, for a test that needs one; `None` (after a loud notice on stderr)
+/// when no engine answers, so the test can skip. Under `CI=true` a missing engine is a failure:
+/// this panics instead.
+pub async fn docker_engine(test: &str) -> Option<wharf::Engine> {
+    match wharf::Engine::local(Duration::from_secs(10)).await {
+        Ok(engine) => Some(engine),
+        Err(e) => {
+            needs_docker(test, &format!("no Docker engine is reachable ({e})"));
+            None
+        }
+    }
+}
+
+/// Whether the `docker` command line runs (a test whose workers are `docker run` processes
+/// needs it); like [`docker_engine`], loud when it does not, and a failure under `CI=true`.
+pub fn docker_cli(test: &str) -> bool {
+    let ok = std::process::Command::new("docker")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        needs_docker(test, "the docker command is not installed");
+    }
+    ok
+}
+
+/// Reports a Docker test that cannot run: a panic under `CI=true`, a loud skip otherwise.
+fn needs_docker(test: &str, why: &str) {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs Docker and CI=true, but {why}");
+    }
+    // Straight to stderr: the test harness captures eprintln! of passing tests, and a skip
+    // must be seen.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED {test}: it needs Docker, but {why}. (Under CI=true this is a failure.) ***"
+    );
+}
+
+/// The target directory this test binary was built in.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // <target>/<profile>/deps/<test binary>
+    exe.ancestors()
+        .nth(3)
+        .expect("a test binary lives in <target>/<profile>/deps")
+        .to_owned()
+}
+
+/// The example Rust worker (`wharf-example-worker`) linked statically, for a static-binary
+/// image: `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target
+/// <arch>-unknown-linux-gnu -p wharf --bin wharf-example-worker` (the explicit `--target` keeps
+/// the flag off the host build). Built once per test process; cargo makes later calls no-ops.
+pub fn static_example_worker() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+            let target = target_dir();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "--release", "--target", &triple])
+                .args(["-p", "wharf", "--bin", "wharf-example-worker"])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .env("CARGO_TARGET_DIR", &target)
+                .current_dir(repo_root())
+                .status()
+                .expect("cargo runs");
+            assert!(
+                status.success(),
+                "the static build of the example worker failed"
+            );
+            target.join(triple).join("release/wharf-example-worker")
+        })
+        .clone()
+}

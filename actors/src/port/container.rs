@@ -60,9 +60,26 @@ pub struct Mount {
     /// The path on the engine's host.
     pub source: PathBuf,
     /// The path in the container.
-    pub target: String,
+    pub target: PathBuf,
     /// Mounted read-only.
     pub read_only: bool,
+}
+
+impl Mount {
+    /// A read-only mount of `source` at `target`.
+    pub fn read_only(source: impl Into<PathBuf>, target: impl Into<PathBuf>) -> Mount {
+        Mount {
+            source: source.into(),
+            target: target.into(),
+            read_only: true,
+        }
+    }
+
+    /// The engine's `Binds` form: `source:target:ro` (or `:rw`).
+    pub fn bind(&self) -> String {
+        let mode = if self.read_only { "ro" } else { "rw" };
+        format!("{}:{}:{mode}", self.source.display(), self.target.display())
+    }
 }
 
 /// How to start a container worker. Build one with [`ContainerSpec::new`] and its setters.
@@ -176,7 +193,7 @@ impl ContainerSpec {
     pub fn mount(
         mut self,
         source: impl Into<PathBuf>,
-        target: impl Into<String>,
+        target: impl Into<PathBuf>,
         read_only: bool,
     ) -> Self {
         self.mounts.push(Mount {
@@ -459,14 +476,7 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("WHARF_MAX_FRAME={}", spec.max_frame));
     env.push(format!("WHARF_WORKER_ID={}", spec.worker_id));
-    let mut binds: Vec<String> = spec
-        .mounts
-        .iter()
-        .map(|m| {
-            let mode = if m.read_only { "ro" } else { "rw" };
-            format!("{}:{}:{mode}", m.source.display(), m.target)
-        })
-        .collect();
+    let mut binds: Vec<String> = spec.mounts.iter().map(Mount::bind).collect();
     let mut socket = None;
     match spec.transport {
         Transport::Attach => env.push("WHARF_CHANNEL=stdio".into()),
