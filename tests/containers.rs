@@ -265,3 +265,40 @@ async fn docker_kill_under_load_fails_only_the_killed_calls_and_the_pool_recover
     pool.shutdown().await;
     assert_eq!(containers_of(&engine, "ct-chaos").await, 0);
 }
+
+/// Two pools of the same name in one runtime never touch each other's containers: each
+/// removes only its own at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_of_the_same_name_keep_to_their_own_containers() {
+    let Some((engine, spec)) = setup("ct-twins", Transport::Socket).await else {
+        return;
+    };
+    let a = Pool::builder(spec.clone())
+        .name("ct-twins")
+        .size(1)
+        .build()
+        .await
+        .unwrap();
+    a.wait_ready(1, READY).await.unwrap();
+    let b = Pool::builder(spec)
+        .name("ct-twins")
+        .size(1)
+        .build()
+        .await
+        .unwrap();
+    b.wait_ready(1, READY).await.unwrap();
+    assert_eq!(containers_of(&engine, "ct-twins").await, 2);
+    let a2 = a.clone();
+    let in_flight = tokio::spawn(async move { a2.call("sleep", &800).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.shutdown().await;
+    assert_eq!(in_flight.await.unwrap().unwrap(), Value::from(800));
+    assert_eq!(
+        containers_of(&engine, "ct-twins").await,
+        1,
+        "b removed a's container"
+    );
+    assert_eq!(a.stats().restarts, 0);
+    a.shutdown().await;
+    assert_eq!(containers_of(&engine, "ct-twins").await, 0);
+}

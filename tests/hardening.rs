@@ -480,3 +480,196 @@ async fn nonsensical_settings_are_refused_at_build_naming_the_field() {
         .unwrap();
     pool.shutdown().await;
 }
+
+// Found by the adversarial review of the fixes above.
+
+/// A health ping still pending when a caller returns the worker does not keep it draining: a
+/// worker slow to pong (health timeout longer than the drain timeout) is not killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_health_ping_does_not_keep_a_worker_draining() {
+    init_logs();
+    let pool = Pool::builder(fixture("no_pong.py"))
+        .size(1)
+        .health_check(HealthCheck {
+            interval: Some(Duration::from_millis(50)),
+            timeout: Duration::from_secs(1),
+            max_missed: u32::MAX,
+        })
+        .drain_timeout(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    for i in 0..20 {
+        assert_eq!(pool.call("echo", &i).await.unwrap(), Value::from(i));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    assert_eq!(
+        pool.stats().replacements,
+        0,
+        "a healthy worker was drained and killed"
+    );
+    pool.shutdown().await;
+}
+
+/// A stream dropped while its worker computes (no next chunk coming) is cancelled at once, so
+/// the worker is back before the drain timeout instead of being killed by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_is_cancelled_at_once() {
+    init_logs();
+    let pool = Pool::builder(fixture("cancellable.py"))
+        .size(1)
+        .drain_timeout(Duration::from_secs(20))
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let pid = pool.worker_pids()[0];
+    {
+        let mut lease = pool.checkout().await.unwrap();
+        let mut stream = lease.call_stream("stream", &()).await.unwrap();
+        assert!(matches!(
+            stream.next().await,
+            Some(Ok(StreamItem::Chunk(_)))
+        ));
+    } // the stream and its lease go, mid-stream, while the worker sends nothing more
+    let back = tokio::time::timeout(Duration::from_secs(10), pool.call("echo", &"after")).await;
+    assert_eq!(
+        back.expect("the worker came back (cancelled) well before the drain timeout")
+            .unwrap(),
+        Value::from("after")
+    );
+    assert_eq!(pool.worker_pids(), vec![pid]);
+    assert_eq!(pool.stats().replacements, 0);
+    pool.shutdown().await;
+}
+
+/// Overflow workers' failures count toward the restart intensity: an overflow-only pool whose
+/// every fresh worker is unfit fails instead of launching forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfit_overflow_workers_fail_the_pool_too() {
+    let pool = builder(0)
+        .max_overflow(1)
+        .max_rss(1 << 20)
+        .intensity(3, Duration::from_secs(30))
+        .checkout_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = loop {
+        match pool.call("echo", &1).await {
+            Err(e @ Error::PoolFailed { .. }) => break e,
+            other => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "still not failed after 30 s: {other:?}"
+            ),
+        }
+    };
+    assert!(err.to_string().contains("max_rss"), "{err}");
+    pool.shutdown().await;
+}
+
+/// A pool that runs out of workers says how the last one ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_workers_names_how_the_last_one_ended() {
+    let pool = builder(1)
+        .restart_type(wharf::RestartType::Temporary)
+        .max_rss(1 << 20)
+        .checkout_timeout(Duration::from_secs(20))
+        .build()
+        .await
+        .unwrap();
+    let err = pool.call("echo", &1).await.unwrap_err();
+    assert!(
+        matches!(err, Error::NoWorkers { .. }) && err.to_string().contains("max_rss"),
+        "{err:?}"
+    );
+    pool.shutdown().await;
+}
+
+/// A backoff the builder accepts never panics the supervisor, even next to `Duration::MAX`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backoff_near_duration_max_never_panics_the_supervisor() {
+    let huge = Backoff {
+        initial: Duration::MAX,
+        max: Duration::MAX,
+        jitter: 1e-17,
+        ..Backoff::default()
+    };
+    for failures in [2, 3, 64] {
+        let _ = huge.delay(failures);
+    }
+    let pool = ready(builder(2).backoff(huge), 2).await;
+    // Two crashes of one slot: the second restart waits "forever", the pool keeps serving.
+    let pid = pool.worker_pids()[0];
+    let _ = pool.call("crash", &3).await;
+    let _ = pool.call("crash", &3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(pool.call("echo", &1).await.unwrap(), Value::from(1));
+    assert!(!pool.stats().failed, "the supervisor died");
+    let _ = pid;
+    pool.shutdown().await;
+}
+
+/// Stopping is never queued behind a health ping to a worker slow to pong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_behind_a_health_ping() {
+    init_logs();
+    let pool = Pool::builder(fixture("no_pong.py"))
+        .size(1)
+        .health_check(HealthCheck {
+            interval: Some(Duration::from_millis(50)),
+            timeout: Duration::from_secs(60),
+            max_missed: 3,
+        })
+        .shutdown_grace(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    pool.shutdown().await;
+    // The worker exits on `shutdown` at once; queued behind the ping, this took 11 s.
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+}
+
+/// An open session with no call under way does not hold the pool's shutdown for its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_session_does_not_hold_shutdown() {
+    let pool = ready(builder(1).shutdown_grace(Duration::from_secs(20)), 1).await;
+    let s = pool.session("idle").await.unwrap();
+    s.call("echo", &1).await.unwrap();
+    let t = Instant::now();
+    pool.shutdown().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    drop(s);
+}
+
+/// A session's reset has its own timeout: a zero drain timeout does not recycle every session
+/// worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_drain_timeout_still_resets_session_workers() {
+    let pool = ready(builder(1).drain_timeout(Duration::ZERO), 1).await;
+    let pid = pool.worker_pids()[0];
+    for id in ["a", "b", "c"] {
+        let s = pool.session(id).await.unwrap();
+        s.call("echo", &1).await.unwrap();
+        s.end().await.unwrap();
+    }
+    assert_eq!(
+        pool.worker_pids(),
+        vec![pid],
+        "a session worker was recycled, not reset"
+    );
+    pool.shutdown().await;
+}

@@ -175,7 +175,7 @@ async fn a_worker_that_exits_right_after_ready_is_bounded_by_the_restart_policy(
     let mut refused = false;
     for _ in 0..100 {
         match pool.call("echo", &1).await {
-            Err(Error::NoWorkers(_)) => {
+            Err(Error::NoWorkers { .. }) => {
                 refused = true;
                 break;
             }

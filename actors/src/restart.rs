@@ -153,7 +153,9 @@ impl Backoff {
             return base;
         }
         let factor = 1.0 - rand::rng().random_range(0.0..=jitter);
-        base.mul_f64(factor)
+        // Saturates like `base_delay`: near `Duration::MAX`, a factor that rounds to 1 must not
+        // overflow.
+        Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(base)
     }
 }
 
@@ -236,6 +238,13 @@ mod tests {
         };
         assert_eq!(huge.delay(2), Duration::MAX, "saturates, never panics");
         assert_eq!(huge.delay(60), Duration::MAX);
+        let huge_jitter = Backoff {
+            jitter: 1e-17,
+            ..huge
+        };
+        for failures in [2, 3, 60] {
+            let _ = huge_jitter.delay(failures); // never panics
+        }
         let j = Backoff { jitter: 0.5, ..b };
         for _ in 0..100 {
             let d = j.delay(3);

@@ -40,8 +40,9 @@ pub trait PoolEvents: Send + Sync + 'static {
     /// Restart intensity was exceeded, or a slot failed to start too many times in a row: the
     /// pool has failed for good. `reason` says which, and what the last exit was.
     fn escalated(&self, reason: String, last_errors: Vec<PortError>);
-    /// No worker is running or starting, and none will be started.
-    fn exhausted(&self);
+    /// No worker is running or starting, and none will be started; `last_exit` says how the
+    /// last one ended.
+    fn exhausted(&self, last_exit: String);
 }
 
 /// Everything a supervisor needs to run a pool's workers.
@@ -257,7 +258,18 @@ impl Supervisor {
             return;
         }
         if st.slots[slot].overflow {
+            // Overflow workers are not restarted (demand starts new ones), but their failures
+            // count: a crash or unfit loop fed by demand must fail the pool like any other.
             st.slots[slot].status = SlotStatus::Unstarted;
+            if kind.is_abnormal() && !st.intensity.record(Instant::now()) {
+                let limit = st.args.policy.intensity;
+                let reason = format!(
+                    "restart intensity exceeded (more than {} failures within {:?}); last exit: \
+                     overflow worker in slot {slot} {kind}",
+                    limit.max_restarts, limit.within
+                );
+                Self::escalate(st, reason);
+            }
             return;
         }
         if kind.is_replacement() {
@@ -266,13 +278,13 @@ impl Supervisor {
         }
         if matches!(kind, ExitKind::Stopped) {
             st.slots[slot].status = SlotStatus::Stopped;
-            Self::check_exhausted(st);
+            Self::check_exhausted(st, &kind);
             return;
         }
         let policy = st.args.policy;
         if !policy.restart.restarts(kind.is_abnormal()) {
             st.slots[slot].status = SlotStatus::Stopped;
-            Self::check_exhausted(st);
+            Self::check_exhausted(st, &kind);
             return;
         }
         if !st.intensity.record(Instant::now()) {
@@ -332,13 +344,13 @@ impl Supervisor {
         st.args.events.escalated(reason, errors);
     }
 
-    fn check_exhausted(st: &mut SupervisorState) {
+    fn check_exhausted(st: &mut SupervisorState, last: &ExitKind) {
         let any = st.slots.iter().any(|s| {
             (!s.overflow && s.status != SlotStatus::Stopped)
                 || (s.overflow && s.status != SlotStatus::Unstarted)
         });
         if !any {
-            st.args.events.exhausted();
+            st.args.events.exhausted(format!("the last worker {last}"));
         }
     }
 

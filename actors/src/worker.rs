@@ -285,6 +285,14 @@ pub enum WorkerMsg {
     PortClosed,
     /// Time to ping, if idle.
     HealthTick,
+    /// A health ping ended.
+    Pinged {
+        /// How.
+        result: Result<(), PortError>,
+        /// Calls served when the ping was sent (a caller who took the worker meanwhile may
+        /// delay the pong).
+        calls_before: u64,
+    },
     /// Stop gracefully (shutdown message, grace, signals) and end the actor.
     Retire,
 }
@@ -315,6 +323,8 @@ pub struct WorkerActorState {
     shutdown_grace: Duration,
     max_lifetime: Option<Duration>,
     missed: u32,
+    /// A health ping is under way.
+    pinging: bool,
 }
 
 impl WorkerActorState {
@@ -368,6 +378,7 @@ impl Actor for WorkerActor {
             shutdown_grace: args.shutdown_grace,
             max_lifetime: args.max_lifetime,
             missed: 0,
+            pinging: false,
         })
     }
 
@@ -412,8 +423,29 @@ impl Actor for WorkerActor {
                     myself.cast(WorkerMsg::Retire)?;
                     return Ok(());
                 }
+                if state.pinging {
+                    return Ok(());
+                }
+                // The ping runs in a task of its own: the actor stays free for Retire and
+                // PortClosed while a worker slow to pong makes it wait.
+                state.pinging = true;
                 let calls_before = state.shared.calls();
-                match state.port.ping(state.health.timeout).await {
+                let (port, timeout, me) =
+                    (state.port.clone(), state.health.timeout, myself.clone());
+                tokio::spawn(async move {
+                    let result = port.ping(timeout).await;
+                    let _ = me.cast(WorkerMsg::Pinged {
+                        result,
+                        calls_before,
+                    });
+                });
+            }
+            WorkerMsg::Pinged {
+                result,
+                calls_before,
+            } => {
+                state.pinging = false;
+                match result {
                     Ok(()) => state.missed = 0,
                     // A caller took the worker while we pinged: the pong may wait behind its call.
                     Err(_) if state.shared.calls() != calls_before => state.missed = 0,

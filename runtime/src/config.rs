@@ -78,6 +78,8 @@ pub struct PoolConfig {
     pub shutdown_grace: Duration,
     /// How long an abandoned call may take to finish before its worker is recycled.
     pub drain_timeout: Duration,
+    /// How long a session's worker may take to answer its `reset` before it is recycled.
+    pub session_reset_timeout: Duration,
     /// Retries of idempotent calls whose worker died.
     pub retry: Retry,
 }
@@ -110,6 +112,7 @@ impl PoolBuilder {
                 session_idle_timeout: Duration::from_secs(300),
                 shutdown_grace: Duration::from_secs(2),
                 drain_timeout: Duration::from_secs(5),
+                session_reset_timeout: Duration::from_secs(5),
                 retry: Retry::default(),
             },
         }
@@ -243,6 +246,13 @@ impl PoolBuilder {
         self
     }
 
+    /// How long a session's worker may take to answer its `reset` before it is recycled
+    /// (default 5 s).
+    pub fn session_reset_timeout(mut self, d: Duration) -> Self {
+        self.config.session_reset_timeout = d;
+        self
+    }
+
     /// Retries for [`Pool::call_idempotent`] (default 3 retries, 5 ms apart).
     pub fn retry(mut self, max_retries: u32, delay: Duration) -> Self {
         self.config.retry = Retry { max_retries, delay };
@@ -363,6 +373,14 @@ impl PoolConfig {
         if self.max_rss == Some(0) {
             return bad("max_rss", "0 bytes: every worker would exceed it at once");
         }
+        if self.max_rss.is_some() && matches!(self.spec, WorkerSpec::Container(_)) {
+            return bad(
+                "max_rss",
+                "not for container workers (the host process the engine reports is the \
+                 container's init): set the container's memory limit instead",
+            );
+        }
+        nonzero("session_reset_timeout", self.session_reset_timeout)?;
         Ok(())
     }
 }

@@ -98,9 +98,14 @@ pub enum Error {
         last_errors: Vec<PortError>,
     },
     /// Every worker has stopped and none will be restarted (restart type transient or
-    /// temporary).
-    #[error("pool {0} has no workers left and will start none")]
-    NoWorkers(String),
+    /// temporary); `last_exit` says how the last one ended.
+    #[error("pool {pool} has no workers left and will start none; {last_exit}")]
+    NoWorkers {
+        /// The pool's name.
+        pool: String,
+        /// How the last worker ended.
+        last_exit: String,
+    },
     /// The pool is shutting down or shut down.
     #[error("pool {0} is shut down")]
     ShutDown(String),
@@ -156,7 +161,7 @@ impl Error {
             Error::SessionEnded { .. } => "session_ended",
             Error::SessionInUse(_) => "session_in_use",
             Error::PoolFailed { .. } => "pool_failed",
-            Error::NoWorkers(_) => "no_workers",
+            Error::NoWorkers { .. } => "no_workers",
             Error::ShutDown(_) => "shut_down",
             Error::ProtocolViolation { .. } => "protocol_violation",
             Error::Remote { .. } => "remote",

@@ -5,14 +5,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tracing::Instrument;
-use wharf_actors::port::{PortError, StreamEvent};
+use wharf_actors::port::{PortError, StreamEvent, StreamReceiver};
 use wharf_actors::worker::{ExitKind, WorkerHandle};
 use wharf_protocol::Value;
 
 use crate::error::{Error, Result};
-use crate::pool::{to_value, until, Inner};
+use crate::pool::{to_value, until, ActiveCall, Inner};
 
 /// Exclusive use of one worker. Calls through a lease go straight to the worker's port. When
 /// the lease drops, the worker goes back to the pool — or, if a call was abandoned mid-flight,
@@ -100,6 +99,7 @@ impl Lease {
         let id = handle.port.next_request_id();
         handle.shared.count_call();
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let _active = ActiveCall::new(&self.pool);
         let span = tracing::debug_span!(
             "wharf.call",
             pool = %self.pool.name(),
@@ -151,6 +151,7 @@ impl Lease {
         let id = handle.port.next_request_id();
         handle.shared.count_call();
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
+        let active = ActiveCall::new(&self.pool);
         let rx = handle
             .port
             .call_stream(
@@ -165,6 +166,7 @@ impl Lease {
         Ok(CallStream {
             lease: self,
             rx,
+            _active: active,
             deadline: tokio::time::Instant::now().checked_add(deadline),
             method: method.to_owned(),
             done: false,
@@ -223,7 +225,9 @@ fn millis(d: Duration) -> u64 {
 /// The chunks of a streamed call, then its result.
 pub struct CallStream<'a> {
     lease: &'a mut Lease,
-    rx: mpsc::Receiver<StreamEvent>,
+    rx: StreamReceiver,
+    /// The call counts as under way until the stream is dropped.
+    _active: ActiveCall,
     /// `None`: no limit.
     deadline: Option<tokio::time::Instant>,
     method: String,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
+use wharf_actors::port::container::{self, Sweep};
 use wharf_actors::port::{PortError, WorkerSpec};
 use wharf_actors::supervisor::{PoolEvents, Supervisor, SupervisorArgs, SupervisorMsg};
 use wharf_actors::worker::{ExitKind, Lifecycle, WorkerHandle, WorkerShared};
@@ -33,13 +34,15 @@ pub(crate) enum Status {
         reason: String,
         errors: Vec<PortError>,
     },
-    NoWorkers,
+    NoWorkers(String),
     ShutDown,
 }
 
 /// Counters behind [`PoolStats`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    /// Calls under way now (a stream until its end or until it is dropped).
+    pub active: AtomicUsize,
     pub calls: AtomicU64,
     pub ok: AtomicU64,
     pub restarts: AtomicU64,
@@ -91,7 +94,10 @@ impl Inner {
                 reason: reason.clone(),
                 last_errors: errors.clone(),
             }),
-            Status::NoWorkers => Some(Error::NoWorkers(self.config.name.clone())),
+            Status::NoWorkers(last_exit) => Some(Error::NoWorkers {
+                pool: self.config.name.clone(),
+                last_exit: last_exit.clone(),
+            }),
             Status::ShutDown => Some(Error::ShutDown(self.config.name.clone())),
         }
     }
@@ -323,6 +329,23 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Counts a call as under way while it lives.
+pub(crate) struct ActiveCall(Arc<Inner>);
+
+impl ActiveCall {
+    pub(crate) fn new(pool: &Arc<Inner>) -> Self {
+        pool.counters.active.fetch_add(1, Ordering::AcqRel);
+        Self(pool.clone())
+    }
+}
+
+impl Drop for ActiveCall {
+    fn drop(&mut self) {
+        self.0.counters.active.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
 /// Counts a caller as waiting while it lives.
 struct WaitGuard<'a>(&'a AtomicUsize);
 
@@ -412,9 +435,9 @@ impl PoolEvents for Events {
         }
     }
 
-    fn exhausted(&self) {
+    fn exhausted(&self, last_exit: String) {
         if let Some(pool) = self.0.upgrade() {
-            pool.set_status(Status::NoWorkers);
+            pool.set_status(Status::NoWorkers(last_exit));
         }
     }
 }
@@ -485,17 +508,13 @@ impl Pool {
     }
 
     pub(crate) async fn start(mut config: PoolConfig) -> Result<Pool> {
-        config.spec.set_pool(&config.name);
+        let instance = container::new_instance();
+        config.spec.set_pool(&config.name, &instance);
         if let WorkerSpec::Container(spec) = &config.spec {
             // Containers a dead runtime left behind for this pool go first.
-            let engine = match &spec.engine {
-                Some(engine) => Ok(engine.clone()),
-                None => wharf_actors::port::container::local_engine().await,
-            };
-            let swept = match engine {
-                Ok(engine) => {
-                    wharf_actors::port::container::sweep(&engine, &config.name, true).await
-                }
+            let leftovers = Sweep::Leftovers { pool: &config.name };
+            let swept = match spec.engine_or_local().await {
+                Ok(engine) => container::sweep(&engine, leftovers).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = swept {
@@ -714,7 +733,9 @@ impl Pool {
             let changed = inner.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if inner.state().busy == 0 {
+            // Calls in flight, not workers held: an idle open session must not hold the
+            // shutdown for the whole grace.
+            if inner.counters.active.load(Ordering::Acquire) == 0 {
                 break;
             }
             tokio::select! {
@@ -745,16 +766,15 @@ impl Pool {
         lock(&inner.idle).clear();
         if let WorkerSpec::Container(spec) = &inner.config.spec {
             // Every container this pool created goes, whatever state its worker was left in.
-            let engine = match &spec.engine {
-                Some(engine) => Ok(engine.clone()),
-                None => wharf_actors::port::container::local_engine().await,
+            let mine = Sweep::Instance {
+                instance: &spec.instance,
             };
-            if let Ok(engine) = engine {
-                if let Err(e) =
-                    wharf_actors::port::container::sweep(&engine, &inner.config.name, false).await
-                {
-                    tracing::warn!(pool = %inner.config.name, error = %e, "cannot remove the pool's containers");
-                }
+            let swept = match spec.engine_or_local().await {
+                Ok(engine) => container::sweep(&engine, mine).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = swept {
+                tracing::warn!(pool = %inner.config.name, error = %e, "cannot remove the pool's containers");
             }
         }
     }

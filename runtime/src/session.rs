@@ -238,7 +238,7 @@ async fn finish(pool: &Arc<Inner>, session: &str, mut lease: Lease) {
             let reset = match settle {
                 Ok(()) => handle
                     .port
-                    .reset(Some(session.to_owned()), pool.config.drain_timeout)
+                    .reset(Some(session.to_owned()), pool.config.session_reset_timeout)
                     .await
                     .map_err(|e| e.to_string()),
                 Err(_) => Err("an abandoned call did not finish".to_owned()),

@@ -1,5 +1,6 @@
 """A worker that ends a call only when the runtime cancels it: it never answers `sleep` by
-itself, and answers it with error kind `cancelled` as soon as a `cancel` for its id arrives.
+itself (and `stream` sends one chunk, then nothing), and answers either with error kind
+`cancelled` as soon as a `cancel` for its id arrives.
 Answers `ping`; exits 0 on EOF. Uses msgpack (installed with the SDK); framing in _rawframe.py.
 """
 
@@ -14,6 +15,9 @@ while True:
     t, rid = msg.get("t"), msg.get("id")
     if t == "call" and msg.get("method") == "echo":
         send(msgpack.packb({"t": "ok", "id": rid, "body": msg.get("body")}))
+    elif t == "call" and msg.get("method") == "stream":
+        running.add(rid)
+        send(msgpack.packb({"t": "chunk", "id": rid, "seq": 0, "body": 0}))
     elif t == "call":
         running.add(rid)
     elif t == "cancel" and rid in running:

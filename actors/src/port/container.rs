@@ -129,6 +129,8 @@ pub struct ContainerSpec {
     pub worker_id: String,
     /// The pool the container belongs to (the `wharf.pool` label; set by the pool).
     pub pool: String,
+    /// The pool instance (the `wharf.instance` label; set by the pool, see [`new_instance`]).
+    pub instance: String,
 }
 
 impl ContainerSpec {
@@ -162,6 +164,7 @@ impl ContainerSpec {
             init_timeout: Duration::from_secs(30),
             worker_id: "worker".into(),
             pool: "wharf".into(),
+            instance: String::new(),
         }
     }
 
@@ -252,14 +255,28 @@ impl ContainerSpec {
         self.worker_id = id.into();
         self
     }
+
+    /// The engine the container runs on: the spec's, or the local one.
+    pub async fn engine_or_local(&self) -> Result<Engine, EngineError> {
+        match &self.engine {
+            Some(engine) => Ok(engine.clone()),
+            None => local_engine().await,
+        }
+    }
 }
 
 /// Labels every container of wharf carries.
 pub mod labels {
     /// The pool's name.
     pub const POOL: &str = "wharf.pool";
+    /// The pool instance that created it: two pools of the same name never touch each
+    /// other's containers.
+    pub const INSTANCE: &str = "wharf.instance";
     /// The runtime instance that created it ([`super::owner`]).
     pub const OWNER: &str = "wharf.owner";
+    /// Where that runtime runs: the machine's boot id and the runtime's pid namespace. Only a
+    /// runtime in the same place can tell whether the owner still runs.
+    pub const HOST: &str = "wharf.host";
     /// The worker's name.
     pub const WORKER: &str = "wharf.worker";
 }
@@ -271,12 +288,32 @@ pub fn owner() -> &'static str {
     OWNER.get_or_init(|| format!("{}-{:08x}", std::process::id(), rand::random::<u32>()))
 }
 
-/// Whether the runtime named by an owner label is still running on this machine.
-fn owner_alive(owner: &str) -> bool {
-    if owner == self::owner() {
-        return true;
+/// Where this runtime runs, for `wharf.host` labels: the boot id and the pid namespace.
+fn host_id() -> &'static str {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let pidns = std::fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        format!("{}:{pidns}", boot.trim())
+    })
+}
+
+/// A new pool instance id, unique in this runtime and across runtimes.
+pub fn new_instance() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("{}.{}", owner(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Whether the runtime that created a container is known to be gone: it ran in this same place
+/// (boot and pid namespace) and its process no longer exists. An owner elsewhere (another
+/// machine, another container) cannot be judged from here and is assumed alive.
+fn owner_gone(owner: &str, host: &str) -> bool {
+    if owner == self::owner() || host != host_id() {
+        return false;
     }
-    owner
+    !owner
         .split('-')
         .next()
         .and_then(|pid| pid.parse::<u32>().ok())
@@ -292,41 +329,54 @@ pub async fn local_engine() -> Result<Engine, EngineError> {
         .cloned()
 }
 
-/// Removes the containers of pool `pool` on `engine` whose owner is gone (`leftovers_only`), or
-/// every container of the pool this runtime created (`!leftovers_only`), and waits (up to
-/// 10 s) until the engine no longer lists them. Returns how many there were.
-pub async fn sweep(
-    engine: &Engine,
-    pool: &str,
-    leftovers_only: bool,
-) -> Result<usize, EngineError> {
-    let doomed = |owner: &str| {
-        if leftovers_only {
-            !owner_alive(owner)
-        } else {
-            owner == self::owner()
-        }
+/// Which containers a [`sweep`] removes.
+#[derive(Debug, Clone, Copy)]
+pub enum Sweep<'a> {
+    /// Those of the pool named so whose owner runtime is known to be gone (see `wharf.host`).
+    Leftovers {
+        /// The pool's name.
+        pool: &'a str,
+    },
+    /// Every container of one pool instance.
+    Instance {
+        /// The pool instance id ([`new_instance`]).
+        instance: &'a str,
+    },
+}
+
+/// Removes the containers `what` names on `engine`, and waits (up to 10 s) until the engine no
+/// longer lists them. Returns how many there were.
+pub async fn sweep(engine: &Engine, what: Sweep<'_>) -> Result<usize, EngineError> {
+    let (label, value) = match what {
+        Sweep::Leftovers { pool } => (labels::POOL, pool),
+        Sweep::Instance { instance } => (labels::INSTANCE, instance),
     };
     let mut found = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let ids: Vec<String> = list_pool(engine, pool)
+        let ids: Vec<String> = list_labelled(engine, label, value)
             .await?
             .into_iter()
-            .filter(|(_, owner)| doomed(owner))
+            .filter(|(_, labels)| match what {
+                Sweep::Instance { .. } => true,
+                Sweep::Leftovers { .. } => {
+                    let get = |k: &str| labels.get(k).map_or("", String::as_str);
+                    owner_gone(get(labels::OWNER), get(labels::HOST))
+                }
+            })
             .map(|(id, _)| id)
             .collect();
         let count = *found.get_or_insert(ids.len());
         if ids.is_empty() {
             if count > 0 {
-                tracing::info!(pool, removed = count, leftovers_only, "removed containers");
+                tracing::info!(?what, removed = count, "removed containers");
             }
             return Ok(count);
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(EngineError::Api {
                 engine: engine.name().to_owned(),
-                what: format!("the removal of {} container(s) of pool {pool}", ids.len()),
+                what: format!("the removal of {} container(s) ({what:?})", ids.len()),
                 reason: "still listed after 10 s".into(),
             });
         }
@@ -341,9 +391,13 @@ pub async fn sweep(
     }
 }
 
-/// The containers of pool `pool` on `engine`: id and owner label.
-async fn list_pool(engine: &Engine, pool: &str) -> Result<Vec<(String, String)>, EngineError> {
-    let filters = HashMap::from([("label".to_owned(), vec![format!("{}={pool}", labels::POOL)])]);
+/// The containers labelled `label=value` on `engine`: id and labels.
+async fn list_labelled(
+    engine: &Engine,
+    label: &str,
+    value: &str,
+) -> Result<Vec<(String, HashMap<String, String>)>, EngineError> {
+    let filters = HashMap::from([("label".to_owned(), vec![format!("{label}={value}")])]);
     let list = engine
         .docker()
         .list_containers(Some(ListContainersOptions {
@@ -355,10 +409,7 @@ async fn list_pool(engine: &Engine, pool: &str) -> Result<Vec<(String, String)>,
         .map_err(|e| engine.api_error("the container list", e))?;
     Ok(list
         .into_iter()
-        .filter_map(|c| {
-            let owner = c.labels.as_ref()?.get(labels::OWNER)?.clone();
-            Some((c.id?, owner))
-        })
+        .filter_map(|c| Some((c.id?, c.labels.unwrap_or_default())))
         .collect())
 }
 
@@ -446,8 +497,8 @@ fn socket_root() -> PathBuf {
     std::env::temp_dir().join(format!("wharf-{}", owner()))
 }
 
-/// A container name from a worker's name: `wharf-<worker>-<owner>`, in Docker's alphabet.
-fn container_name(worker_id: &str) -> String {
+/// A container name: `wharf-<worker>-<instance>`, in Docker's alphabet.
+fn container_name(worker_id: &str, instance: &str) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -459,18 +510,16 @@ fn container_name(worker_id: &str) -> String {
             })
             .collect()
     };
-    format!("wharf-{}-{}", clean(worker_id), clean(owner()))
+    format!("wharf-{}-{}", clean(worker_id), clean(instance))
 }
 
 /// Starts the worker container described by `spec` and routes its channel; the caller
 /// performs the handshake.
 pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortError> {
-    let engine = match &spec.engine {
-        Some(engine) => engine.clone(),
-        None => local_engine()
-            .await
-            .map_err(|e| failed(spec, e.to_string()))?,
-    };
+    let engine = spec
+        .engine_or_local()
+        .await
+        .map_err(|e| failed(spec, e.to_string()))?;
     let docker = engine.docker();
 
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -481,7 +530,9 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
     match spec.transport {
         Transport::Attach => env.push("WHARF_CHANNEL=stdio".into()),
         Transport::Socket => {
-            let dir = socket_root().join(&spec.worker_id);
+            // A short, unique directory per launch: socket paths must stay under 108 bytes.
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let dir = socket_root().join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
             let listener = listen(&dir).map_err(|e| {
                 failed(
                     spec,
@@ -495,8 +546,15 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
         }
     }
     let mut labels: HashMap<String, String> = spec.labels.iter().cloned().collect();
+    let instance = if spec.instance.is_empty() {
+        owner()
+    } else {
+        &spec.instance
+    };
     labels.insert(labels::POOL.into(), spec.pool.clone());
+    labels.insert(labels::INSTANCE.into(), instance.to_owned());
     labels.insert(labels::OWNER.into(), owner().into());
+    labels.insert(labels::HOST.into(), host_id().into());
     labels.insert(labels::WORKER.into(), spec.worker_id.clone());
     let attach = spec.transport == Transport::Attach;
     let host_config = HostConfig {
@@ -536,7 +594,7 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
         host_config: Some(host_config),
         ..Default::default()
     };
-    let name = container_name(&spec.worker_id);
+    let name = container_name(&spec.worker_id, instance);
     let options = CreateContainerOptions {
         name: Some(name),
         ..Default::default()
@@ -560,11 +618,20 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
         socket_dir: socket.as_ref().map(|(dir, _)| dir.clone()),
         released: AtomicBool::new(false),
     });
-    match start(spec, &host, socket.map(|(_, listener)| listener)).await {
-        Ok(router) => Ok(router),
-        Err(e) => {
+    // Released however the launch ends short of a router: an error, or the caller giving up.
+    let mut guard = ReleaseOnDrop(Some(host.clone()));
+    let router = start(spec, &host, socket.map(|(_, listener)| listener)).await?;
+    guard.0 = None;
+    Ok(router)
+}
+
+/// Releases a container whose launch did not finish.
+struct ReleaseOnDrop(Option<Arc<ContainerHost>>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        if let Some(host) = self.0.take() {
             host.release();
-            Err(e)
         }
     }
 }

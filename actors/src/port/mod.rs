@@ -71,10 +71,12 @@ impl WorkerSpec {
         }
     }
 
-    /// Names the pool the worker belongs to (a container's `wharf.pool` label).
-    pub fn set_pool(&mut self, pool: &str) {
+    /// Names the pool and pool instance the worker belongs to (a container's `wharf.pool` and
+    /// `wharf.instance` labels).
+    pub fn set_pool(&mut self, pool: &str, instance: &str) {
         if let WorkerSpec::Container(spec) = self {
             spec.pool = pool.to_owned();
+            spec.instance = instance.to_owned();
         }
     }
 
@@ -142,6 +144,57 @@ pub enum StreamEvent {
     },
     /// The end of the stream: the call's result.
     End(Result<Value, PortError>),
+}
+
+/// The events of one streamed call ([`Port::call_stream`]): its chunks, in order, then its end.
+/// Dropped before the end, it sends the worker the protocol's `cancel` at once; the rest of
+/// the stream is read and discarded.
+pub struct StreamReceiver {
+    rx: mpsc::Receiver<StreamEvent>,
+    router: Arc<Router>,
+    id: u64,
+    ended: bool,
+}
+
+impl std::fmt::Debug for StreamReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReceiver")
+            .field("id", &self.id)
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl StreamReceiver {
+    /// The next event; `None` once the stream has ended (or the port closed without an end).
+    pub async fn recv(&mut self) -> Option<StreamEvent> {
+        if self.ended {
+            return None;
+        }
+        let event = self.rx.recv().await;
+        if !matches!(event, Some(StreamEvent::Chunk { .. })) {
+            self.ended = true;
+        }
+        event
+    }
+
+    /// How many events wait to be received (at most [`STREAM_BUFFER`]).
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Whether no event waits to be received.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+}
+
+impl Drop for StreamReceiver {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.router.cancel_stream(self.id);
+        }
+    }
 }
 
 /// One running worker and its protocol channel.
@@ -305,7 +358,7 @@ impl Port {
         body: Value,
         session: Option<String>,
         deadline_ms: Option<u64>,
-    ) -> Result<mpsc::Receiver<StreamEvent>, PortError> {
+    ) -> Result<StreamReceiver, PortError> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let msg = ToWorker::Call {
             id,
@@ -318,9 +371,14 @@ impl Port {
             tx,
             cancelled: false,
         };
-        // From here the reader owns the stream's end: it cancels the call if the receiver goes.
+        // From here the receiver owns the stream's end: it cancels the call if it goes first.
         Request::start(&self.router, id, slot, &msg).await?.finish();
-        Ok(rx)
+        Ok(StreamReceiver {
+            rx,
+            router: self.router.clone(),
+            id,
+            ended: false,
+        })
     }
 
     /// Pings the worker; fails if no pong comes within `timeout`. A pong that comes later is

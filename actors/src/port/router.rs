@@ -78,9 +78,12 @@ pub(crate) enum Slot {
 }
 
 impl Slot {
-    /// Whether this entry makes the worker busy (everything but an abandoned control request).
+    /// Whether this entry makes the worker busy. A ping does not: its pong changes nothing in
+    /// the worker, so a pending ping must never keep a worker draining (a health ping sent
+    /// just before a caller took the worker would otherwise hold it, and a worker slow to pong
+    /// would be killed as if a call were stuck on it). Nor does an abandoned request.
     fn counts(&self) -> bool {
-        !matches!(self, Slot::Abandoned)
+        !matches!(self, Slot::Abandoned | Slot::Ping(_))
     }
 
     fn fail(self, err: PortError) {
@@ -103,8 +106,15 @@ pub const STREAM_BUFFER: usize = 16;
 #[derive(Default)]
 struct Pending {
     slots: HashMap<u64, Slot>,
+    /// Abandoned entries, oldest first, so a worker that never answers cannot grow `slots`
+    /// without bound.
+    abandoned: std::collections::VecDeque<u64>,
     closed: Option<PortError>,
 }
+
+/// The most abandoned entries kept; older ones are forgotten (a reply to one of them is then a
+/// reply with an unknown id: a worker that leaves this many requests unanswered is broken).
+const MAX_ABANDONED: usize = 1024;
 
 /// One worker's channel, its requests in flight, and how it ended.
 pub(crate) struct Router {
@@ -229,6 +239,9 @@ impl Router {
         if let Some(err) = &pending.closed {
             return Err(err.clone());
         }
+        if slot.counts() {
+            self.in_flight.fetch_add(1, Ordering::AcqRel);
+        }
         if let Some(old) = pending.slots.insert(id, slot) {
             // An id reused while its old entry still waits (only an abandoned control request
             // can still be there): the old one is gone for good.
@@ -236,7 +249,6 @@ impl Router {
                 self.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -257,19 +269,47 @@ impl Router {
     /// Turns a control request whose waiter gave up into an [`Slot::Abandoned`] entry.
     fn abandon(&self, id: u64) {
         let mut pending = self.pending();
-        if let Some(slot) = pending.slots.get_mut(&id) {
-            if slot.counts() {
-                *slot = Slot::Abandoned;
-                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let Some(slot) = pending.slots.get_mut(&id) else {
+            return;
+        };
+        if matches!(slot, Slot::Abandoned) {
+            return;
+        }
+        if std::mem::replace(slot, Slot::Abandoned).counts() {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        pending.abandoned.push_back(id);
+        while pending.abandoned.len() > MAX_ABANDONED {
+            if let Some(old) = pending.abandoned.pop_front() {
+                if matches!(pending.slots.get(&old), Some(Slot::Abandoned)) {
+                    pending.slots.remove(&old);
+                }
             }
         }
         drop(pending);
         self.settled.notify_waiters();
     }
 
-    /// Whether a request is still waiting for its reply.
+    /// Whether a request is still waiting for its reply (and someone for it).
     fn is_pending(&self, id: u64) -> bool {
-        self.pending().slots.get(&id).is_some_and(Slot::counts)
+        matches!(self.pending().slots.get(&id), Some(slot) if !matches!(slot, Slot::Abandoned))
+    }
+
+    /// The consumer of stream `id` is gone before its end: ask the worker to stop it (once).
+    pub(crate) fn cancel_stream(self: &Arc<Self>, id: u64) {
+        let first = {
+            let mut pending = self.pending();
+            match pending.slots.get_mut(&id) {
+                Some(Slot::Stream { cancelled, .. }) if !*cancelled => {
+                    *cancelled = true;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if first {
+            self.cancel_later(id);
+        }
     }
 
     /// Writes one message. `buffered` is marked sent once the frame is in the writer's buffer:
@@ -498,21 +538,7 @@ async fn deliver(router: &Arc<Router>, id: u64, tx: mpsc::Sender<StreamEvent>, e
     match permit {
         Ok(permit) => permit.send(event),
         Err(_) if end => {}
-        Err(_) => {
-            let first = {
-                let mut pending = router.pending();
-                match pending.slots.get_mut(&id) {
-                    Some(Slot::Stream { cancelled, .. }) if !*cancelled => {
-                        *cancelled = true;
-                        true
-                    }
-                    _ => false,
-                }
-            };
-            if first {
-                router.cancel_later(id);
-            }
-        }
+        Err(_) => router.cancel_stream(id),
     }
 }
 
