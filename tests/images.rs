@@ -440,7 +440,11 @@ async fn new_content_under_a_tag_replaces_the_old_image() {
     assert!(engine.docker().inspect_image(&second.image).await.is_ok());
     engine
         .docker()
-        .remove_image(&second.id, None, None)
+        .remove_image(
+            &second.id,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
         .await
         .expect("remove this process's image");
 }
