@@ -428,7 +428,7 @@ async fn new_content_under_a_tag_replaces_the_old_image() {
         .find(|i| i.id == second.id)
         .expect("the list shows the image");
     assert_eq!(mine.kind, "host-python");
-    assert!(mine.tags.iter().any(|t| *t == tag));
+    assert!(mine.tags.contains(&tag));
     assert!(listed.iter().any(|i| i.id == first.id && i.tags.is_empty()));
 
     // In use: prune leaves it. Unused: prune removes it.
