@@ -368,8 +368,10 @@ async fn new_content_under_a_tag_replaces_the_old_image() {
         return;
     };
     sweep(&engine, CASE).await;
+    // A tag of this process's own: another checkout's run on the same engine must not move it.
+    let tag = format!("wharf-test/replaced-{}:latest", std::process::id());
     let round = |n: &str| HostPythonOptions {
-        tag: "wharf-test/replaced:latest".to_owned(),
+        tag: tag.clone(),
         labels: vec![
             ("wharf.test".to_owned(), "1".to_owned()),
             ("wharf.test.round".to_owned(), n.to_owned()),
@@ -426,7 +428,7 @@ async fn new_content_under_a_tag_replaces_the_old_image() {
         .find(|i| i.id == second.id)
         .expect("the list shows the image");
     assert_eq!(mine.kind, "host-python");
-    assert!(mine.tags.iter().any(|t| t == "wharf-test/replaced:latest"));
+    assert!(mine.tags.contains(&tag));
     assert!(listed.iter().any(|i| i.id == first.id && i.tags.is_empty()));
 
     // In use: prune leaves it. Unused: prune removes it.
@@ -436,6 +438,15 @@ async fn new_content_under_a_tag_replaces_the_old_image() {
     assert!(image::prune(&engine).await.unwrap().contains(&first.id));
     assert!(engine.docker().inspect_image(&first.id).await.is_err());
     assert!(engine.docker().inspect_image(&second.image).await.is_ok());
+    engine
+        .docker()
+        .remove_image(
+            &second.id,
+            None::<bollard::query_parameters::RemoveImageOptions>,
+            None,
+        )
+        .await
+        .expect("remove this process's image");
 }
 
 #[tokio::test]
