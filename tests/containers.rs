@@ -302,3 +302,50 @@ async fn pools_of_the_same_name_keep_to_their_own_containers() {
     a.shutdown().await;
     assert_eq!(containers_of(&engine, "ct-twins").await, 0);
 }
+
+/// The container counterpart of the main job, as a user runs it: `container_pool` under
+/// `docker kill`s ends with every call accounted for, none hung, the pool recovered and no
+/// container of it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_pool_example_serves_through_docker_kills() {
+    let Some(_engine) = docker_engine("the_container_pool_example").await else {
+        return;
+    };
+    // Built next to this test by `cargo test`.
+    let exe = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .join("examples")
+        .join("container_pool");
+    for transport in ["socket", "attach"] {
+        let out = tokio::process::Command::new(&exe)
+            .args(["--workers", "3", "--calls", "4000", "--concurrency", "12"])
+            .args(["--kill-every", "250", "--transport", transport, "--json"])
+            .output()
+            .await
+            .expect("container_pool runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{transport}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        println!("{summary}");
+        assert_eq!(summary["hung"], 0);
+        assert_eq!(summary["recovered"], true);
+        assert_eq!(summary["containers_left"], 0);
+        let (ok, failed) = (
+            summary["ok"].as_u64().unwrap(),
+            summary["failed"].as_u64().unwrap(),
+        );
+        assert_eq!(ok + failed, 4000, "every call accounted for");
+        assert!(
+            failed <= summary["kills"].as_u64().unwrap() * 2,
+            "{summary}"
+        );
+    }
+}

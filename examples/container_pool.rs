@@ -1,0 +1,222 @@
+//! The container pool: the main job's counterpart with Docker containers as workers. It builds
+//! the local worker image if it is missing (no registry needed), prewarms a pool of containers,
+//! runs a concurrent load, shows a session keeping state, has containers killed from outside
+//! (`docker kill`, through the engine's API) on a timer and replaced with no hung call, and ends
+//! with a summary — including how many of the pool's containers are left after its shutdown.
+//!
+//! ```text
+//! cargo run --release --example container_pool -- --workers 4 --calls 20000 --concurrency 16 --kill-every 500
+//! cargo run --release --example container_pool -- --transport attach --json
+//! cargo run --release --example container_pool -- --image my/worker:1   # an image with its own Python
+//! ```
+
+#[path = "common/load.rs"]
+mod load;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bollard::query_parameters::{KillContainerOptions, ListContainersOptions};
+use clap::{Parser, ValueEnum};
+use load::{say, Load};
+use rand::seq::IndexedRandom;
+use wharf::image::{self, HostPythonOptions};
+use wharf::{ContainerSpec, Engine, Pool, Transport};
+
+/// Where frames travel.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TransportArg {
+    /// A unix socket bind-mounted into each container (local engines).
+    Socket,
+    /// Docker's attach stream (any engine).
+    Attach,
+}
+
+/// Runs a warm pool of container workers under concurrent load, kills containers while it
+/// serves, and reports what happened to every call.
+#[derive(Parser, Debug)]
+#[command(name = "container_pool")]
+struct Args {
+    /// Containers in the pool.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Calls to make in total.
+    #[arg(long, default_value_t = 50_000)]
+    calls: u64,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// `docker kill` a random container of the pool every this many milliseconds (0 = never).
+    #[arg(long, default_value_t = 500)]
+    kill_every: u64,
+    /// An image with its own Python and `wharf_worker` (run as `python3 -m
+    /// wharf_worker.demo`); by default a local host-Python image is built if missing.
+    #[arg(long)]
+    image: Option<String>,
+    /// Where frames travel.
+    #[arg(long, value_enum, default_value_t = TransportArg::Socket)]
+    transport: TransportArg,
+    /// Print the summary as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
+}
+
+const POOL: &str = "container-pool";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if args.workers == 0 || args.concurrency == 0 {
+        bail!("--workers and --concurrency must be at least 1");
+    }
+    let engine = Engine::local(Duration::from_secs(10))
+        .await
+        .context("this example needs a Docker engine")?;
+    let spec = worker_spec(&engine, &args)
+        .await?
+        .transport(match args.transport {
+            TransportArg::Socket => Transport::Socket,
+            TransportArg::Attach => Transport::Attach,
+        });
+
+    // Room in the restart intensity for the kills this run makes on purpose.
+    let kills_per_5s = 5_000u64.checked_div(args.kill_every).unwrap_or(0);
+    let pool = Pool::builder(spec)
+        .name(POOL)
+        .size(args.workers)
+        .init_timeout(Duration::from_secs(30))
+        .call_timeout(Duration::from_secs(10))
+        .checkout_timeout(Duration::from_secs(20))
+        .intensity((2 * kills_per_5s + 10) as u32, Duration::from_secs(5))
+        .build()
+        .await?;
+    say(
+        args.json,
+        &format!("prewarming {} containers ...", args.workers),
+    );
+    if let Err(e) = load::prewarm(&pool, args.workers, Duration::from_secs(120), args.json).await {
+        pool.shutdown().await;
+        return Err(e);
+    }
+    load::session_demo(&pool, args.json).await?;
+
+    // `docker kill` a random running container of the pool on the timer.
+    let killer: load::Killer = {
+        let engine = engine.clone();
+        Arc::new(move || {
+            let engine = engine.clone();
+            Box::pin(async move {
+                let Ok(running) = pool_containers(&engine, false).await else {
+                    return false;
+                };
+                let Some(victim) = running.choose(&mut rand::rng()) else {
+                    return false;
+                };
+                let kill = KillContainerOptions {
+                    signal: "SIGKILL".into(),
+                };
+                engine
+                    .docker()
+                    .kill_container(victim, Some(kill))
+                    .await
+                    .is_ok()
+            })
+        })
+    };
+    let plan = Load {
+        calls: args.calls,
+        concurrency: args.concurrency,
+        kill_every: (args.kill_every > 0).then(|| Duration::from_millis(args.kill_every)),
+        json: args.json,
+    };
+    let tally = load::run(&pool, &plan, killer).await?;
+
+    let recovered = pool
+        .wait_ready(args.workers, Duration::from_secs(60))
+        .await
+        .is_ok();
+    let stats = pool.stats();
+    pool.shutdown().await;
+    let containers_left = pool_containers(&engine, true).await?.len();
+
+    let summary = serde_json::json!({
+        "calls": args.calls,
+        "ok": tally.ok,
+        "failed": tally.failed(),
+        "hung": tally.hung,
+        "errors": tally.errors,
+        "kills": tally.kills,
+        "restarts": stats.restarts,
+        "workers": args.workers,
+        "concurrency": args.concurrency,
+        "transport": format!("{:?}", args.transport).to_lowercase(),
+        "recovered": recovered,
+        "containers_left": containers_left,
+        "p50_us": tally.percentile(0.50),
+        "p99_us": tally.percentile(0.99),
+        "throughput_per_s": tally.throughput(),
+        "duration_s": (tally.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+    });
+    load::report(&summary, args.json);
+    if tally.hung > 0 {
+        bail!("{} calls hung", tally.hung);
+    }
+    if containers_left > 0 {
+        bail!("{containers_left} containers of the pool are left after its shutdown");
+    }
+    Ok(())
+}
+
+/// The demo worker in a container: of the user's image, or of the local host-Python image
+/// (built if missing; it bind-mounts this machine's Python and this repository's SDK).
+async fn worker_spec(engine: &Engine, args: &Args) -> anyhow::Result<ContainerSpec> {
+    if let Some(image) = &args.image {
+        return Ok(ContainerSpec::new(
+            image.clone(),
+            ["python3", "-m", "wharf_worker.demo"],
+        ));
+    }
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocol/python");
+    let opts = HostPythonOptions {
+        worker_package: sdk
+            .join("wharf_worker")
+            .is_dir()
+            .then(|| sdk.canonicalize())
+            .transpose()?,
+        ..HostPythonOptions::default()
+    };
+    let img = image::ensure_host_python(engine, &opts).await?;
+    say(
+        args.json,
+        &format!(
+            "image {} ({}){}",
+            img.image,
+            &img.id[..19.min(img.id.len())],
+            if img.reused { ", reused" } else { ", built" }
+        ),
+    );
+    Ok(img.spec(["-m", "wharf_worker.demo"]))
+}
+
+/// The ids of the pool's containers: running ones, or all (`all`).
+async fn pool_containers(engine: &Engine, all: bool) -> anyhow::Result<Vec<String>> {
+    let filters = HashMap::from([("label".to_owned(), vec![format!("wharf.pool={POOL}")])]);
+    let list = engine
+        .docker()
+        .list_containers(Some(ListContainersOptions {
+            all,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await?;
+    Ok(list.into_iter().filter_map(|c| c.id).collect())
+}
