@@ -289,7 +289,8 @@ async fn the_cli_exits_0_on_a_conforming_worker_1_on_a_broken_one_2_on_bad_usage
         let lines: Vec<_> = out.lines().collect();
         let expected: Vec<_> = CHECKS.iter().map(|c| format!("PASS {c}")).collect();
         assert_eq!(lines[..lines.len() - 1], expected, "{out}");
-        assert_eq!(lines.last(), Some(&"16 passed, 0 failed"), "{out}");
+        let summary = format!("{} passed, 0 failed", CHECKS.len());
+        assert_eq!(lines.last(), Some(&summary.as_str()), "{out}");
     }
 
     let script = repo_root().join("tests/workers/crash_at_start.py");
@@ -306,11 +307,8 @@ async fn the_cli_exits_0_on_a_conforming_worker_1_on_a_broken_one_2_on_bad_usage
         out.contains("SKIP eof_exits: the handshake failed"),
         "{out}"
     );
-    assert_eq!(
-        out.lines().last(),
-        Some("0 passed, 1 failed, 15 skipped"),
-        "{out}"
-    );
+    let summary = format!("0 passed, 1 failed, {} skipped", CHECKS.len() - 1);
+    assert_eq!(out.lines().last(), Some(summary.as_str()), "{out}");
 
     assert_eq!(wharf(&["check"]).await.0, Some(2));
     assert_eq!(

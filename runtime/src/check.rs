@@ -270,7 +270,8 @@ where
     ];
     for (name, methods, which) in optional {
         if let Some(missing) = methods.iter().find(|m| !offers(m)) {
-            let why = format!("the worker does not offer `{missing}` (docs/protocol.md, section 6)");
+            let why =
+                format!("the worker does not offer `{missing}` (docs/protocol.md, section 6)");
             run.record(name, Outcome::Skip(why));
             continue;
         }
@@ -833,8 +834,7 @@ fn start_wait(
     let id = port.next_request_id();
     let body = Value::Map(vec![("ms".into(), ms.into())]);
     let port = port.clone();
-    let task =
-        tokio::spawn(async move { port.call(id, "wait", body, None, deadline_ms).await });
+    let task = tokio::spawn(async move { port.call(id, "wait", body, None, deadline_ms).await });
     (id, task)
 }
 
@@ -1022,9 +1022,11 @@ fn difference(sent: &Value, got: &Value) -> Option<String> {
             // Floats compare by their bits (-0.0 is not 0.0; NaN is never sent), and a float64
             // must come back as a float64: not a float32, not an int.
             (Value::F64(a), Value::F64(b)) if a.to_bits() == b.to_bits() => None,
-            (Value::F64(_), Value::F64(_)) => {
-                Some(format!("{path}: sent {}, got {}", describe(sent), describe(got)))
-            }
+            (Value::F64(_), Value::F64(_)) => Some(format!(
+                "{path}: sent {}, got {}",
+                describe(sent),
+                describe(got)
+            )),
             (a, b) if a == b => None,
             (a, b) => Some(format!("{path}: sent {}, got {}", describe(a), describe(b))),
         }

@@ -935,9 +935,12 @@ fn route(shared: &Shared, msg: FromWorker) -> Result<(), PortError> {
             let _ = tx.send(Err(PortError::Remote { kind, message }));
         }
         (Slot::Ping(tx), FromWorker::Pong { .. })
-        | (Slot::Reset(tx), FromWorker::Ok {
-            body: Value::Nil, ..
-        }) => {
+        | (
+            Slot::Reset(tx),
+            FromWorker::Ok {
+                body: Value::Nil, ..
+            },
+        ) => {
             let _ = tx.send(Ok(()));
         }
         (Slot::Reset(tx), FromWorker::Error { kind, message, .. }) => {

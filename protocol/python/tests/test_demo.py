@@ -13,7 +13,7 @@ from .support import DEMO, TIMEOUT, Peer, frame
 
 DEMO_METHODS = [
     "alloc", "crash", "echo", "fail", "pid", "print", "sleep", "spawn_grandchild", "state_get",
-    "state_set", "stream",
+    "state_set", "stream", "wait",
 ]
 
 INT_EDGES = [
