@@ -810,18 +810,24 @@ async fn exits(
     }
 }
 
-/// After a check passed: a ping, answered in order, proves no late reply to the check's
-/// requests is still on its way (one would have arrived first and closed the port).
+/// After a check passed: an echo of nil, answered in order, proves no late reply to the
+/// check's requests is still on its way (one would have arrived first and closed the port).
+/// An echo rather than a ping, so that a worker answering pings twice fails only `ping`.
 async fn barrier(port: &ProcessPort, timeout: Duration) -> Result<(), Failure> {
-    match port.ping(timeout).await {
-        Ok(()) => Ok(()),
-        Err(violation @ PortError::ProtocolViolation { .. }) => Err(Failure::Wrong(format!(
+    let id = port.next_request_id();
+    match tokio::time::timeout(timeout, port.call(id, "echo", Value::Nil, None, None)).await {
+        Ok(Ok(Value::Nil)) => Ok(()),
+        Ok(Ok(other)) => Err(Failure::Wrong(format!(
+            "after the check passed, an echo of nil returned {}",
+            describe(&other)
+        ))),
+        Ok(Err(violation @ PortError::ProtocolViolation { .. })) => Err(Failure::Wrong(format!(
             "after the check passed: {violation}"
         ))),
-        Err(PortError::Timeout(t)) => Err(Failure::Wrong(format!(
-            "after the check passed, a ping got no pong within {t:?}"
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(Failure::Wrong(format!(
+            "after the check passed, an echo got no reply within {timeout:?}"
         ))),
-        Err(e) => Err(e.into()),
     }
 }
 
