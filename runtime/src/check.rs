@@ -6,14 +6,26 @@
 //!
 //! | check | passes when |
 //! |---|---|
-//! | `handshake` | `init_pong` ok, version 1, a pid, `echo` and `fail` offered |
-//! | `echo_nil` ... `echo_1mib` | each class of MessagePack value comes back unchanged |
+//! | `handshake` | `init_pong` ok, version 1, a pid other than 0, `echo` and `fail` offered, no second `init_pong` |
+//! | `echo_nil` ... `echo_1mib` | each class of MessagePack value comes back unchanged, type included (a float64 as the same float64) |
 //! | `unknown_method` | an unoffered method gives error kind `unknown_method`; an echo then works |
 //! | `handler_error` | `fail` gives an error with a non-empty kind; an echo then works |
-//! | `ping`, `reset` | answered |
-//! | `stream` | `{"n": 5}` gives chunks 0..4 then `ok` 5 (skipped if `stream` is not offered) |
-//! | `shutdown_exits` | a fresh worker exits by itself with status 0 after `shutdown` |
-//! | `eof_exits` | a fresh worker exits by itself with status 0 after EOF on its input |
+//! | `ping`, `reset` | answered with one `pong` / one `ok` with body nil |
+//! | `stream` | `{"n": 5}` gives chunks 0..4 in order then `ok` 5 (skipped if `stream` is not offered) |
+//! | `cancel` | a long `wait`, cancelled, ends with error kind `cancelled` within 2 s; a cancel of an ended call is ignored (skipped without `wait`) |
+//! | `deadline` | a long `wait` with `deadline_ms` 300 ends with `deadline_exceeded`, not early, within 2 s after (skipped without `wait`) |
+//! | `session` | state set in a session is read back in it, and gone after `reset` (skipped without `state_set`/`state_get`) |
+//! | `shutdown_exits` | a fresh worker exits by itself with status 0 within 2 s of `shutdown` |
+//! | `eof_exits` | a fresh worker exits by itself with status 0 within 2 s of EOF on its input |
+//! | `oversized_frame` | a fresh worker sent a header of `max_frame` + 1 bytes exits non-zero within 2 s |
+//! | `malformed_payload` | ... sent invalid MessagePack exits non-zero within 2 s |
+//! | `not_a_map` | ... sent an array instead of a map exits non-zero within 2 s |
+//! | `unknown_type` | ... sent a message of an unknown type exits non-zero within 2 s |
+//! | `truncated_frame` | ... sent half a frame, then EOF, exits non-zero within 2 s |
+//!
+//! A late violation (a second reply to a request of the check) fails the check at hand: before a
+//! check passes, the checker echoes nil once more and waits for it, so a duplicate sent after
+//! the first reply arrives first; the handshake watches for a second `init_pong` for 200 ms.
 //!
 //! Every check is bounded: spawning by the init timeout, each check by the per-check timeout
 //! ([`CheckOptions`]), so a hung worker fails a check instead of hanging the checker.
@@ -1097,6 +1109,43 @@ mod tests {
     fn the_check_list_matches_the_echo_cases() {
         let echoes: Vec<_> = echo_cases().into_iter().map(|(name, _)| name).collect();
         assert_eq!(&CHECKS[1..=echoes.len()], echoes.as_slice());
+    }
+
+    #[test]
+    fn floats_must_come_back_with_their_width_and_bits() {
+        let sent = Value::F64(-0.0);
+        let diff = difference(&sent, &Value::F64(0.0)).unwrap();
+        assert!(
+            diff.contains("sent float64 -0.0, got float64 0.0"),
+            "{diff}"
+        );
+        let diff = difference(&Value::F64(1.5), &Value::F32(1.5)).unwrap();
+        assert!(diff.contains("sent float64 1.5, got float32 1.5"), "{diff}");
+        let diff = difference(&Value::F64(1.0), &Value::from(1)).unwrap();
+        assert!(diff.contains("sent float64 1.0, got int 1"), "{diff}");
+        assert_eq!(difference(&Value::F64(0.1), &Value::F64(0.1)), None);
+    }
+
+    /// The spec's check table and this module's list every check by name (the echo checks as
+    /// the range `echo_nil` ... `echo_1mib`).
+    #[test]
+    fn the_check_tables_in_the_docs_name_every_check() {
+        let spec = include_str!("../../docs/protocol.md");
+        let module = include_str!("check.rs");
+        for name in CHECKS.iter().filter(|n| !n.starts_with("echo_")) {
+            for (doc, text) in [("docs/protocol.md", spec), ("check.rs", module)] {
+                let row = format!("| `{name}` |");
+                let pair = format!("`{name}`, `");
+                let paired = format!(", `{name}` |");
+                assert!(
+                    text.contains(&row) || text.contains(&pair) || text.contains(&paired),
+                    "{doc} has no check table row for {name}"
+                );
+            }
+        }
+        for text in [spec, module] {
+            assert!(text.contains("| `echo_nil` ... `echo_1mib` |"));
+        }
     }
 
     #[test]
