@@ -10,11 +10,11 @@
 //!     .expect("worker failed");
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
@@ -290,7 +290,7 @@ impl Worker {
                 Some(payload) => Ok(Some(Incoming::new(decode(&payload)?))),
             }
         };
-        self.run(next, output, max_frame)
+        self.run(next, output, max_frame, |_| {})
     }
 
     /// Serves on the given reader and writer with a reader thread that reads the runtime's
@@ -309,12 +309,14 @@ impl Worker {
         W: Write,
     {
         let (tx, rx) = mpsc::channel();
+        let calls = Calls::default();
+        let theirs = calls.clone();
         std::thread::Builder::new()
             .name("wharf-reader".into())
-            .spawn(move || read_ahead(input, max_frame, &tx))
+            .spawn(move || read_ahead(input, max_frame, &tx, &theirs))
             .map_err(|e| ServeError::Config(format!("cannot start the reader thread: {e}")))?;
         let next = move || rx.recv().unwrap_or(Ok(None));
-        self.run(next, output, max_frame)
+        self.run(next, output, max_frame, |id| calls.ended(id))
     }
 
     /// The serving loop: handles each message `next` yields until it yields `None` (EOF) or
@@ -324,6 +326,7 @@ impl Worker {
         mut next: impl FnMut() -> Result<Option<Incoming>, ProtocolError>,
         mut output: W,
         max_frame: usize,
+        mut call_ended: impl FnMut(u64),
     ) -> Result<(), ServeError> {
         while let Some(Incoming {
             msg,
@@ -387,6 +390,7 @@ impl Worker {
                             f(&call, &mut sink)
                         }
                     };
+                    call_ended(id);
                     reply(&mut output, id, result, max_frame)?;
                 }
                 ToWorker::Reset { id, .. } => {
@@ -410,32 +414,58 @@ impl Worker {
     }
 }
 
+/// The calls the reader thread has passed on and the serving loop has not finished, with their
+/// cancellation flags (calls come one at a time, but the next may be read before the last ends).
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>);
+
+impl Calls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<AtomicBool>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn started(&self, id: u64, cancelled: Arc<AtomicBool>) {
+        self.lock().insert(id, cancelled);
+    }
+
+    fn ended(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn cancel(&self, id: u64) {
+        if let Some(cancelled) = self.lock().get(&id) {
+            cancelled.store(true, Ordering::Release);
+        }
+    }
+
+    fn cancel_all(&self) {
+        for cancelled in self.lock().values() {
+            cancelled.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// The reader thread of [`Worker::serve_on_threaded`]: reads messages ahead of the serving
-/// loop and marks the running call cancelled when a `cancel` naming it arrives, or when
-/// serving is about to end (EOF, `shutdown`, a violation).
+/// loop, and marks a call cancelled when a `cancel` naming it arrives before it has ended, or
+/// every unfinished call when serving is about to end (EOF, `shutdown`, a violation).
 fn read_ahead<R: Read>(
     mut input: R,
     max_frame: usize,
     tx: &mpsc::Sender<Result<Option<Incoming>, ProtocolError>>,
+    calls: &Calls,
 ) {
-    let mut running: Option<(u64, Arc<AtomicBool>)> = None;
-    let stop = |running: &Option<(u64, Arc<AtomicBool>)>| {
-        if let Some((_, cancelled)) = running {
-            cancelled.store(true, Ordering::Release);
-        }
-    };
     loop {
         let read = read_frame(&mut input, max_frame)
             .and_then(|payload| payload.map(|p| decode::<ToWorker>(&p)).transpose());
         let msg = match read {
             Ok(Some(msg)) => msg,
             Ok(None) => {
-                stop(&running);
+                calls.cancel_all();
                 let _ = tx.send(Ok(None));
                 return;
             }
             Err(e) => {
-                stop(&running);
+                calls.cancel_all();
                 let _ = tx.send(Err(e));
                 return;
             }
@@ -443,17 +473,15 @@ fn read_ahead<R: Read>(
         let incoming = Incoming::new(msg);
         let last = match &incoming.msg {
             ToWorker::Call { id, .. } => {
-                running = Some((*id, incoming.cancelled.clone()));
+                calls.started(*id, incoming.cancelled.clone());
                 false
             }
             ToWorker::Cancel { id } => {
-                if let Some((_, cancelled)) = running.as_ref().filter(|(r, _)| r == id) {
-                    cancelled.store(true, Ordering::Release);
-                }
+                calls.cancel(*id);
                 false
             }
             ToWorker::Shutdown { .. } => {
-                stop(&running);
+                calls.cancel_all();
                 true
             }
             _ => false,
