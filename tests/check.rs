@@ -427,6 +427,27 @@ async fn a_second_init_pong_fails_the_handshake_itself() {
 }
 
 #[tokio::test]
+async fn a_worker_that_exits_on_an_init_of_another_version_fails_init_version() {
+    for spec in [
+        fixture("refuses_other_version.py"),
+        fixture("refuses_other_version.py").channel(Channel::Stdio),
+    ] {
+        let report = check(spec, opts()).await;
+        assert_fails(
+            &report,
+            "init_version",
+            &[
+                "no init_pong after an init with version 2",
+                "exit status: 2",
+                "stating its own",
+            ],
+        );
+    }
+    let report = check(fixture("refuses_other_version.py"), opts()).await;
+    assert_only_failed(&report, &["init_version"]);
+}
+
+#[tokio::test]
 async fn a_reset_ok_without_a_body_fails_reset() {
     let report = check(fixture("reset_ok_without_body.py"), opts()).await;
     assert_fails(

@@ -17,6 +17,7 @@
 //! | `session` | state set in a session is read back in it, and gone after `reset` (skipped without `state_set`/`state_get`) |
 //! | `shutdown_exits` | a fresh worker exits by itself with status 0 within 2 s of `shutdown` |
 //! | `eof_exits` | a fresh worker exits by itself with status 0 within 2 s of EOF on its input |
+//! | `init_version` | a fresh worker sent `init` with version 2 answers one `init_pong` stating version 1 |
 //! | `oversized_frame` | a fresh worker sent a header of `max_frame` + 1 bytes exits non-zero within 2 s |
 //! | `malformed_payload` | ... sent invalid MessagePack exits non-zero within 2 s |
 //! | `not_a_map` | ... sent an array instead of a map exits non-zero within 2 s |
@@ -42,10 +43,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use wharf_actors::port::{PortError, ProcessPort, ProcessSpec, StreamEvent};
-use wharf_protocol::frame::encode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use wharf_actors::port::{Channel, PortError, ProcessPort, ProcessSpec, StreamEvent};
+use wharf_protocol::frame::{check_len, decode, encode};
 use wharf_protocol::message::kinds;
-use wharf_protocol::{Value, PROTOCOL_VERSION};
+use wharf_protocol::{FromWorker, ToWorker, Value, PROTOCOL_VERSION};
 
 /// How the checker runs.
 #[derive(Debug, Clone)]
@@ -148,6 +150,7 @@ pub const CHECKS: &[&str] = &[
     "session",
     "shutdown_exits",
     "eof_exits",
+    "init_version",
     "oversized_frame",
     "malformed_payload",
     "not_a_map",
@@ -158,6 +161,9 @@ pub const CHECKS: &[&str] = &[
 /// How soon a worker must exit after `shutdown`, EOF or a protocol violation it receives
 /// (`docs/protocol.md`, section 4): the checker's bound, capped by the per-check timeout.
 pub const EXIT_BOUND: Duration = Duration::from_secs(2);
+
+/// The version the `init_version` check states in its `init`: one no worker speaks yet.
+const OTHER_VERSION: u32 = PROTOCOL_VERSION + 1;
 
 /// How soon a call of `wait` must end after its `cancel`, or after its `deadline_ms` ran out.
 pub const STOP_BOUND: Duration = Duration::from_secs(2);
@@ -302,6 +308,8 @@ where
     run.record("shutdown_exits", outcome);
     let outcome = run.exits(Exit::Eof).await;
     run.record("eof_exits", outcome);
+    let outcome = init_version(&run.spec, run.opts.init_timeout).await;
+    run.record("init_version", outcome);
     for bad in Bad::ALL {
         let outcome = if bad == Bad::Oversized && run.spec.max_frame >= u32::MAX as usize {
             Outcome::Skip("max_frame is the largest a header can announce".into())
@@ -822,6 +830,116 @@ async fn exits(
     }
 }
 
+/// A fresh worker sent `init` with a version it does not speak must still answer one
+/// `init_pong` stating its own version (docs/protocol.md, section 4): the runtime decides.
+///
+/// The port always states the runtime's own version, so this check starts the worker itself,
+/// with the environment and channel the port would give it; in `fds` mode `/bin/sh` moves the
+/// channel from stdin/stdout to fds 3/4 (as the port does, with `/dev/null` on stdin) and
+/// `exec`s the worker.
+async fn init_version(spec: &ProcessSpec, timeout: Duration) -> Outcome {
+    let mut cmd = match spec.channel {
+        Channel::Stdio => {
+            let mut cmd = tokio::process::Command::new(&spec.program);
+            cmd.args(&spec.args);
+            cmd
+        }
+        Channel::Fds => {
+            let mut cmd = tokio::process::Command::new("/bin/sh");
+            cmd.arg("-c")
+                .arg(r#"exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>&2"#)
+                .arg(&spec.program)
+                .args(&spec.args);
+            cmd
+        }
+    };
+    cmd.env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env("WHARF_MAX_FRAME", spec.max_frame.to_string())
+        .env("WHARF_WORKER_ID", &spec.worker_id)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match spec.channel {
+        Channel::Stdio => cmd.env("WHARF_CHANNEL", "stdio"),
+        Channel::Fds => cmd
+            .env("WHARF_CHANNEL", "fds")
+            .env("WHARF_FD_IN", "3")
+            .env("WHARF_FD_OUT", "4"),
+    };
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return Outcome::Fail(format!("cannot start the worker: {e}")),
+    };
+    let (Some(mut input), Some(mut output)) = (child.stdin.take(), child.stdout.take()) else {
+        return Outcome::Fail("no channel to the worker".into());
+    };
+    let what = format!("an init with version {OTHER_VERSION}");
+    let init = ToWorker::Init {
+        id: 0,
+        version: OTHER_VERSION,
+    };
+    let answer = async {
+        let frame = encode(&init, spec.max_frame).map_err(|e| e.to_string())?;
+        input.write_all(&frame).await.map_err(|e| e.to_string())?;
+        input.flush().await.map_err(|e| e.to_string())?;
+        read_message(&mut output, spec.max_frame).await
+    };
+    let outcome = match tokio::time::timeout(timeout, answer).await {
+        Err(_) => Outcome::Fail(format!(
+            "no init_pong within {timeout:?} of {what}; a worker answers init whatever its \
+             version, stating its own"
+        )),
+        Ok(Err(why)) => {
+            let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+            let ended = match status {
+                Ok(Ok(status)) => format!(" (it ended with {status})"),
+                _ => String::new(),
+            };
+            Outcome::Fail(format!(
+                "no init_pong after {what}: {why}{ended}; a worker answers init whatever its \
+                 version, stating its own"
+            ))
+        }
+        Ok(Ok(FromWorker::InitPong { version, .. })) if version == PROTOCOL_VERSION => {
+            Outcome::Pass
+        }
+        Ok(Ok(FromWorker::InitPong { version, .. })) => Outcome::Fail(format!(
+            "init_pong states version {version} after {what}; a worker states the version it \
+             speaks ({PROTOCOL_VERSION}, as in its handshake)"
+        )),
+        Ok(Ok(other)) => Outcome::Fail(format!(
+            "answered {what} with {other:?}, expected an init_pong"
+        )),
+    };
+    let _ = child.kill().await;
+    outcome
+}
+
+/// Reads one message from a worker's raw output: its text if the output ended or broke first.
+async fn read_message<R: AsyncRead + Unpin>(
+    output: &mut R,
+    max_frame: usize,
+) -> Result<FromWorker, String> {
+    let mut header = [0u8; 4];
+    output
+        .read_exact(&mut header)
+        .await
+        .map_err(|_| "the worker closed its output".to_owned())?;
+    let len = check_len(u32::from_be_bytes(header), max_frame)
+        .map_err(|e| format!("protocol violation: {e}"))?;
+    let mut payload = vec![0; len];
+    output
+        .read_exact(&mut payload)
+        .await
+        .map_err(|_| "the worker closed its output inside a frame".to_owned())?;
+    decode(&payload).map_err(|e| format!("protocol violation: {e}"))
+}
+
 /// After a check passed: an echo of nil, answered in order, proves no late reply to the
 /// check's requests is still on its way (one would have arrived first and closed the port).
 /// An echo rather than a ping, so that a worker answering pings twice fails only `ping`.
@@ -834,7 +952,7 @@ async fn barrier(port: &ProcessPort, timeout: Duration) -> Result<(), Failure> {
             describe(&other)
         ))),
         Ok(Err(violation @ PortError::ProtocolViolation { .. })) => Err(Failure::Wrong(format!(
-            "after the check passed: {violation}"
+            "after the check passed (a second or late reply to its requests?): {violation}"
         ))),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(Failure::Wrong(format!(

@@ -1,5 +1,6 @@
 """Hand-rolled framing shared by the broken test workers: standard library only, so they test
-the runtime against raw bytes rather than against the SDK. Channel on fds 3 in, 4 out.
+the runtime against raw bytes rather than against the SDK. Channel on fds 3 in, 4 out (stdin and
+stdout with WHARF_CHANNEL=stdio).
 
 `Conforming` (below) is a whole conforming worker on the same footing, for the fixtures that
 break exactly one rule.
@@ -11,8 +12,11 @@ import struct
 import sys
 import time
 
-IN = int(os.environ.get("WHARF_FD_IN", "3"))
-OUT = int(os.environ.get("WHARF_FD_OUT", "4"))
+if os.environ.get("WHARF_CHANNEL") == "stdio":
+    IN, OUT = 0, 1
+else:
+    IN = int(os.environ.get("WHARF_FD_IN", "3"))
+    OUT = int(os.environ.get("WHARF_FD_OUT", "4"))
 
 
 def read_frame():
