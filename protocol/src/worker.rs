@@ -51,6 +51,20 @@ pub struct Call {
 }
 
 impl Call {
+    /// A call as the runtime would send it, without session or deadline (set the public
+    /// fields for those): for testing handlers. It is never cancelled.
+    pub fn new(id: u64, method: impl Into<String>, body: Value) -> Self {
+        Self {
+            id,
+            method: method.into(),
+            body,
+            session: None,
+            deadline_ms: None,
+            received: Instant::now(),
+            cancelled: Arc::default(),
+        }
+    }
+
     /// Whether the runtime has cancelled this call (or closed the channel, or sent
     /// `shutdown`, or broken the protocol: in every case its reply is no longer wanted).
     pub fn is_cancelled(&self) -> bool {

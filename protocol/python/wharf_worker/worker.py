@@ -54,7 +54,8 @@ class Context:
     Cancellation is cooperative: the worker serves one call at a time on one thread, and reads
     what the runtime sends meanwhile (``cancel``, ``ping``, ...) only when the handler asks:
     :meth:`cancelled`, :meth:`check` and :meth:`sleep` do. A handler that wants to honour
-    ``cancel`` and ``deadline_ms`` calls one of them between steps of its work.
+    ``cancel`` and ``deadline_ms`` calls one of them between steps of its work, from the
+    handler's own thread (they read the channel).
     """
 
     __slots__ = ("request_id", "method", "session", "deadline_ms", "_worker", "_start", "_cancelled")
