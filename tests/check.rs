@@ -440,6 +440,7 @@ async fn a_worker_that_exits_on_an_init_of_another_version_fails_init_version() 
                 "no init_pong after an init with version 2",
                 "exit status: 2",
                 "stating its own",
+                "RefusesOtherVersion: protocol violation by the runtime: init with version 2",
             ],
         );
     }

@@ -859,7 +859,7 @@ async fn init_version(spec: &ProcessSpec, timeout: Duration) -> Outcome {
         .env("WHARF_WORKER_ID", &spec.worker_id)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     match spec.channel {
         Channel::Stdio => cmd.env("WHARF_CHANNEL", "stdio"),
@@ -878,6 +878,16 @@ async fn init_version(spec: &ProcessSpec, timeout: Duration) -> Outcome {
     let (Some(mut input), Some(mut output)) = (child.stdin.take(), child.stdout.take()) else {
         return Outcome::Fail("no channel to the worker".into());
     };
+    // Collected as it comes (a worker blocked on a full stderr pipe would never answer).
+    let stderr_tail = child.stderr.take().map(|mut pipe| {
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            let _ = pipe.read_to_end(&mut all).await;
+            let text = String::from_utf8_lossy(&all).into_owned();
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            lines[lines.len().saturating_sub(3)..].to_vec()
+        })
+    });
     let what = format!("an init with version {OTHER_VERSION}");
     let init = ToWorker::Init {
         id: 0,
@@ -900,9 +910,20 @@ async fn init_version(spec: &ProcessSpec, timeout: Duration) -> Outcome {
                 Ok(Ok(status)) => format!(" (it ended with {status})"),
                 _ => String::new(),
             };
+            // The worker has ended (or is killed now): its stderr pipe closes with it.
+            let _ = child.start_kill();
+            let tail = match stderr_tail {
+                Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
             Outcome::Fail(format!(
                 "no init_pong after {what}: {why}{ended}; a worker answers init whatever its \
-                 version, stating its own"
+                 version, stating its own{}",
+                stderr(&tail)
             ))
         }
         Ok(Ok(FromWorker::InitPong { version, .. })) if version == PROTOCOL_VERSION => {
