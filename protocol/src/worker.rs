@@ -1,6 +1,12 @@
 //! A small Rust worker SDK: register handlers, then [`Worker::serve`] them on the channel the
 //! runtime set up (fds 3/4, or stdin/stdout in `stdio` mode), following `docs/protocol.md`.
 //!
+//! Handlers run one at a time on the serving thread. [`Worker::serve`] reads the runtime's
+//! messages ahead on a reader thread, so a handler can honour `cancel` and `deadline_ms` by
+//! polling [`Call::check`] (or sleeping with [`Call::sleep`]) between steps of its work; EOF,
+//! `shutdown` and a violation received cancel the running call too. Serving ends with `Ok` on
+//! EOF or `shutdown` (exit 0) and with an error on a violation (exit non-zero).
+//!
 //! ```no_run
 //! use wharf_protocol::worker::{Worker, Value};
 //!
