@@ -1,7 +1,7 @@
 //! The conformance checker behind `wharf check`: the executable form of `docs/protocol.md`.
 //!
 //! [`run_checks`] starts a worker command through the process port
-//! ([`ProcessPort`](wharf_actors::port::ProcessPort)) and drives it through the protocol, one
+//! ([`ProcessPort`]) and drives it through the protocol, one
 //! named check at a time:
 //!
 //! | check | passes when |
