@@ -279,6 +279,20 @@ async fn a_worker_that_keeps_session_state_across_reset_fails_session() {
 }
 
 #[tokio::test]
+async fn a_worker_that_keeps_state_per_session_but_never_drops_it_fails_session() {
+    let report = check(fixture("keeps_session_state.py"), opts()).await;
+    assert_fails(
+        &report,
+        "session",
+        &[
+            "state leaked across reset",
+            "state_get in session wharf.check.session-a returned str",
+        ],
+    );
+    assert_only_failed(&report, &["session"]);
+}
+
+#[tokio::test]
 async fn a_worker_that_waits_for_an_oversized_payload_fails_oversized_frame() {
     let report = check(fixture("waits_for_oversized_payload.py"), opts()).await;
     assert_fails(
