@@ -168,6 +168,13 @@ const OTHER_VERSION: u32 = PROTOCOL_VERSION + 1;
 /// How soon a call of `wait` must end after its `cancel`, or after its `deadline_ms` ran out.
 pub const STOP_BOUND: Duration = Duration::from_secs(2);
 
+/// [`STOP_BOUND`], shortened to leave the `cancel` and `deadline` checks' other steps room
+/// within a short per-check `timeout` (so they fail with their own reason, not the timeout's).
+fn stop_bound(timeout: Duration) -> Duration {
+    let others = Duration::from_millis(DEADLINE_MS + 200);
+    STOP_BOUND.min(timeout.saturating_sub(others))
+}
+
 /// How long `wait` is asked to run in the `cancel` and `deadline` checks: far longer than any
 /// check, so only a cancel or the deadline can end it in time.
 const WAIT_MS: u64 = 600_000;
@@ -296,8 +303,8 @@ where
         run.check(name, move |port| async move {
             match which {
                 Skippable::Stream => stream(&port, 5).await,
-                Skippable::Cancel => cancel(&port).await,
-                Skippable::Deadline => deadline(&port).await,
+                Skippable::Cancel => cancel(&port, stop_bound(timeout)).await,
+                Skippable::Deadline => deadline(&port, stop_bound(timeout)).await,
                 Skippable::Session => session(&port, timeout).await,
             }
         })
@@ -1014,7 +1021,7 @@ async fn stopped(
 
 /// `wait` ends early with error kind `cancelled` when cancelled while it runs; a cancel of a
 /// call that has ended is ignored.
-async fn cancel(port: &Arc<ProcessPort>) -> Result<(), Failure> {
+async fn cancel(port: &Arc<ProcessPort>, bound: Duration) -> Result<(), Failure> {
     let back = call(port, "wait", Value::Map(vec![("ms".into(), 10.into())])).await?;
     if back != Value::from(10) {
         return Err(Failure::Wrong(format!(
@@ -1025,10 +1032,10 @@ async fn cancel(port: &Arc<ProcessPort>) -> Result<(), Failure> {
     let (id, mut task) = start_wait(port, WAIT_MS, None);
     tokio::time::sleep(Duration::from_millis(100)).await;
     port.cancel(id).await?;
-    let Some(result) = stopped(&mut task, STOP_BOUND).await else {
+    let Some(result) = stopped(&mut task, bound).await else {
         task.abort();
         return Err(Failure::Wrong(format!(
-            "wait {{\"ms\": {WAIT_MS}}} was still running {STOP_BOUND:?} after its cancel; a \
+            "wait {{\"ms\": {WAIT_MS}}} was still running {bound:?} after its cancel; a \
              worker must read its input while a call runs and end a cancelled call with error \
              kind \"cancelled\""
         )));
@@ -1057,15 +1064,15 @@ async fn cancel(port: &Arc<ProcessPort>) -> Result<(), Failure> {
 }
 
 /// `wait` ends with error kind `deadline_exceeded` once its `deadline_ms` runs out, not before.
-async fn deadline(port: &Arc<ProcessPort>) -> Result<(), Failure> {
+async fn deadline(port: &Arc<ProcessPort>, bound: Duration) -> Result<(), Failure> {
     let sent = tokio::time::Instant::now();
     let budget = Duration::from_millis(DEADLINE_MS);
     let (_, mut task) = start_wait(port, WAIT_MS, Some(DEADLINE_MS));
-    let Some(result) = stopped(&mut task, budget + STOP_BOUND).await else {
+    let Some(result) = stopped(&mut task, budget + bound).await else {
         task.abort();
         return Err(Failure::Wrong(format!(
             "wait {{\"ms\": {WAIT_MS}}} with deadline_ms {DEADLINE_MS} was still running \
-             {STOP_BOUND:?} after its deadline ran out; expected error kind \
+             {bound:?} after its deadline ran out; expected error kind \
              \"deadline_exceeded\""
         )));
     };
