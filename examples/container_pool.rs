@@ -109,16 +109,21 @@ async fn main() -> anyhow::Result<()> {
     }
     load::session_demo(&pool, args.json).await?;
 
-    // `docker kill` a random running container of the pool on the timer.
+    // `docker kill` the container of a random ready worker on the timer (a container still
+    // starting is not a worker yet: killing those would only test start failures).
     let killer: load::Killer = {
-        let engine = engine.clone();
+        let (engine, pool) = (engine.clone(), pool.clone());
         Arc::new(move || {
             let engine = engine.clone();
+            let ready: Vec<String> = pool.worker_info().into_iter().map(|w| w.id).collect();
             Box::pin(async move {
-                let Ok(running) = pool_containers(&engine, false).await else {
+                let Some(worker) = ready.choose(&mut rand::rng()) else {
                     return false;
                 };
-                let Some(victim) = running.choose(&mut rand::rng()) else {
+                let Ok(ids) = containers(&engine, "wharf.worker", worker, false).await else {
+                    return false;
+                };
+                let Some(victim) = ids.first() else {
                     return false;
                 };
                 let kill = KillContainerOptions {
@@ -146,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
         .is_ok();
     let stats = pool.stats();
     pool.shutdown().await;
-    let containers_left = pool_containers(&engine, true).await?.len();
+    let containers_left = containers(&engine, "wharf.pool", POOL, true).await?.len();
 
     let summary = serde_json::json!({
         "calls": args.calls,
@@ -207,9 +212,14 @@ async fn worker_spec(engine: &Engine, args: &Args) -> anyhow::Result<ContainerSp
     Ok(img.spec(["-m", "wharf_worker.demo"]))
 }
 
-/// The ids of the pool's containers: running ones, or all (`all`).
-async fn pool_containers(engine: &Engine, all: bool) -> anyhow::Result<Vec<String>> {
-    let filters = HashMap::from([("label".to_owned(), vec![format!("wharf.pool={POOL}")])]);
+/// The ids of the containers labelled `label=value`: running ones, or all (`all`).
+async fn containers(
+    engine: &Engine,
+    label: &str,
+    value: &str,
+    all: bool,
+) -> anyhow::Result<Vec<String>> {
+    let filters = HashMap::from([("label".to_owned(), vec![format!("{label}={value}")])]);
     let list = engine
         .docker()
         .list_containers(Some(ListContainersOptions {

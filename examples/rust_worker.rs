@@ -2,7 +2,11 @@
 //!
 //! Methods:
 //! - `echo`: returns its body; `fail`: always fails; `stream` with `{"n": k}`: chunks 0..k,
-//!   then `k`. These are the conformance methods `wharf check` needs (docs/protocol.md §6).
+//!   then `k`. These, `wait` and the state methods are the conformance methods `wharf check`
+//!   needs (docs/protocol.md §6).
+//! - `wait` with `{"ms": k}`: runs up to k ms, ending early with error kind `cancelled` when
+//!   the runtime cancels it, or `deadline_exceeded` when its `deadline_ms` runs out (the
+//!   conformance method for cancel and deadlines).
 //! - `pid`: the worker's process id.
 //! - `state_set` `{"key": str, "value": any}` / `state_get` `{"key": str}`: per-session state,
 //!   cleared when the runtime sends `reset` (the session using this worker ended).
@@ -17,6 +21,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::Duration;
 
 use wharf_protocol::worker::{Call, HandlerError, Value, Worker};
 
@@ -47,6 +52,15 @@ fn main() {
                 "RuntimeError",
                 format!("failed on request: {}", call.body),
             ))
+        })
+        // Cancellation is cooperative: `Call::sleep` (like `Call::check`) ends the call with
+        // the protocol's error kind once it is cancelled or out of time.
+        .method("wait", |call| {
+            let ms = field(call, "ms")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| missing("ms"))?;
+            call.sleep(Duration::from_millis(ms))?;
+            Ok(Value::from(ms))
         })
         .method("pid", |_| Ok(Value::from(std::process::id())))
         .method("state_set", move |call| {

@@ -319,10 +319,16 @@ async fn the_container_pool_example_serves_through_docker_kills() {
         .unwrap()
         .join("examples")
         .join("container_pool");
-    for transport in ["socket", "attach"] {
+    for (transport, kill_every) in [("socket", "250"), ("attach", "500")] {
         let out = tokio::process::Command::new(&exe)
             .args(["--workers", "3", "--calls", "4000", "--concurrency", "12"])
-            .args(["--kill-every", "250", "--transport", transport, "--json"])
+            .args([
+                "--kill-every",
+                kill_every,
+                "--transport",
+                transport,
+                "--json",
+            ])
             .output()
             .await
             .expect("container_pool runs");

@@ -43,7 +43,7 @@ pub enum ToWorker {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deadline_ms: Option<u64>,
     },
-    /// Best-effort cancellation of the call with this id.
+    /// Best-effort cancellation of the call with this id; ignored if that call has ended.
     Cancel {
         /// Id of the call to cancel.
         id: u64,
@@ -53,7 +53,7 @@ pub enum ToWorker {
         /// Request id.
         id: u64,
     },
-    /// Drop all per-session state; answered by `ok` or `error`.
+    /// Drop all per-session state; answered by `ok` with a nil body, or `error`.
     Reset {
         /// Request id.
         id: u64,
@@ -61,7 +61,7 @@ pub enum ToWorker {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session: Option<String>,
     },
-    /// Exit now, without a reply.
+    /// Exit now, without a reply. The runtime sends no id; a worker ignores one if present.
     Shutdown {
         /// Optional request id (for logs only).
         #[serde(default, skip_serializing_if = "Option::is_none")]

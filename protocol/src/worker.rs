@@ -1,6 +1,12 @@
 //! A small Rust worker SDK: register handlers, then [`Worker::serve`] them on the channel the
 //! runtime set up (fds 3/4, or stdin/stdout in `stdio` mode), following `docs/protocol.md`.
 //!
+//! Handlers run one at a time on the serving thread. [`Worker::serve`] reads the runtime's
+//! messages ahead on a reader thread, so a handler can honour `cancel` and `deadline_ms` by
+//! polling [`Call::check`] (or sleeping with [`Call::sleep`]) between steps of its work; EOF,
+//! `shutdown` and a violation received cancel the running call too. Serving ends with `Ok` on
+//! EOF or `shutdown` (exit 0) and with an error on a violation (exit non-zero).
+//!
 //! ```no_run
 //! use wharf_protocol::worker::{Worker, Value};
 //!
@@ -10,9 +16,12 @@
 //!     .expect("worker failed");
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -23,6 +32,12 @@ use crate::message::{kinds, FromWorker, InitStatus, ToWorker, PROTOCOL_VERSION};
 pub use crate::message::Value;
 
 /// What a handler sees of one call.
+///
+/// Cancellation is cooperative: a handler that wants to honour `cancel` and `deadline_ms`
+/// polls [`Call::check`] (or sleeps with [`Call::sleep`]) between steps of its work. Under
+/// [`Worker::serve`] (and [`Worker::serve_on_threaded`]) a reader thread reads the runtime's
+/// messages while a call runs, so a `cancel` is seen at once; under [`Worker::serve_on`] input
+/// is read only between calls, and a call is never seen cancelled.
 #[derive(Debug, Clone)]
 pub struct Call {
     /// Request id.
@@ -35,6 +50,96 @@ pub struct Call {
     pub session: Option<String>,
     /// The caller's remaining budget in milliseconds.
     pub deadline_ms: Option<u64>,
+    /// When the call was read: `deadline_ms` counts from here.
+    received: Instant,
+    /// Set once the runtime cancels the call (or closes the channel, or asks for shutdown).
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Call {
+    /// A call as the runtime would send it, without session or deadline (set the public
+    /// fields for those): for testing handlers. It is never cancelled.
+    pub fn new(id: u64, method: impl Into<String>, body: Value) -> Self {
+        Self {
+            id,
+            method: method.into(),
+            body,
+            session: None,
+            deadline_ms: None,
+            received: Instant::now(),
+            cancelled: Arc::default(),
+        }
+    }
+
+    /// Whether the runtime has cancelled this call (or closed the channel, or sent
+    /// `shutdown`, or broken the protocol: in every case its reply is no longer wanted).
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Time left before `deadline_ms` runs out (zero once it has); `None` without a deadline.
+    pub fn remaining(&self) -> Option<Duration> {
+        let budget = Duration::from_millis(self.deadline_ms?);
+        Some(budget.saturating_sub(self.received.elapsed()))
+    }
+
+    /// `Err` with kind `cancelled` if the call was cancelled, with kind `deadline_exceeded` if
+    /// its deadline has run out; a handler returns it to end the call early.
+    pub fn check(&self) -> Result<(), HandlerError> {
+        if self.is_cancelled() {
+            return Err(HandlerError::new(
+                kinds::CANCELLED,
+                format!("call {} was cancelled", self.id),
+            ));
+        }
+        if self.remaining() == Some(Duration::ZERO) {
+            return Err(HandlerError::new(
+                kinds::DEADLINE_EXCEEDED,
+                format!(
+                    "call {} ran out of its deadline_ms ({})",
+                    self.id,
+                    self.deadline_ms.unwrap_or_default()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sleeps up to `duration`, ending early with [`Call::check`]'s error as soon as the call
+    /// is cancelled or out of time (polled every few milliseconds).
+    pub fn sleep(&self, duration: Duration) -> Result<(), HandlerError> {
+        const POLL: Duration = Duration::from_millis(5);
+        let end = Instant::now() + duration;
+        loop {
+            self.check()?;
+            let now = Instant::now();
+            if now >= end {
+                return Ok(());
+            }
+            let mut step = (end - now).min(POLL);
+            if let Some(left) = self.remaining() {
+                step = step.min(left.max(Duration::from_millis(1)));
+            }
+            std::thread::sleep(step);
+        }
+    }
+}
+
+/// One message from the runtime, as the serving loop takes it.
+struct Incoming {
+    msg: ToWorker,
+    received: Instant,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl Incoming {
+    fn new(msg: ToWorker) -> Self {
+        Self {
+            msg,
+            received: Instant::now(),
+            cancelled: Arc::default(),
+        }
+    }
 }
 
 /// An error a handler returns: becomes an `error` reply; the worker keeps serving.
@@ -178,12 +283,11 @@ impl Worker {
                 };
                 let input = fd("WHARF_FD_IN", 3)?;
                 let output = fd("WHARF_FD_OUT", 4)?;
-                self.serve_on(BufReader::new(input), output, max_frame)
+                self.serve_on_threaded(BufReader::new(input), output, max_frame)
             }
             Some("stdio") => {
-                let stdin = std::io::stdin().lock();
                 let stdout = std::io::stdout().lock();
-                self.serve_on(stdin, stdout, max_frame)
+                self.serve_on_threaded(std::io::stdin(), stdout, max_frame)
             }
             #[cfg(unix)]
             Some("socket") => {
@@ -204,15 +308,66 @@ impl Worker {
         }
     }
 
-    /// Serves on the given reader and writer. Returns on EOF or `shutdown`.
+    /// Serves on the given reader and writer, reading the next message only when the last one
+    /// has been handled: a `cancel` or `ping` sent while a call runs is seen after the call
+    /// (for tests and in-memory channels; see [`Worker::serve_on_threaded`]). Returns on EOF
+    /// or `shutdown`.
     pub fn serve_on<R: Read, W: Write>(
-        mut self,
+        self,
         mut input: R,
-        mut output: W,
+        output: W,
         max_frame: usize,
     ) -> Result<(), ServeError> {
-        while let Some(payload) = read_frame(&mut input, max_frame)? {
-            let msg: ToWorker = decode(&payload)?;
+        let next = move || -> Result<Option<Incoming>, ProtocolError> {
+            match read_frame(&mut input, max_frame)? {
+                None => Ok(None),
+                Some(payload) => Ok(Some(Incoming::new(decode(&payload)?))),
+            }
+        };
+        self.run(next, output, max_frame, |_| {})
+    }
+
+    /// Serves on the given reader and writer with a reader thread that reads the runtime's
+    /// messages while a call runs: a `cancel` of the running call (and EOF, `shutdown` or a
+    /// violation) marks it cancelled at once ([`Call::check`]); every other message is handled
+    /// in order once the call has ended. Returns on EOF or `shutdown`; the reader thread may
+    /// then still be blocked on `input` (it holds no other resource, and ends with the process).
+    pub fn serve_on_threaded<R, W>(
+        self,
+        input: R,
+        output: W,
+        max_frame: usize,
+    ) -> Result<(), ServeError>
+    where
+        R: Read + Send + 'static,
+        W: Write,
+    {
+        let (tx, rx) = mpsc::channel();
+        let calls = Calls::default();
+        let theirs = calls.clone();
+        std::thread::Builder::new()
+            .name("wharf-reader".into())
+            .spawn(move || read_ahead(input, max_frame, &tx, &theirs))
+            .map_err(|e| ServeError::Config(format!("cannot start the reader thread: {e}")))?;
+        let next = move || rx.recv().unwrap_or(Ok(None));
+        self.run(next, output, max_frame, |id| calls.ended(id))
+    }
+
+    /// The serving loop: handles each message `next` yields until it yields `None` (EOF) or
+    /// `shutdown` comes.
+    fn run<W: Write>(
+        mut self,
+        mut next: impl FnMut() -> Result<Option<Incoming>, ProtocolError>,
+        mut output: W,
+        max_frame: usize,
+        mut call_ended: impl FnMut(u64),
+    ) -> Result<(), ServeError> {
+        while let Some(Incoming {
+            msg,
+            received,
+            cancelled,
+        }) = next()?
+        {
             match msg {
                 ToWorker::Init { id, .. } => {
                     let failure = self
@@ -250,6 +405,8 @@ impl Worker {
                         body,
                         session,
                         deadline_ms,
+                        received,
+                        cancelled,
                     };
                     let result = match self.handlers.get_mut(&call.method) {
                         None => Err(HandlerError::new(
@@ -267,6 +424,7 @@ impl Worker {
                             f(&call, &mut sink)
                         }
                     };
+                    call_ended(id);
                     reply(&mut output, id, result, max_frame)?;
                 }
                 ToWorker::Reset { id, .. } => {
@@ -280,12 +438,91 @@ impl Worker {
                 ToWorker::Ping { id } => {
                     write_msg(&mut output, &FromWorker::Pong { id }, max_frame)?
                 }
-                // Calls run one at a time, so the call a cancel names has already finished.
+                // Calls run one at a time: the reader thread has already marked the call a
+                // cancel names (if it was still running); here it has ended.
                 ToWorker::Cancel { .. } => {}
                 ToWorker::Shutdown { .. } => return Ok(()),
             }
         }
         Ok(())
+    }
+}
+
+/// The calls the reader thread has passed on and the serving loop has not finished, with their
+/// cancellation flags (calls come one at a time, but the next may be read before the last ends).
+#[derive(Clone, Default)]
+struct Calls(Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>);
+
+impl Calls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<AtomicBool>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn started(&self, id: u64, cancelled: Arc<AtomicBool>) {
+        self.lock().insert(id, cancelled);
+    }
+
+    fn ended(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn cancel(&self, id: u64) {
+        if let Some(cancelled) = self.lock().get(&id) {
+            cancelled.store(true, Ordering::Release);
+        }
+    }
+
+    fn cancel_all(&self) {
+        for cancelled in self.lock().values() {
+            cancelled.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The reader thread of [`Worker::serve_on_threaded`]: reads messages ahead of the serving
+/// loop, and marks a call cancelled when a `cancel` naming it arrives before it has ended, or
+/// every unfinished call when serving is about to end (EOF, `shutdown`, a violation).
+fn read_ahead<R: Read>(
+    mut input: R,
+    max_frame: usize,
+    tx: &mpsc::Sender<Result<Option<Incoming>, ProtocolError>>,
+    calls: &Calls,
+) {
+    loop {
+        let read = read_frame(&mut input, max_frame)
+            .and_then(|payload| payload.map(|p| decode::<ToWorker>(&p)).transpose());
+        let msg = match read {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                calls.cancel_all();
+                let _ = tx.send(Ok(None));
+                return;
+            }
+            Err(e) => {
+                calls.cancel_all();
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let incoming = Incoming::new(msg);
+        let last = match &incoming.msg {
+            ToWorker::Call { id, .. } => {
+                calls.started(*id, incoming.cancelled.clone());
+                false
+            }
+            ToWorker::Cancel { id } => {
+                calls.cancel(*id);
+                false
+            }
+            ToWorker::Shutdown { .. } => {
+                calls.cancel_all();
+                true
+            }
+            _ => false,
+        };
+        if tx.send(Ok(Some(incoming))).is_err() || last {
+            return;
+        }
     }
 }
 

@@ -598,3 +598,37 @@ fn a_broken_output_channel_is_an_io_error() {
         "{err:?}"
     );
 }
+
+/// Under `serve_on` input is read only between calls: a handler sees its deadline through
+/// `Call::check` all the same, and `Call::new` builds calls for testing handlers.
+#[test]
+fn call_check_reports_a_spent_deadline_and_a_new_call_is_never_cancelled() {
+    let worker = Worker::new().method("wait", |c| {
+        c.sleep(std::time::Duration::from_millis(
+            c.body.as_u64().unwrap_or(0),
+        ))?;
+        Ok(c.body.clone())
+    });
+    let msgs = [ToWorker::Call {
+        id: 1,
+        method: "wait".into(),
+        body: Value::from(60_000),
+        session: None,
+        deadline_ms: Some(0),
+    }];
+    let (result, r) = serve(worker, &msgs, MAX);
+    result.unwrap();
+    match &r[..] {
+        [FromWorker::Error { id: 1, kind, .. }] => assert_eq!(kind, kinds::DEADLINE_EXCEEDED),
+        other => panic!("{other:?}"),
+    }
+
+    let mut call = wharf_protocol::worker::Call::new(7, "wait", Value::from(1));
+    assert!(!call.is_cancelled());
+    assert_eq!(call.remaining(), None);
+    assert!(call.check().is_ok());
+    assert!(call.sleep(std::time::Duration::from_millis(1)).is_ok());
+    call.deadline_ms = Some(0);
+    let err = call.check().unwrap_err();
+    assert_eq!(err.kind, kinds::DEADLINE_EXCEEDED);
+}

@@ -1,19 +1,32 @@
 //! The conformance checker behind `wharf check`: the executable form of `docs/protocol.md`.
 //!
 //! [`run_checks`] starts a worker command through the process port
-//! ([`Port`](wharf_actors::port::Port)) and drives it through the protocol, one
+//! ([`Port`]) and drives it through the protocol, one
 //! named check at a time:
 //!
 //! | check | passes when |
 //! |---|---|
-//! | `handshake` | `init_pong` ok, version 1, a pid, `echo` and `fail` offered |
-//! | `echo_nil` ... `echo_1mib` | each class of MessagePack value comes back unchanged |
+//! | `handshake` | `init_pong` ok, version 1, a pid other than 0, `echo` and `fail` offered, no second `init_pong` |
+//! | `echo_nil` ... `echo_1mib` | each class of MessagePack value comes back unchanged, type included (a float64 as the same float64) |
 //! | `unknown_method` | an unoffered method gives error kind `unknown_method`; an echo then works |
 //! | `handler_error` | `fail` gives an error with a non-empty kind; an echo then works |
-//! | `ping`, `reset` | answered |
-//! | `stream` | `{"n": 5}` gives chunks 0..4 then `ok` 5 (skipped if `stream` is not offered) |
-//! | `shutdown_exits` | a fresh worker exits by itself with status 0 after `shutdown` |
-//! | `eof_exits` | a fresh worker exits by itself with status 0 after EOF on its input |
+//! | `ping`, `reset` | answered with one `pong` / one `ok` with body nil |
+//! | `stream` | `{"n": 5}` gives chunks 0..4 in order then `ok` 5 (skipped if `stream` is not offered) |
+//! | `cancel` | a long `wait`, cancelled, ends with error kind `cancelled` within 2 s; a cancel of an ended call is ignored (skipped without `wait`) |
+//! | `deadline` | a long `wait` with `deadline_ms` 300 ends with `deadline_exceeded`, not early, within 2 s after (skipped without `wait`) |
+//! | `session` | state set in a session is read back in it, and gone after `reset` (skipped without `state_set`/`state_get`) |
+//! | `shutdown_exits` | a fresh worker exits by itself with status 0 within 2 s of `shutdown` |
+//! | `eof_exits` | a fresh worker exits by itself with status 0 within 2 s of EOF on its input |
+//! | `init_version` | a fresh worker sent `init` with version 2 answers one `init_pong` stating version 1 |
+//! | `oversized_frame` | a fresh worker sent a header of `max_frame` + 1 bytes exits non-zero within 2 s |
+//! | `malformed_payload` | ... sent invalid MessagePack exits non-zero within 2 s |
+//! | `not_a_map` | ... sent an array instead of a map exits non-zero within 2 s |
+//! | `unknown_type` | ... sent a message of an unknown type exits non-zero within 2 s |
+//! | `truncated_frame` | ... sent half a frame, then EOF, exits non-zero within 2 s |
+//!
+//! A late violation (a second reply to a request of the check) fails the check at hand: before a
+//! check passes, the checker echoes nil once more and waits for it, so a duplicate sent after
+//! the first reply arrives first; the handshake watches for a second `init_pong` for 200 ms.
 //!
 //! Every check is bounded: spawning by the init timeout, each check by the per-check timeout
 //! ([`CheckOptions`]), so a hung worker fails a check instead of hanging the checker.
@@ -30,10 +43,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use wharf_actors::port::{Port, PortError, ProcessSpec, StreamEvent};
-use wharf_protocol::frame::encode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use wharf_actors::port::{Channel, Port, PortError, ProcessSpec, StreamEvent};
+use wharf_protocol::frame::{check_len, decode, encode};
 use wharf_protocol::message::kinds;
-use wharf_protocol::{Value, PROTOCOL_VERSION};
+use wharf_protocol::{FromWorker, ToWorker, Value, PROTOCOL_VERSION};
 
 /// How the checker runs.
 #[derive(Debug, Clone)]
@@ -136,6 +150,7 @@ pub const CHECKS: &[&str] = &[
     "session",
     "shutdown_exits",
     "eof_exits",
+    "init_version",
     "oversized_frame",
     "malformed_payload",
     "not_a_map",
@@ -147,8 +162,18 @@ pub const CHECKS: &[&str] = &[
 /// (`docs/protocol.md`, section 4): the checker's bound, capped by the per-check timeout.
 pub const EXIT_BOUND: Duration = Duration::from_secs(2);
 
+/// The version the `init_version` check states in its `init`: one no worker speaks yet.
+const OTHER_VERSION: u32 = PROTOCOL_VERSION + 1;
+
 /// How soon a call of `wait` must end after its `cancel`, or after its `deadline_ms` ran out.
 pub const STOP_BOUND: Duration = Duration::from_secs(2);
+
+/// [`STOP_BOUND`], shortened to leave the `cancel` and `deadline` checks' other steps room
+/// within a short per-check `timeout` (so they fail with their own reason, not the timeout's).
+fn stop_bound(timeout: Duration) -> Duration {
+    let others = Duration::from_millis(DEADLINE_MS + 200);
+    STOP_BOUND.min(timeout.saturating_sub(others))
+}
 
 /// How long `wait` is asked to run in the `cancel` and `deadline` checks: far longer than any
 /// check, so only a cancel or the deadline can end it in time.
@@ -278,8 +303,8 @@ where
         run.check(name, move |port| async move {
             match which {
                 Skippable::Stream => stream(&port, 5).await,
-                Skippable::Cancel => cancel(&port).await,
-                Skippable::Deadline => deadline(&port).await,
+                Skippable::Cancel => cancel(&port, stop_bound(timeout)).await,
+                Skippable::Deadline => deadline(&port, stop_bound(timeout)).await,
                 Skippable::Session => session(&port, timeout).await,
             }
         })
@@ -290,6 +315,11 @@ where
     run.record("shutdown_exits", outcome);
     let outcome = run.exits(Exit::Eof).await;
     run.record("eof_exits", outcome);
+    let outcome = match &run.broken {
+        Some(why) => Outcome::Fail(Failure::NoWorker(why.clone()).to_string()),
+        None => init_version(&run.spec, run.opts.init_timeout).await,
+    };
+    run.record("init_version", outcome);
     for bad in Bad::ALL {
         let outcome = if bad == Bad::Oversized && run.spec.max_frame >= u32::MAX as usize {
             Outcome::Skip("max_frame is the largest a header can announce".into())
@@ -535,7 +565,10 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
         self.discard().await;
         // The port bounds the handshake by the init timeout; this also bounds the spawn itself
         // and the port's own waits for an exit status after a failed start.
-        let limit = self.opts.init_timeout + Duration::from_secs(10);
+        let limit = self
+            .opts
+            .init_timeout
+            .saturating_add(Duration::from_secs(10));
         let port = tokio::time::timeout(limit, Port::start(&self.spec.clone().into()))
             .await
             .map_err(|_| Failure::Timeout(limit))??;
@@ -648,7 +681,7 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
         };
         // `exits` waits up to `timeout` for the exit, then briefly for the port to close; the
         // slack keeps this outer bound (for a worker that does not even read) from cutting in.
-        let limit = timeout + Duration::from_secs(5);
+        let limit = timeout.saturating_add(Duration::from_secs(5));
         let result = match port {
             Ok(port) => tokio::time::timeout(limit, exits(&port, how, timeout, max_frame))
                 .await
@@ -806,18 +839,155 @@ async fn exits(port: &Port, how: Exit, timeout: Duration, max_frame: usize) -> R
     }
 }
 
-/// After a check passed: a ping, answered in order, proves no late reply to the check's
-/// requests is still on its way (one would have arrived first and closed the port).
+/// A fresh worker sent `init` with a version it does not speak must still answer one
+/// `init_pong` stating its own version (docs/protocol.md, section 4): the runtime decides.
+///
+/// The port always states the runtime's own version, so this check starts the worker itself,
+/// with the environment and channel the port would give it; in `fds` mode `/bin/sh` moves the
+/// channel from stdin/stdout to fds 3/4 (as the port does, with `/dev/null` on stdin) and
+/// `exec`s the worker.
+async fn init_version(spec: &ProcessSpec, timeout: Duration) -> Outcome {
+    let mut cmd = match spec.channel {
+        Channel::Stdio => {
+            let mut cmd = tokio::process::Command::new(&spec.program);
+            cmd.args(&spec.args);
+            cmd
+        }
+        Channel::Fds => {
+            let mut cmd = tokio::process::Command::new("/bin/sh");
+            cmd.arg("-c")
+                .arg(r#"exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>&2"#)
+                .arg(&spec.program)
+                .args(&spec.args);
+            cmd
+        }
+    };
+    cmd.env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env("WHARF_MAX_FRAME", spec.max_frame.to_string())
+        .env("WHARF_WORKER_ID", &spec.worker_id)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    match spec.channel {
+        Channel::Stdio => cmd.env("WHARF_CHANNEL", "stdio"),
+        Channel::Fds => cmd
+            .env("WHARF_CHANNEL", "fds")
+            .env("WHARF_FD_IN", "3")
+            .env("WHARF_FD_OUT", "4"),
+    };
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return Outcome::Fail(format!("cannot start the worker: {e}")),
+    };
+    let (Some(mut input), Some(mut output)) = (child.stdin.take(), child.stdout.take()) else {
+        return Outcome::Fail("no channel to the worker".into());
+    };
+    // Collected as it comes (a worker blocked on a full stderr pipe would never answer).
+    let stderr_tail = child.stderr.take().map(|mut pipe| {
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            let _ = pipe.read_to_end(&mut all).await;
+            let text = String::from_utf8_lossy(&all).into_owned();
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            lines[lines.len().saturating_sub(3)..].to_vec()
+        })
+    });
+    let what = format!("an init with version {OTHER_VERSION}");
+    let init = ToWorker::Init {
+        id: 0,
+        version: OTHER_VERSION,
+    };
+    let answer = async {
+        let frame = encode(&init, spec.max_frame).map_err(|e| e.to_string())?;
+        input.write_all(&frame).await.map_err(|e| e.to_string())?;
+        input.flush().await.map_err(|e| e.to_string())?;
+        read_message(&mut output, spec.max_frame).await
+    };
+    let outcome = match tokio::time::timeout(timeout, answer).await {
+        Err(_) => Outcome::Fail(format!(
+            "no init_pong within {timeout:?} of {what}; a worker answers init whatever its \
+             version, stating its own"
+        )),
+        Ok(Err(why)) => {
+            let status = tokio::time::timeout(Duration::from_secs(1), child.wait()).await;
+            let ended = match status {
+                Ok(Ok(status)) => format!(" (it ended with {status})"),
+                _ => String::new(),
+            };
+            // The worker has ended (or is killed now): its stderr pipe closes with it.
+            let _ = child.start_kill();
+            let tail = match stderr_tail {
+                Some(task) => tokio::time::timeout(Duration::from_secs(1), task)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            };
+            Outcome::Fail(format!(
+                "no init_pong after {what}: {why}{ended}; a worker answers init whatever its \
+                 version, stating its own{}",
+                stderr(&tail)
+            ))
+        }
+        Ok(Ok(FromWorker::InitPong { version, .. })) if version == PROTOCOL_VERSION => {
+            Outcome::Pass
+        }
+        Ok(Ok(FromWorker::InitPong { version, .. })) => Outcome::Fail(format!(
+            "init_pong states version {version} after {what}; a worker states the version it \
+             speaks ({PROTOCOL_VERSION}, as in its handshake)"
+        )),
+        Ok(Ok(other)) => Outcome::Fail(format!(
+            "answered {what} with {other:?}, expected an init_pong"
+        )),
+    };
+    let _ = child.kill().await;
+    outcome
+}
+
+/// Reads one message from a worker's raw output: its text if the output ended or broke first.
+async fn read_message<R: AsyncRead + Unpin>(
+    output: &mut R,
+    max_frame: usize,
+) -> Result<FromWorker, String> {
+    let mut header = [0u8; 4];
+    output
+        .read_exact(&mut header)
+        .await
+        .map_err(|_| "the worker closed its output".to_owned())?;
+    let len = check_len(u32::from_be_bytes(header), max_frame)
+        .map_err(|e| format!("protocol violation: {e}"))?;
+    let mut payload = vec![0; len];
+    output
+        .read_exact(&mut payload)
+        .await
+        .map_err(|_| "the worker closed its output inside a frame".to_owned())?;
+    decode(&payload).map_err(|e| format!("protocol violation: {e}"))
+}
+
+/// After a check passed: an echo of nil, answered in order, proves no late reply to the
+/// check's requests is still on its way (one would have arrived first and closed the port).
+/// An echo rather than a ping, so that a worker answering pings twice fails only `ping`.
 async fn barrier(port: &Port, timeout: Duration) -> Result<(), Failure> {
-    match port.ping(timeout).await {
-        Ok(()) => Ok(()),
-        Err(violation @ PortError::ProtocolViolation { .. }) => Err(Failure::Wrong(format!(
-            "after the check passed: {violation}"
+    let id = port.next_request_id();
+    match tokio::time::timeout(timeout, port.call(id, "echo", Value::Nil, None, None)).await {
+        Ok(Ok(Value::Nil)) => Ok(()),
+        Ok(Ok(other)) => Err(Failure::Wrong(format!(
+            "after the check passed, an echo of nil returned {}",
+            describe(&other)
         ))),
-        Err(PortError::Timeout(t)) => Err(Failure::Wrong(format!(
-            "after the check passed, a ping got no pong within {t:?}"
+        Ok(Err(violation @ PortError::ProtocolViolation { .. })) => Err(Failure::Wrong(format!(
+            "after the check passed (a second or late reply to its requests?): {violation}"
         ))),
-        Err(e) => Err(e.into()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(Failure::Wrong(format!(
+            "after the check passed, an echo got no reply within {timeout:?}"
+        ))),
     }
 }
 
@@ -850,7 +1020,7 @@ async fn stopped(
 
 /// `wait` ends early with error kind `cancelled` when cancelled while it runs; a cancel of a
 /// call that has ended is ignored.
-async fn cancel(port: &Arc<Port>) -> Result<(), Failure> {
+async fn cancel(port: &Arc<Port>, bound: Duration) -> Result<(), Failure> {
     let back = call(port, "wait", Value::Map(vec![("ms".into(), 10.into())])).await?;
     if back != Value::from(10) {
         return Err(Failure::Wrong(format!(
@@ -861,10 +1031,10 @@ async fn cancel(port: &Arc<Port>) -> Result<(), Failure> {
     let (id, mut task) = start_wait(port, WAIT_MS, None);
     tokio::time::sleep(Duration::from_millis(100)).await;
     port.cancel(id).await?;
-    let Some(result) = stopped(&mut task, STOP_BOUND).await else {
+    let Some(result) = stopped(&mut task, bound).await else {
         task.abort();
         return Err(Failure::Wrong(format!(
-            "wait {{\"ms\": {WAIT_MS}}} was still running {STOP_BOUND:?} after its cancel; a \
+            "wait {{\"ms\": {WAIT_MS}}} was still running {bound:?} after its cancel; a \
              worker must read its input while a call runs and end a cancelled call with error \
              kind \"cancelled\""
         )));
@@ -893,15 +1063,15 @@ async fn cancel(port: &Arc<Port>) -> Result<(), Failure> {
 }
 
 /// `wait` ends with error kind `deadline_exceeded` once its `deadline_ms` runs out, not before.
-async fn deadline(port: &Arc<Port>) -> Result<(), Failure> {
+async fn deadline(port: &Arc<Port>, bound: Duration) -> Result<(), Failure> {
     let sent = tokio::time::Instant::now();
     let budget = Duration::from_millis(DEADLINE_MS);
     let (_, mut task) = start_wait(port, WAIT_MS, Some(DEADLINE_MS));
-    let Some(result) = stopped(&mut task, budget + STOP_BOUND).await else {
+    let Some(result) = stopped(&mut task, budget + bound).await else {
         task.abort();
         return Err(Failure::Wrong(format!(
             "wait {{\"ms\": {WAIT_MS}}} with deadline_ms {DEADLINE_MS} was still running \
-             {STOP_BOUND:?} after its deadline ran out; expected error kind \
+             {bound:?} after its deadline ran out; expected error kind \
              \"deadline_exceeded\""
         )));
     };
@@ -930,7 +1100,8 @@ async fn deadline(port: &Arc<Port>) -> Result<(), Failure> {
     }
 }
 
-/// State set in a session is kept for that session and gone after `reset`.
+/// State set in a session is kept for that session and gone after `reset`, for the next
+/// session and for the same one.
 async fn session(port: &Port, timeout: Duration) -> Result<(), Failure> {
     let key = || ("key".into(), Value::from("wharf.check"));
     let value = Value::from(format!("set in {SESSION_A}"));
@@ -955,13 +1126,17 @@ async fn session(port: &Port, timeout: Duration) -> Result<(), Failure> {
         )));
     }
     port.reset(Some(SESSION_A.to_owned()), timeout).await?;
-    let got = in_session("state_get", get, SESSION_B).await?;
-    if got != Value::Nil {
-        return Err(Failure::Wrong(format!(
-            "state leaked across reset: after session {SESSION_A} was reset, state_get in \
-             session {SESSION_B} returned {}, expected nil",
-            describe(&got)
-        )));
+    // The next session on this worker must not see it, and it must be gone, not just kept
+    // apart (a session's name may come again).
+    for session in [SESSION_B, SESSION_A] {
+        let got = in_session("state_get", get.clone(), session).await?;
+        if got != Value::Nil {
+            return Err(Failure::Wrong(format!(
+                "state leaked across reset: after session {SESSION_A} was reset, state_get in \
+                 session {session} returned {}, expected nil",
+                describe(&got)
+            )));
+        }
     }
     Ok(())
 }
@@ -1087,6 +1262,43 @@ mod tests {
     fn the_check_list_matches_the_echo_cases() {
         let echoes: Vec<_> = echo_cases().into_iter().map(|(name, _)| name).collect();
         assert_eq!(&CHECKS[1..=echoes.len()], echoes.as_slice());
+    }
+
+    #[test]
+    fn floats_must_come_back_with_their_width_and_bits() {
+        let sent = Value::F64(-0.0);
+        let diff = difference(&sent, &Value::F64(0.0)).unwrap();
+        assert!(
+            diff.contains("sent float64 -0.0, got float64 0.0"),
+            "{diff}"
+        );
+        let diff = difference(&Value::F64(1.5), &Value::F32(1.5)).unwrap();
+        assert!(diff.contains("sent float64 1.5, got float32 1.5"), "{diff}");
+        let diff = difference(&Value::F64(1.0), &Value::from(1)).unwrap();
+        assert!(diff.contains("sent float64 1.0, got int 1"), "{diff}");
+        assert_eq!(difference(&Value::F64(0.1), &Value::F64(0.1)), None);
+    }
+
+    /// The spec's check table and this module's list every check by name (the echo checks as
+    /// the range `echo_nil` ... `echo_1mib`).
+    #[test]
+    fn the_check_tables_in_the_docs_name_every_check() {
+        let spec = include_str!("../../docs/protocol.md");
+        let module = include_str!("check.rs");
+        for name in CHECKS.iter().filter(|n| !n.starts_with("echo_")) {
+            for (doc, text) in [("docs/protocol.md", spec), ("check.rs", module)] {
+                let row = format!("| `{name}` |");
+                let pair = format!("`{name}`, `");
+                let paired = format!(", `{name}` |");
+                assert!(
+                    text.contains(&row) || text.contains(&pair) || text.contains(&paired),
+                    "{doc} has no check table row for {name}"
+                );
+            }
+        }
+        for text in [spec, module] {
+            assert!(text.contains("| `echo_nil` ... `echo_1mib` |"));
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ from .support import DEMO, TIMEOUT, Peer, frame
 
 DEMO_METHODS = [
     "alloc", "crash", "echo", "fail", "pid", "print", "sleep", "spawn_grandchild", "state_get",
-    "state_set", "stream",
+    "state_set", "stream", "wait",
 ]
 
 INT_EDGES = [
@@ -165,6 +165,85 @@ class DemoTests(unittest.TestCase):
         self.assertEqual(self.peer.recv(), {"t": "ok", "id": rid, "body": 200})
         self.assertEqual(self.peer.recv(), {"t": "pong", "id": 50})
 
+    # -- wait: cancel and deadline_ms are honoured while a call runs ------------------------
+
+    def start_wait(self, ms=60000, **fields):
+        return self.peer.request("call", method="wait", body={"ms": ms}, **fields)
+
+    def test_wait_runs_its_time_and_returns_it(self):
+        self.ready()
+        t = time.monotonic()
+        self.assertEqual(self.peer.call("wait", {"ms": 50})["body"], 50)
+        self.assertGreaterEqual(time.monotonic() - t, 0.05)
+
+    def test_cancel_stops_a_running_wait(self):
+        self.ready()
+        rid = self.start_wait()
+        time.sleep(0.1)
+        t = time.monotonic()
+        self.peer.send({"t": "cancel", "id": rid})
+        reply = self.peer.recv(timeout=2)
+        self.assertEqual((reply["t"], reply["id"], reply["kind"]), ("error", rid, "cancelled"))
+        self.assertLess(time.monotonic() - t, 2)
+        self.assertEqual(self.peer.call("echo", 1)["body"], 1)
+
+    def test_a_cancel_naming_another_call_does_not_stop_the_running_one(self):
+        self.ready()
+        rid = self.start_wait(ms=300)
+        self.peer.send({"t": "cancel", "id": rid + 100})
+        self.assertEqual(self.peer.recv(), {"t": "ok", "id": rid, "body": 300})
+
+    def test_deadline_ms_ends_a_wait_with_deadline_exceeded_not_before(self):
+        self.ready()
+        t = time.monotonic()
+        rid = self.start_wait(deadline_ms=200)
+        reply = self.peer.recv(timeout=3)
+        self.assertEqual((reply["id"], reply["kind"]), (rid, "deadline_exceeded"))
+        self.assertGreaterEqual(time.monotonic() - t, 0.2)
+
+    def test_ping_while_a_wait_runs_is_answered_at_once(self):
+        self.ready()
+        rid = self.start_wait()
+        self.peer.send({"t": "ping", "id": 77})
+        self.assertEqual(self.peer.recv(timeout=2), {"t": "pong", "id": 77})
+        self.peer.send({"t": "cancel", "id": rid})
+        self.assertEqual(self.peer.recv(timeout=2)["kind"], "cancelled")
+
+    def test_calls_sent_while_a_wait_runs_are_served_after_it_in_order(self):
+        self.ready()
+        rid = self.start_wait()
+        echo = self.peer.request("call", method="echo", body="next")
+        self.peer.send({"t": "cancel", "id": rid})
+        self.assertEqual(self.peer.recv(timeout=2)["kind"], "cancelled")
+        self.assertEqual(self.peer.recv(), {"t": "ok", "id": echo, "body": "next"})
+
+    def test_eof_while_a_wait_runs_exits_0_at_once(self):
+        self.ready()
+        self.start_wait()
+        time.sleep(0.1)
+        self.peer.close_input()
+        self.assertEqual(self.peer.wait(timeout=2), 0, self.peer.stderr_text())
+
+    def test_shutdown_while_a_wait_runs_exits_0_at_once(self):
+        self.ready()
+        self.start_wait()
+        self.peer.send({"t": "shutdown"})
+        self.assertEqual(self.peer.wait(timeout=2), 0, self.peer.stderr_text())
+
+    def test_a_violation_while_a_wait_runs_exits_2_at_once_without_a_reply(self):
+        for data, close in ((b"\x00\x00\x00\x02\x81\xc1", False), (b"\x00\x00\x00\x10\x81", True),
+                            (frame({"t": "teleport", "id": 9}), False), (b"\xff\xff\xff\xff", False)):
+            with self.subTest(data=data):
+                self.peer = self.spawn()
+                self.ready()
+                self.start_wait()
+                self.peer.send_raw(data)
+                if close:
+                    self.peer.close_input()
+                self.assertEqual(self.peer.wait(timeout=2), 2, self.peer.stderr_text())
+                self.assertIn("protocol violation", self.peer.stderr_text())
+                self.assertIsNone(self.peer.recv())
+
     def test_stream_sends_chunks_then_ok(self):
         self.ready()
         chunks, final = self.peer.call_stream("stream", {"n": 3})
@@ -230,6 +309,17 @@ class DemoTests(unittest.TestCase):
         self.ready()
         self.peer.close_input()
         self.assert_exits(0)
+
+    def test_eof_exits_0_within_the_exit_bound(self):
+        self.ready()
+        self.peer.close_input()
+        self.assertEqual(self.peer.wait(timeout=2), 0)
+
+    def test_init_with_a_version_it_does_not_speak_is_answered_with_its_own(self):
+        self.peer.send({"t": "init", "id": 0, "version": 2})
+        pong = self.peer.recv()
+        self.assertEqual((pong["t"], pong["status"], pong["version"]), ("init_pong", "ok", 1))
+        self.assertEqual(self.peer.call("echo", "still here")["body"], "still here")
 
     def test_eof_before_init_exits_0(self):
         self.peer.close_input()

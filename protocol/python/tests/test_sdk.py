@@ -61,6 +61,22 @@ def bare(body):
 
 
 @w.method()
+def spin(_body, ctx):
+    while not ctx.cancelled():  # polls the channel: a cancel is seen while the call runs
+        pass
+    return "stopped"
+
+
+@w.method()
+def ticks(_body, ctx):
+    i = 0
+    while True:
+        ctx.sleep(0.01)  # raises DeadlineExceeded once deadline_ms has run out
+        yield i
+        i += 1
+
+
+@w.method()
 def big(n):
     return b"x" * n
 
@@ -132,7 +148,7 @@ class CustomWorkerTests(unittest.TestCase):
         self.assertEqual(
             peer.init()["methods"],
             ["bare", "big", "big_chunks", "big_error", "context", "count", "count_then_fail",
-             "deep", "double", "noisy", "same_loop", "unencodable"],
+             "deep", "double", "noisy", "same_loop", "spin", "ticks", "unencodable"],
         )
         self.assertEqual(peer.call("bare")["body"], "bare")
 
@@ -166,6 +182,27 @@ class CustomWorkerTests(unittest.TestCase):
         reply = peer.call("context")
         self.assertEqual(reply["body"], {"id": reply["id"], "method": "context", "session": None,
                                          "deadline_ms": None})
+
+    def test_a_handler_polling_cancelled_sees_a_cancel_and_may_still_reply_ok(self):
+        peer = self.spawn()
+        rid = peer.request("call", method="spin", body=None)
+        peer.send({"t": "ping", "id": 500})
+        self.assertEqual(peer.recv(timeout=2), {"t": "pong", "id": 500})
+        peer.send({"t": "cancel", "id": rid})
+        self.assertEqual(peer.recv(timeout=2), {"t": "ok", "id": rid, "body": "stopped"})
+
+    def test_a_stream_ends_with_deadline_exceeded_after_its_chunks(self):
+        peer = self.spawn()
+        rid = peer.request("call", method="ticks", body=None, deadline_ms=150)
+        seqs = []
+        while True:
+            msg = peer.recv(timeout=3)
+            self.assertEqual(msg["id"], rid)
+            if msg["t"] != "chunk":
+                break
+            seqs.append(msg["seq"])
+        self.assertEqual((msg["t"], msg["kind"]), ("error", "deadline_exceeded"))
+        self.assertTrue(seqs and seqs == list(range(len(seqs))), seqs)
 
     def test_reply_over_max_frame_becomes_frame_too_large(self):
         peer = self.spawn(WHARF_MAX_FRAME=4096)

@@ -16,7 +16,16 @@ wharf packet protocol (docs/protocol.md) on the channel the runtime set up::
 """
 
 from .framing import DEFAULT_MAX_FRAME, MAX_DEPTH, FrameError
-from .worker import PROTOCOL_VERSION, Context, Worker
+from .worker import PROTOCOL_VERSION, Cancelled, Context, DeadlineExceeded, Worker
 
-__all__ = ["Context", "DEFAULT_MAX_FRAME", "FrameError", "MAX_DEPTH", "PROTOCOL_VERSION", "Worker"]
+__all__ = [
+    "Cancelled",
+    "Context",
+    "DEFAULT_MAX_FRAME",
+    "DeadlineExceeded",
+    "FrameError",
+    "MAX_DEPTH",
+    "PROTOCOL_VERSION",
+    "Worker",
+]
 __version__ = "0.1.0"

@@ -48,6 +48,15 @@ def sleep(ms):
 
 
 @worker.method()
+def wait(body, ctx):
+    """The conformance method for cancel and deadline_ms (docs/protocol.md, section 6): runs up
+    to body["ms"] ms, ending early with error kind cancelled or deadline_exceeded."""
+    ms = body["ms"]
+    ctx.sleep(ms / 1000)
+    return ms
+
+
+@worker.method()
 def fail(body):
     raise RuntimeError("requested failure" if body is None else str(body))
 

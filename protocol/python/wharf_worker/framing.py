@@ -2,6 +2,7 @@
 MessagePack map (docs/protocol.md, section 1)."""
 
 import os
+import select
 import struct
 
 import msgpack
@@ -102,6 +103,38 @@ class FrameReader:
             return None
         return decode(payload)
 
+    def buffered(self):
+        """The next message if a whole frame of it is already buffered, else None. Never
+        reads; a header is still checked as soon as its 4 bytes are here."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < HEADER_LEN:
+            return None
+        n = HEADER.unpack_from(buf, pos)[0]
+        _check_header(n, self.max_frame)
+        stop = pos + HEADER_LEN + n
+        if stop > len(buf):
+            return None
+        self._pos = stop
+        return decode(memoryview(buf)[pos + HEADER_LEN : stop])
+
+    def fill(self, timeout):
+        """Waits up to ``timeout`` seconds for input and buffers what has arrived, without
+        blocking longer (for reading while a call runs; see :meth:`buffered`). Returns False
+        at a clean EOF; raises FrameError at an EOF inside a frame."""
+        ready, _, _ = select.select([self.fd], [], [], max(timeout, 0))
+        if not ready:
+            return True
+        chunk = os.read(self.fd, READ_SIZE)
+        rest = self._buf[self._pos :]
+        if not chunk:
+            if rest:
+                raise FrameError("truncated frame: EOF after %d bytes of a frame" % len(rest))
+            return False
+        self._buf = bytes(rest) + chunk if rest else chunk
+        self._pos = 0
+        return True
+
     def read_payload(self):
         """The next frame's payload (bytes-like), or None on a clean EOF."""
         buf = self._buf
@@ -123,12 +156,7 @@ class FrameReader:
             pos = 0
             end = len(buf)
         n = HEADER.unpack_from(buf, pos)[0]
-        if n == 0:
-            raise FrameError("zero-length frame (N = 0)")
-        if n > self.max_frame:
-            raise FrameError(
-                "frame header announces %d bytes, more than max_frame (%d)" % (n, self.max_frame)
-            )
+        _check_header(n, self.max_frame)
         start = pos + HEADER_LEN
         stop = start + n
         if stop <= end:
@@ -156,6 +184,15 @@ class FrameReader:
         if have > n:
             self._buf = bytes(spare[: have - n])
         return payload
+
+
+def _check_header(n, max_frame):
+    if n == 0:
+        raise FrameError("zero-length frame (N = 0)")
+    if n > max_frame:
+        raise FrameError(
+            "frame header announces %d bytes, more than max_frame (%d)" % (n, max_frame)
+        )
 
 
 def write_all(fd, data):

@@ -1,11 +1,13 @@
 """The worker: handlers, hooks and the serving loop of the wharf packet protocol."""
 
 import asyncio
+import collections
 import inspect
 import logging
 import os
 import socket
 import sys
+import time
 import types
 
 import msgpack
@@ -32,21 +34,86 @@ _GENERATOR = types.GeneratorType
 _ASYNC_GENERATOR = types.AsyncGeneratorType
 
 
+class Cancelled(Exception):
+    """Raised by :meth:`Context.check` (and :meth:`Context.sleep`) once the runtime has
+    cancelled the call; a handler that lets it propagate ends the call with error kind
+    ``cancelled``."""
+
+    wharf_kind = "cancelled"
+
+
+class DeadlineExceeded(Exception):
+    """Raised by :meth:`Context.check` (and :meth:`Context.sleep`) once the call's
+    ``deadline_ms`` has run out; ends the call with error kind ``deadline_exceeded``."""
+
+    wharf_kind = "deadline_exceeded"
+
+
 class Context:
-    """What a handler knows about its call; a handler taking two parameters receives it."""
+    """What a handler knows about its call; a handler taking two parameters receives it.
 
-    __slots__ = ("request_id", "method", "session", "deadline_ms")
+    Cancellation is cooperative: the worker serves one call at a time on one thread, and reads
+    what the runtime sends meanwhile (``cancel``, ``ping``, ...) only when the handler asks:
+    :meth:`cancelled`, :meth:`check` and :meth:`sleep` do. A handler that wants to honour
+    ``cancel`` and ``deadline_ms`` calls one of them between steps of its work, from the
+    handler's own thread (they read the channel).
+    """
 
-    def __init__(self, request_id, method, session=None, deadline_ms=None):
+    __slots__ = ("request_id", "method", "session", "deadline_ms", "_worker", "_start", "_cancelled")
+
+    def __init__(self, request_id, method, session=None, deadline_ms=None, _worker=None):
         self.request_id = request_id  #: the call's id
         self.method = method  #: the method name called
         self.session = session  #: the session the call belongs to (str), or None
         self.deadline_ms = deadline_ms  #: the caller's remaining budget in ms, or None
+        self._worker = _worker
+        self._start = time.monotonic()  # when the call was read: deadline_ms counts from here
+        self._cancelled = False
 
     def __repr__(self):
         return "Context(request_id=%r, method=%r, session=%r, deadline_ms=%r)" % (
             self.request_id, self.method, self.session, self.deadline_ms,
         )
+
+    def cancelled(self):
+        """True once the runtime has cancelled this call (or closed the channel, or asked the
+        worker to shut down). Reads what the runtime has sent so far, without waiting."""
+        if not self._cancelled and self._worker is not None:
+            self._worker._pump(0)
+        return self._cancelled
+
+    def remaining(self):
+        """Seconds left before ``deadline_ms`` runs out (0 once it has), or None without one."""
+        if self.deadline_ms is None:
+            return None
+        return max(0.0, self.deadline_ms / 1000 - (time.monotonic() - self._start))
+
+    def check(self):
+        """Raises :class:`Cancelled` if the call was cancelled, :class:`DeadlineExceeded` if
+        its deadline has run out; else returns None."""
+        if self.cancelled():
+            raise Cancelled("call %d was cancelled" % self.request_id)
+        if self.remaining() == 0:
+            raise DeadlineExceeded(
+                "call %d ran out of its deadline_ms (%d)" % (self.request_id, self.deadline_ms)
+            )
+
+    def sleep(self, seconds):
+        """Sleeps up to ``seconds`` while watching the channel: raises :class:`Cancelled` or
+        :class:`DeadlineExceeded` as soon as the call is cancelled or out of time."""
+        end = time.monotonic() + max(seconds, 0)
+        while True:
+            self.check()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            remaining = self.remaining()
+            if remaining is not None:
+                left = min(left, remaining)
+            if self._worker is not None:
+                self._worker._pump(left)
+            else:
+                time.sleep(left)
 
 
 class _Exit(Exception):
@@ -55,6 +122,11 @@ class _Exit(Exception):
     def __init__(self, status):
         Exception.__init__(self, status)
         self.status = status
+
+
+class _Violation(BaseException):
+    """The runtime broke the protocol while a call ran. A BaseException, so that it passes
+    through the handler's own ``except Exception``; serving ends with status 2."""
 
 
 class _Refused(Exception):
@@ -105,6 +177,10 @@ class Worker:
         self._initialised = False
         self._loop = None
         self._fd_out = None
+        self._reader = None
+        self._current = None  # the Context of the call running, if any
+        self._pending = collections.deque()  # messages read while a call ran, in order
+        self._input_closed = False
         self._max_frame = DEFAULT_MAX_FRAME
         # One packer for every reply (packb would build a new one per call); it resets itself
         # when packing fails.
@@ -230,11 +306,15 @@ class Worker:
                 pass
         self._fd_out = fd_out
         self._max_frame = max_frame
-        read = FrameReader(fd_in, max_frame).read
+        self._reader = FrameReader(fd_in, max_frame)
+        self._pending.clear()
+        self._input_closed = False
+        read = self._reader.read
+        pending = self._pending
         call = self._call
         try:
             while True:
-                msg = read()
+                msg = pending.popleft() if pending else read()
                 if msg is None:
                     return 0  # EOF on a frame boundary: the runtime is gone or done with us
                 t = msg.get("t")
@@ -254,7 +334,7 @@ class Worker:
                     raise FrameError("message without a type (no 't' key): %r" % (_short(msg),))
                 else:
                     raise FrameError("unknown message type %r" % (t,))
-        except FrameError as e:
+        except (FrameError, _Violation) as e:
             log.error("protocol violation by the runtime: %s; exiting", e)
             return 2
         except _Exit as e:
@@ -324,7 +404,9 @@ class Worker:
         body = msg.get("body")
         try:
             if wants_ctx:
-                result = fn(body, Context(rid, name, msg.get("session"), msg.get("deadline_ms")))
+                ctx = Context(rid, name, msg.get("session"), msg.get("deadline_ms"), self)
+                self._current = ctx
+                result = fn(body, ctx)
             else:
                 result = fn(body)
             if type(result) not in _PLAIN:
@@ -335,10 +417,16 @@ class Worker:
             log.error("method %r (call %d): %s", name, rid, e.message)
             self._reply_error(rid, e.kind, e.message)
             return
+        except (Cancelled, DeadlineExceeded) as e:
+            log.info("method %r (call %d): %s", name, rid, _text(e))
+            self._reply_error(rid, e.wharf_kind, _text(e))
+            return
         except Exception as e:
             log.error("method %r (call %d) raised", name, rid, exc_info=True)
             self._reply_error(rid, type(e).__name__, _text(e))
             return
+        finally:
+            self._current = None
         self._reply(rid, {"t": "ok", "id": rid, "body": result})
 
     def _finish(self, rid, result):
@@ -380,6 +468,55 @@ class Worker:
             self._send({"t": "chunk", "id": rid, "seq": seq, "body": body})
         except _Refused as e:
             raise _ChunkRefused(e.kind, e.message) from None
+
+    # -- reading while a call runs ----------------------------------------------------------
+
+    def _pump(self, timeout):
+        """Reads what the runtime has sent while a call runs, waiting up to ``timeout``
+        seconds for something to arrive: a ``cancel`` of the running call marks it cancelled, a
+        ``ping`` is answered at once, EOF and ``shutdown`` cancel the running call, and every
+        other message waits in order until the call has ended."""
+        reader = self._reader
+        if reader is None:
+            return
+        try:
+            waited = False
+            while True:
+                msg = reader.buffered()
+                if msg is not None:
+                    self._during_call(msg)
+                    continue
+                if self._input_closed or waited:
+                    return
+                waited = True
+                if not reader.fill(timeout):
+                    self._input_closed = True
+                    self._pending.append(None)  # EOF: ends serving once the call is done
+                    self._cancel_current()
+                    return
+        except FrameError as e:
+            raise _Violation(str(e)) from None
+
+    def _during_call(self, msg):
+        t = msg.get("t")
+        if t == "cancel":
+            current = self._current
+            if current is not None and current.request_id == _id(msg):
+                current._cancelled = True
+        elif t == "ping":
+            self._send({"t": "pong", "id": _id(msg)})
+        elif t in ("call", "init", "reset", "shutdown"):
+            if t == "shutdown":
+                self._cancel_current()
+            self._pending.append(msg)
+        elif t is None:
+            raise _Violation("message without a type (no 't' key): %r" % (_short(msg),))
+        else:
+            raise _Violation("unknown message type %r" % (t,))
+
+    def _cancel_current(self):
+        if self._current is not None:
+            self._current._cancelled = True
 
     # -- sending -----------------------------------------------------------------------------
 
