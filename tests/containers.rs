@@ -355,3 +355,32 @@ async fn the_container_pool_example_serves_through_docker_kills() {
         );
     }
 }
+
+/// `wharf check` against containerised workers: the demo worker conforms over both transports
+/// (every check but `init_version`, which starts its worker outside the port, process only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerised_workers_pass_the_conformance_checks() {
+    for transport in [Transport::Socket, Transport::Attach] {
+        let Some((_engine, spec)) = setup("ct-check", transport).await else {
+            return;
+        };
+        let opts = wharf::check::CheckOptions {
+            init_timeout: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+        };
+        let report = wharf::check::run_checks(spec, opts).await;
+        let failed: Vec<_> = report
+            .results
+            .iter()
+            .filter(|r| !matches!(r.outcome, wharf::check::Outcome::Pass))
+            .map(|r| (r.name.clone(), r.outcome.clone()))
+            .collect();
+        assert_eq!(
+            failed.len(),
+            1,
+            "{transport:?}: only init_version may be skipped: {failed:?}"
+        );
+        assert_eq!(failed[0].0, "init_version");
+        assert!(matches!(failed[0].1, wharf::check::Outcome::Skip(_)));
+    }
+}

@@ -120,6 +120,7 @@ pub struct WorkerShared {
     last_used_ms: AtomicU64,
     exit: Mutex<Option<ExitKind>>,
     port: OnceLock<Arc<Port>>,
+    ready_at: OnceLock<Instant>,
 }
 
 impl WorkerShared {
@@ -134,6 +135,7 @@ impl WorkerShared {
             last_used_ms: AtomicU64::new(0),
             exit: Mutex::new(None),
             port: OnceLock::new(),
+            ready_at: OnceLock::new(),
         }
     }
 
@@ -179,6 +181,13 @@ impl WorkerShared {
     /// How long since the worker was launched.
     pub fn age(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// How long the worker has been in service: since it answered its init ping (zero before).
+    /// `max_lifetime` counts this, so start-up time never eats into it: a lifetime shorter than
+    /// a start-up does not retire every worker as soon as it is ready.
+    pub fn service_age(&self) -> Duration {
+        self.ready_at.get().map_or(Duration::ZERO, Instant::elapsed)
     }
 
     /// Notes that the worker was just used (returned to the idle set).
@@ -370,6 +379,7 @@ impl Actor for WorkerActor {
             myself.send_interval(interval, || WorkerMsg::HealthTick);
         }
         // Ready: idle until its embedder holds it.
+        let _ = args.shared.ready_at.set(Instant::now());
         args.shared.transition(Lifecycle::Starting, Lifecycle::Idle);
         Ok(WorkerActorState {
             port,
@@ -411,7 +421,7 @@ impl Actor for WorkerActor {
                 }
                 let expired = state
                     .max_lifetime
-                    .is_some_and(|max| state.shared.age() >= max);
+                    .is_some_and(|max| state.shared.service_age() >= max);
                 if expired
                     && state
                         .shared

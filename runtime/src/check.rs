@@ -44,7 +44,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use wharf_actors::port::{Channel, Port, PortError, ProcessSpec, StreamEvent};
+use wharf_actors::port::{Channel, Port, PortError, ProcessSpec, StreamEvent, WorkerSpec};
 use wharf_protocol::frame::{check_len, decode, encode};
 use wharf_protocol::message::kinds;
 use wharf_protocol::{FromWorker, ToWorker, Value, PROTOCOL_VERSION};
@@ -213,17 +213,23 @@ enum Failure {
 ///
 /// The checker gives each worker the id `check` and `opts.init_timeout` as its init timeout;
 /// the rest of `spec` (channel, environment, max frame) is used as is.
-pub async fn run_checks(spec: ProcessSpec, opts: CheckOptions) -> CheckReport {
+pub async fn run_checks(spec: impl Into<WorkerSpec>, opts: CheckOptions) -> CheckReport {
     run_checks_with(spec, opts, |_| {}).await
 }
 
 /// Like [`run_checks`], and calls `on_result` with each result as soon as its check ends (for
 /// progress output).
-pub async fn run_checks_with<F>(spec: ProcessSpec, opts: CheckOptions, on_result: F) -> CheckReport
+pub async fn run_checks_with<F>(
+    spec: impl Into<WorkerSpec>,
+    opts: CheckOptions,
+    on_result: F,
+) -> CheckReport
 where
     F: FnMut(&CheckResult) + Send,
 {
-    let spec = spec.init_timeout(opts.init_timeout).worker_id("check");
+    let mut spec = spec.into();
+    spec.set_init_timeout(opts.init_timeout);
+    let spec = spec.worker_id("check");
     let mut run = Runner {
         spec,
         opts,
@@ -315,13 +321,16 @@ where
     run.record("shutdown_exits", outcome);
     let outcome = run.exits(Exit::Eof).await;
     run.record("eof_exits", outcome);
-    let outcome = match &run.broken {
-        Some(why) => Outcome::Fail(Failure::NoWorker(why.clone()).to_string()),
-        None => init_version(&run.spec, run.opts.init_timeout).await,
+    let outcome = match (&run.broken, &run.spec) {
+        (Some(why), _) => Outcome::Fail(Failure::NoWorker(why.clone()).to_string()),
+        (None, WorkerSpec::Process(spec)) => init_version(spec, run.opts.init_timeout).await,
+        (None, _) => Outcome::Skip(
+            "run for process workers only (it starts the worker outside the port)".into(),
+        ),
     };
     run.record("init_version", outcome);
     for bad in Bad::ALL {
-        let outcome = if bad == Bad::Oversized && run.spec.max_frame >= u32::MAX as usize {
+        let outcome = if bad == Bad::Oversized && run.spec.max_frame() >= u32::MAX as usize {
             Outcome::Skip("max_frame is the largest a header can announce".into())
         } else {
             run.exits(Exit::Violation(bad)).await
@@ -539,7 +548,7 @@ enum Exit {
 
 /// Runs the checks and holds the current worker.
 struct Runner<F> {
-    spec: ProcessSpec,
+    spec: WorkerSpec,
     opts: CheckOptions,
     /// The worker the next check runs on, if it is still usable.
     port: Option<Arc<Port>>,
@@ -569,7 +578,7 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
             .opts
             .init_timeout
             .saturating_add(Duration::from_secs(10));
-        let port = tokio::time::timeout(limit, Port::start(&self.spec.clone().into()))
+        let port = tokio::time::timeout(limit, Port::start(&self.spec))
             .await
             .map_err(|_| Failure::Timeout(limit))??;
         let port = Arc::new(port);
@@ -671,7 +680,7 @@ impl<F: FnMut(&CheckResult) + Send> Runner<F> {
     /// runtime would have had to SIGTERM or SIGKILL it).
     async fn exits(&mut self, how: Exit) -> Outcome {
         let timeout = self.opts.timeout.min(EXIT_BOUND);
-        let max_frame = self.spec.max_frame;
+        let max_frame = self.spec.max_frame();
         let port = if let Some(why) = &self.broken {
             Err(Failure::NoWorker(why.clone()))
         } else {

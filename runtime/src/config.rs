@@ -66,7 +66,7 @@ pub struct PoolConfig {
     pub health: HealthCheck,
     /// Retire a worker after this many calls.
     pub max_calls: Option<u64>,
-    /// Retire a worker after it has been up this long.
+    /// Retire a worker after it has been in service (since its init pong) this long.
     pub max_lifetime: Option<Duration>,
     /// Retire a worker whose process's resident memory exceeds this many bytes.
     pub max_rss: Option<u64>,
@@ -202,7 +202,7 @@ impl PoolBuilder {
         self.config.max_calls = Some(n);
         self
     }
-    /// Retire each worker after it has been up for `d`.
+    /// Retire each worker after it has been in service (since its init pong) for `d`.
     pub fn max_lifetime(mut self, d: Duration) -> Self {
         self.config.max_lifetime = Some(d);
         self

@@ -1,7 +1,10 @@
 //! The `wharf` command line.
 //!
 //! `wharf check [--stdio] [--init-timeout-ms N] [--timeout-ms N] [--max-frame N] -- CMD [ARGS...]`
-//! runs the protocol conformance suite (`docs/protocol.md`, section 6) against a worker command.
+//! runs the protocol conformance suite (`docs/protocol.md`, section 6) against a worker command;
+//! with `--container IMAGE [--transport socket|attach] [--mount SRC:DST[:ro]] [--user U]` each
+//! worker runs in a container of IMAGE, with `--host-python` in one of the local host-Python
+//! image (CMD is then the arguments to its Python).
 //! It prints one line per check (`PASS name`, `FAIL name: reason`, `SKIP name: reason`), then a
 //! summary (`N passed, N failed[, N skipped]`), and exits 0 if no check failed, 1 if one did, 2
 //! on a usage error. Logs (`RUST_LOG`, default `warn`) go to stderr.
@@ -20,7 +23,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use wharf::check::{run_checks_with, CheckOptions, Outcome};
 use wharf::image::{self, DebianPythonOptions, HostPythonOptions, StaticBinaryOptions};
-use wharf::{Channel, Engine, ProcessSpec};
+use wharf::{Channel, ContainerSpec, Engine, ProcessSpec, Transport, WorkerSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -59,6 +62,23 @@ enum Command {
         /// An extra environment variable for the worker (repeatable).
         #[arg(long, short, value_name = "KEY=VALUE", value_parser = parse_env)]
         env: Vec<(OsString, OsString)>,
+        /// Run each worker in a container of IMAGE on the local Docker engine; CMD is the
+        /// command in the container.
+        #[arg(long, value_name = "IMAGE", conflicts_with_all = ["stdio", "host_python"])]
+        container: Option<String>,
+        /// Run each worker in a container of the local host-Python image (built if missing);
+        /// CMD is the arguments to its Python, e.g. `-- -m wharf_worker.demo`.
+        #[arg(long, conflicts_with = "stdio")]
+        host_python: bool,
+        /// With --container or --host-python: where frames travel.
+        #[arg(long, value_enum, default_value_t = TransportArg::Socket)]
+        transport: TransportArg,
+        /// With --container: a bind mount `SRC:DST[:ro]` (repeatable).
+        #[arg(long, value_name = "SRC:DST[:ro]", value_parser = parse_mount)]
+        mount: Vec<wharf::Mount>,
+        /// With --container: the user to run as (`uid:gid` or a name).
+        #[arg(long)]
+        user: Option<String>,
         /// The worker command and its arguments.
         #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
         cmd: Vec<OsString>,
@@ -268,6 +288,28 @@ async fn image_command(command: ImageCommand) -> Result<(), Box<dyn std::error::
     Ok(())
 }
 
+/// Where a container worker's frames travel.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TransportArg {
+    /// A unix socket bind-mounted into the container (local engines).
+    Socket,
+    /// Docker's attach stream.
+    Attach,
+}
+
+fn parse_mount(s: &str) -> Result<wharf::Mount, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    match parts.as_slice() {
+        [src, dst] | [src, dst, "rw"] => Ok(wharf::Mount {
+            source: src.into(),
+            target: dst.into(),
+            read_only: false,
+        }),
+        [src, dst, "ro"] => Ok(wharf::Mount::read_only(*src, *dst)),
+        _ => Err(format!("expected SRC:DST or SRC:DST:ro, got {s:?}")),
+    }
+}
+
 fn parse_env(s: &str) -> Result<(OsString, OsString), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.into(), v.into())),
@@ -306,15 +348,58 @@ async fn main() -> ExitCode {
             timeout_ms,
             max_frame,
             env,
+            container,
+            host_python,
+            transport,
+            mount,
+            user,
             cmd,
         } => {
-            let mut spec = ProcessSpec::from_argv(cmd)
-                .expect("clap requires a command")
-                .channel(if stdio { Channel::Stdio } else { Channel::Fds })
-                .max_frame(max_frame as usize);
-            for (k, v) in env {
-                spec = spec.env(k, v);
-            }
+            let transport = match transport {
+                TransportArg::Socket => Transport::Socket,
+                TransportArg::Attach => Transport::Attach,
+            };
+            let text = |s: OsString| s.to_string_lossy().into_owned();
+            let spec: WorkerSpec = if container.is_some() || host_python {
+                let mut spec = if let Some(image) = container {
+                    let mut spec = ContainerSpec::new(image, cmd.into_iter().map(text));
+                    spec.mounts.extend(mount);
+                    spec
+                } else {
+                    let built = match Engine::local(Duration::from_secs(10)).await {
+                        Ok(engine) => {
+                            image::ensure_host_python(&engine, &HostPythonOptions::default())
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match built {
+                        Ok(img) => img.spec(cmd.into_iter().map(text)),
+                        Err(e) => {
+                            eprintln!("wharf check: no host-Python image: {e}");
+                            return ExitCode::from(1);
+                        }
+                    }
+                };
+                if let Some(user) = user {
+                    spec = spec.user(user);
+                }
+                for (k, v) in env {
+                    spec = spec.env(text(k), text(v));
+                }
+                spec.max_frame = max_frame as usize;
+                spec.transport(transport).into()
+            } else {
+                let mut spec = ProcessSpec::from_argv(cmd)
+                    .expect("clap requires a command")
+                    .channel(if stdio { Channel::Stdio } else { Channel::Fds })
+                    .max_frame(max_frame as usize);
+                for (k, v) in env {
+                    spec = spec.env(k, v);
+                }
+                spec.into()
+            };
             let opts = CheckOptions {
                 init_timeout: Duration::from_millis(init_timeout_ms),
                 timeout: Duration::from_millis(timeout_ms),

@@ -309,7 +309,9 @@ impl Inner {
         if c.max_calls.is_some_and(|max| handle.shared.calls() >= max) {
             return Some("max_calls reached");
         }
-        if c.max_lifetime.is_some_and(|max| handle.shared.age() >= max) {
+        if c.max_lifetime
+            .is_some_and(|max| handle.shared.service_age() >= max)
+        {
             return Some("max_lifetime reached");
         }
         if let Some(max) = c.max_rss {

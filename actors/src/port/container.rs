@@ -497,8 +497,8 @@ fn socket_root() -> PathBuf {
     std::env::temp_dir().join(format!("wharf-{}", owner()))
 }
 
-/// A container name: `wharf-<worker>-<instance>`, in Docker's alphabet.
-fn container_name(worker_id: &str, instance: &str) -> String {
+/// A container name: `wharf-<worker>-<instance>-<launch>`, in Docker's alphabet.
+fn container_name(worker_id: &str, instance: &str, launch: u64) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -510,7 +510,7 @@ fn container_name(worker_id: &str, instance: &str) -> String {
             })
             .collect()
     };
-    format!("wharf-{}-{}", clean(worker_id), clean(instance))
+    format!("wharf-{}-{}-{launch}", clean(worker_id), clean(instance))
 }
 
 /// Starts the worker container described by `spec` and routes its channel; the caller
@@ -525,14 +525,17 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("WHARF_MAX_FRAME={}", spec.max_frame));
     env.push(format!("WHARF_WORKER_ID={}", spec.worker_id));
+    // This launch's number in the runtime: container names and socket directories are unique
+    // per launch, even for a worker name used again before its old container is removed.
+    static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let launch = LAUNCHES.fetch_add(1, Ordering::Relaxed);
     let mut binds: Vec<String> = spec.mounts.iter().map(Mount::bind).collect();
     let mut socket = None;
     match spec.transport {
         Transport::Attach => env.push("WHARF_CHANNEL=stdio".into()),
         Transport::Socket => {
             // A short, unique directory per launch: socket paths must stay under 108 bytes.
-            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let dir = socket_root().join(NEXT.fetch_add(1, Ordering::Relaxed).to_string());
+            let dir = socket_root().join(launch.to_string());
             let listener = listen(&dir).map_err(|e| {
                 failed(
                     spec,
@@ -594,7 +597,7 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
         host_config: Some(host_config),
         ..Default::default()
     };
-    let name = container_name(&spec.worker_id, instance);
+    let name = container_name(&spec.worker_id, instance, launch);
     let options = CreateContainerOptions {
         name: Some(name),
         ..Default::default()

@@ -368,8 +368,10 @@ impl Router {
     /// Closes our end of the channel (the worker's EOF), after flushing what is buffered.
     pub(crate) async fn close_channel(&self) {
         if let Some(mut writer) = self.writer.lock().await.take() {
-            let _ = writer.flush().await;
-            // Dropping the writer closes our end.
+            // Flush, then shut the write side down: a half-close is what carries EOF over a
+            // socket or Docker's attach stream (dropping alone may not); dropping the writer
+            // then closes a pipe.
+            let _ = writer.close().await;
         }
     }
 
