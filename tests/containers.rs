@@ -384,3 +384,87 @@ async fn containerised_workers_pass_the_conformance_checks() {
         assert!(matches!(failed[0].1, wharf::check::Outcome::Skip(_)));
     }
 }
+
+/// A runtime SIGKILLed with container workers: their channels close, so the containers stop by
+/// themselves within seconds; the next start of a pool of the same name sweeps what is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_of_a_sigkilled_runtime_stop_and_are_swept_at_the_next_start() {
+    let Some((engine, spec)) = setup("ct-orphans", Transport::Socket).await else {
+        return;
+    };
+    // Built next to this test by `cargo test`.
+    let exe = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|p| p.parent())
+        .unwrap()
+        .join("examples")
+        .join("hold_pool");
+    let mut holder = std::process::Command::new(&exe)
+        .args(["2", "--container", "ct-orphans"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("hold_pool runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.contains("workers"), "hold_pool said {line:?}");
+    assert_eq!(containers_of(&engine, "ct-orphans").await, 2);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    holder.wait().unwrap();
+
+    // The workers see EOF on their socket and exit: no container of the pool keeps running.
+    let running = || async {
+        let filters =
+            HashMap::from([("label".to_owned(), vec!["wharf.pool=ct-orphans".to_owned()])]);
+        engine
+            .docker()
+            .list_containers(Some(ListContainersOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .len()
+    };
+    let started = std::time::Instant::now();
+    while running().await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the dead runtime's containers still run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "containers stopped {:?} after the runtime's SIGKILL",
+        started.elapsed()
+    );
+    assert_eq!(
+        containers_of(&engine, "ct-orphans").await,
+        2,
+        "stopped, not yet removed"
+    );
+
+    // The next pool of that name sweeps them at its start, before it creates its own.
+    let pool = Pool::builder(spec)
+        .name("ct-orphans")
+        .size(1)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    assert_eq!(
+        containers_of(&engine, "ct-orphans").await,
+        1,
+        "only the new pool's container"
+    );
+    pool.shutdown().await;
+    assert_eq!(containers_of(&engine, "ct-orphans").await, 0);
+}
