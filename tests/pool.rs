@@ -720,3 +720,44 @@ async fn idle_workers_are_retired_after_max_lifetime() {
     assert_eq!(pool.stats().restarts, 0, "retirement is not a restart");
     pool.shutdown().await;
 }
+
+/// Backpressure: with `max_waiting`, callers beyond the bound fail at once with `Overloaded`
+/// (carrying the pool's state) while the waiting ones are served; `try_call` never waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_waiting_sheds_load_and_try_call_never_waits() {
+    let pool = ready(builder(1).max_waiting(2), 1).await;
+    let busy = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.call("sleep", &600).await })
+    };
+    assert!(eventually(SETTLE, || pool.state().busy == 1).await);
+    let t = Instant::now();
+    match pool.try_call("echo", &0).await {
+        Err(Error::Overloaded { state, .. }) => assert_eq!(state.busy, 1),
+        other => panic!("try_call on a busy pool: {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "try_call waited");
+    let waiters: Vec<_> = (1..=2)
+        .map(|i| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call("echo", &i).await })
+        })
+        .collect();
+    assert!(eventually(SETTLE, || pool.state().waiting == 2).await);
+    let t = Instant::now();
+    match pool.call("echo", &3).await {
+        Err(Error::Overloaded { state, .. }) => assert_eq!(state.waiting, 2),
+        other => panic!("a third waiter over max_waiting 2: {other:?}"),
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the shed caller waited"
+    );
+    busy.await.unwrap().unwrap();
+    for (i, w) in waiters.into_iter().enumerate() {
+        assert_eq!(w.await.unwrap().unwrap(), Value::from(i as u64 + 1));
+    }
+    assert_eq!(pool.try_call("echo", &4).await.unwrap(), Value::from(4));
+    assert_eq!(pool.stats().errors.get("overloaded"), Some(&2));
+    pool.shutdown().await;
+}

@@ -60,6 +60,9 @@ pub struct PoolConfig {
     pub call_timeout: Duration,
     /// Longest a caller waits for a free worker.
     pub checkout_timeout: Duration,
+    /// Most callers waiting for a worker at once; one more fails at once with
+    /// [`Error::Overloaded`]. `None` (default): no bound.
+    pub max_waiting: Option<usize>,
     /// Restart strategy, restart type, intensity and backoff.
     pub restart: RestartPolicy,
     /// Health pings of idle workers.
@@ -103,6 +106,7 @@ impl PoolBuilder {
                 startup_concurrency: 4,
                 call_timeout: Duration::from_secs(30),
                 checkout_timeout: Duration::from_secs(10),
+                max_waiting: None,
                 restart: RestartPolicy::default(),
                 health: HealthCheck::default(),
                 max_calls: None,
@@ -161,6 +165,12 @@ impl PoolBuilder {
     /// How long a caller waits for a worker (default 10 s).
     pub fn checkout_timeout(mut self, d: Duration) -> Self {
         self.config.checkout_timeout = d;
+        self
+    }
+    /// Bounds the callers waiting for a worker: one more fails at once with
+    /// [`Error::Overloaded`] instead of queueing (default: no bound). 0 means never wait.
+    pub fn max_waiting(mut self, n: usize) -> Self {
+        self.config.max_waiting = Some(n);
         self
     }
     /// Restart strategy (default one_for_one).

@@ -45,6 +45,16 @@ pub enum Error {
         /// The pool at that moment.
         state: PoolState,
     },
+    /// No worker is free and the caller may not wait: the line of waiting callers is full
+    /// (`max_waiting`), or the caller asked not to wait (`try_call`, `try_checkout`). Shed the
+    /// load (answer "busy", retry later) or raise the pool's size or `max_waiting`.
+    #[error("pool {pool} is overloaded ({state})")]
+    Overloaded {
+        /// The pool's name.
+        pool: String,
+        /// The pool at that moment.
+        state: PoolState,
+    },
     /// The worker died while serving this call; the pool replaces it. Retrying is safe only
     /// for idempotent calls.
     #[error("worker {worker} died during the call: {cause}")]
@@ -155,6 +165,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::CheckoutTimeout { .. } => "checkout_timeout",
+            Error::Overloaded { .. } => "overloaded",
             Error::WorkerDied { .. } => "worker_died",
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::SessionLost { .. } => "session_lost",

@@ -166,7 +166,8 @@ impl Inner {
     }
 
     /// Takes a ready worker, waiting up to `timeout`.
-    pub async fn checkout(self: &Arc<Self>, timeout: Duration) -> Result<Lease> {
+    /// `timeout` of `None`: do not wait at all ([`Pool::try_checkout`]).
+    pub async fn checkout(self: &Arc<Self>, timeout: Option<Duration>) -> Result<Lease> {
         // The clock is read only if the caller has to wait: the fast path is a few atomics and
         // one short lock.
         let mut started: Option<Instant> = None;
@@ -178,8 +179,24 @@ impl Inner {
                 Ok(permit) => permit,
                 Err(TryAcquireError::Closed) => continue,
                 Err(TryAcquireError::NoPermits) => {
+                    let overloaded = || {
+                        let e = Error::Overloaded {
+                            pool: self.config.name.clone(),
+                            state: self.state(),
+                        };
+                        self.record_error(&e);
+                        e
+                    };
+                    let Some(timeout) = timeout else {
+                        self.demand();
+                        return Err(overloaded());
+                    };
                     let since = *started.get_or_insert_with(Instant::now);
-                    let _waiting = WaitGuard::new(&self.waiting);
+                    // Shed load rather than queue callers who would all time out together.
+                    let Some(_waiting) = WaitGuard::enter(&self.waiting, self.config.max_waiting)
+                    else {
+                        return Err(overloaded());
+                    };
                     self.demand();
                     // A timeout too large to add to the clock means no limit.
                     let deadline = since
@@ -352,9 +369,14 @@ impl Drop for ActiveCall {
 struct WaitGuard<'a>(&'a AtomicUsize);
 
 impl<'a> WaitGuard<'a> {
-    fn new(n: &'a AtomicUsize) -> Self {
-        n.fetch_add(1, Ordering::Relaxed);
-        Self(n)
+    /// Joins the waiting callers, unless `max` of them wait already.
+    fn enter(n: &'a AtomicUsize, max: Option<usize>) -> Option<Self> {
+        let max = max.unwrap_or(usize::MAX);
+        n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            (w < max).then_some(w + 1)
+        })
+        .ok()?;
+        Some(Self(n))
     }
 }
 
@@ -640,8 +662,21 @@ impl Pool {
     /// Checks out a worker for several calls; it returns to the pool when the lease drops.
     pub async fn checkout(&self) -> Result<Lease> {
         self.inner
-            .checkout(self.inner.config.checkout_timeout)
+            .checkout(Some(self.inner.config.checkout_timeout))
             .await
+    }
+
+    /// Checks out a worker only if one is free now; [`Error::Overloaded`] at once otherwise
+    /// (a lazy or overflow pool is asked to grow, for the next caller).
+    pub async fn try_checkout(&self) -> Result<Lease> {
+        self.inner.checkout(None).await
+    }
+
+    /// Calls `method` only if a worker is free now; [`Error::Overloaded`] at once otherwise.
+    pub async fn try_call<B: Serialize + ?Sized>(&self, method: &str, body: &B) -> Result<Value> {
+        let body = to_value(body)?;
+        let mut lease = self.try_checkout().await?;
+        lease.call_value(method, body, None).await
     }
 
     /// Calls `method` on any free worker with a body that serialises to MessagePack.

@@ -79,7 +79,7 @@ impl Session {
             id: &id,
             armed: true,
         };
-        let mut lease = pool.checkout(pool.config.checkout_timeout).await?;
+        let mut lease = pool.checkout(Some(pool.config.checkout_timeout)).await?;
         claim.armed = false;
         drop(claim);
         lease.set_session(id.clone());
