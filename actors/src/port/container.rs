@@ -18,8 +18,8 @@
 //!   chunks that do not line up with frames; stdout is reassembled into one byte stream.
 //!
 //! Defaults are secure and lean, each overridable: no network, read-only root filesystem with a
-//! tmpfs `/tmp`, all capabilities dropped, no-new-privileges, `init` (tini) as PID 1, no log
-//! driver (the runtime forwards stdout and stderr into `tracing`).
+//! tmpfs `/tmp`, all capabilities dropped, no-new-privileges, `init` (tini) as PID 1, user
+//! nobody (65534:65534), no log driver (the runtime forwards stdout and stderr into `tracing`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -109,7 +109,8 @@ pub struct ContainerSpec {
     pub no_new_privileges: bool,
     /// Run tini as PID 1, so signals reach the worker and zombies are reaped (default true).
     pub init: bool,
-    /// The user (`uid:gid` or a name); the image's if `None`.
+    /// The user (`uid:gid` or a name); default `65534:65534` (nobody), never root unless asked;
+    /// the image's own user if `None`.
     pub user: Option<String>,
     /// The working directory; the image's if `None`.
     pub workdir: Option<String>,
@@ -154,7 +155,7 @@ impl ContainerSpec {
             drop_capabilities: true,
             no_new_privileges: true,
             init: true,
-            user: None,
+            user: Some("65534:65534".into()),
             workdir: None,
             memory: None,
             cpus: None,
