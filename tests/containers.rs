@@ -468,3 +468,55 @@ async fn containers_of_a_sigkilled_runtime_stop_and_are_swept_at_the_next_start(
     pool.shutdown().await;
     assert_eq!(containers_of(&engine, "ct-orphans").await, 0);
 }
+
+/// The socket directories' root is private to the runtime's user (no other local user may
+/// connect to a worker's socket first), and a launch given up at any point leaves no container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_are_private_and_an_abandoned_launch_leaves_no_container() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some((engine, spec)) = setup("ct-private", Transport::Socket).await else {
+        return;
+    };
+    let pool = Pool::builder(spec.clone())
+        .name("ct-private")
+        .size(1)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(1, READY).await.unwrap();
+    let root = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy() == format!("wharf-{}", wharf_actors::port::container::owner())
+            })
+        })
+        .expect("the socket root exists");
+    let mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{} is mode {mode:o}", root.display());
+    pool.shutdown().await;
+
+    for after_ms in [1, 5, 20, 80, 300] {
+        let mut spec = spec.clone();
+        spec.pool = "ct-abandoned".into();
+        spec.instance = format!("ct-abandoned-{after_ms}");
+        let spec: wharf::WorkerSpec = spec.into();
+        let start = wharf_actors::port::Port::start(&spec);
+        let _ = tokio::time::timeout(Duration::from_millis(after_ms), start).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let listed = std::process::Command::new("docker")
+                .args(["ps", "-aq", "--filter", "label=wharf.pool=ct-abandoned"])
+                .output()
+                .map(|o| o.stdout.is_empty())
+                .unwrap_or(false);
+            listed
+        })
+        .await,
+        "an abandoned launch left a container"
+    );
+    drop(engine);
+}

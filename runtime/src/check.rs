@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use wharf_actors::port::container;
 use wharf_actors::port::{Channel, Port, PortError, ProcessSpec, StreamEvent, WorkerSpec};
 use wharf_protocol::frame::{check_len, decode, encode};
 use wharf_protocol::message::kinds;
@@ -229,7 +230,32 @@ where
 {
     let mut spec = spec.into();
     spec.set_init_timeout(opts.init_timeout);
+    // Containers of this run carry an instance of their own, so that every one of them can be
+    // removed at the end, whichever check left it (a removal in flight is otherwise lost when
+    // the program exits right after).
+    let instance = container::new_instance();
+    spec.set_pool("wharf-check", &instance);
     let spec = spec.worker_id("check");
+    let engine = match &spec {
+        WorkerSpec::Container(c) => c.engine_or_local().await.ok(),
+        _ => None,
+    };
+    let report = run_all(spec, opts, on_result).await;
+    if let Some(engine) = engine {
+        let mine = container::Sweep::Instance {
+            instance: &instance,
+        };
+        if let Err(e) = container::sweep(&engine, mine).await {
+            tracing::warn!(error = %e, "cannot remove the check's containers");
+        }
+    }
+    report
+}
+
+async fn run_all<F>(spec: WorkerSpec, opts: CheckOptions, on_result: F) -> CheckReport
+where
+    F: FnMut(&CheckResult) + Send,
+{
     let mut run = Runner {
         spec,
         opts,

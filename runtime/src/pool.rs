@@ -542,11 +542,8 @@ impl Pool {
                 Err(e) => Err(e),
             };
             if let Err(e) = swept {
-                return Err(Error::PoolFailed {
-                    pool: config.name.clone(),
-                    reason: format!("the pool's engine cannot be used: {e}"),
-                    last_errors: Vec::new(),
-                });
+                // Not fatal: the pool can still run; its launches report what the engine says.
+                tracing::warn!(pool = %config.name, error = %e, "cannot sweep leftover containers");
             }
         }
         let inner = Arc::new(Inner {

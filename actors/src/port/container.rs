@@ -349,14 +349,22 @@ pub enum Sweep<'a> {
 /// longer lists them. Returns how many there were.
 pub async fn sweep(engine: &Engine, what: Sweep<'_>) -> Result<usize, EngineError> {
     let (label, value) = match what {
-        Sweep::Leftovers { pool } => (labels::POOL, pool),
+        Sweep::Leftovers { pool } => {
+            sweep_socket_dirs();
+            (labels::POOL, pool)
+        }
         Sweep::Instance { instance } => (labels::INSTANCE, instance),
     };
     let mut found = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let ids: Vec<String> = list_labelled(engine, label, value)
-            .await?
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let listed = tokio::time::timeout(left, list_labelled(engine, label, value)).await;
+        let ids: Vec<String> = listed
+            .map_err(|_| EngineError::Timeout {
+                engine: engine.name().to_owned(),
+                after: Duration::from_secs(10),
+            })??
             .into_iter()
             .filter(|(_, labels)| match what {
                 Sweep::Instance { .. } => true,
@@ -383,10 +391,9 @@ pub async fn sweep(engine: &Engine, what: Sweep<'_>) -> Result<usize, EngineErro
         }
         for id in &ids {
             // Already being removed (by the worker's own release) is fine: we wait below.
-            let _ = engine
-                .docker()
-                .remove_container(id, Some(force_remove()))
-                .await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let removal = engine.docker().remove_container(id, Some(force_remove()));
+            let _ = tokio::time::timeout(left, removal).await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -494,8 +501,46 @@ fn force_remove() -> RemoveContainerOptions {
 }
 
 /// The root of the per-worker socket directories.
+///
+/// Mode 0700: no other user of this machine may reach a worker's socket (the engine mounts the
+/// per-launch directory as root; the container never passes through this one). Under the
+/// temp dir, unless that path is too long for a socket address (108 bytes); `/tmp` then.
 fn socket_root() -> PathBuf {
-    std::env::temp_dir().join(format!("wharf-{}", owner()))
+    let name = format!("wharf-{}", owner());
+    let tmp = std::env::temp_dir();
+    // Room for "/<launch>/s" under the root.
+    if tmp.as_os_str().len() + name.len() + 24 < 100 {
+        tmp.join(name)
+    } else {
+        PathBuf::from("/tmp").join(name)
+    }
+}
+
+/// The roots under which runtimes make socket directories.
+fn socket_bases() -> Vec<PathBuf> {
+    let mut bases = vec![std::env::temp_dir()];
+    if !bases.contains(&PathBuf::from("/tmp")) {
+        bases.push(PathBuf::from("/tmp"));
+    }
+    bases
+}
+
+/// Removes the socket directories of runtimes of this machine that are gone.
+fn sweep_socket_dirs() {
+    for base in socket_bases() {
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(owner) = name.strip_prefix("wharf-") else {
+                continue;
+            };
+            if entry.path().is_dir() && owner_gone(owner, host_id()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// A container name: `wharf-<worker>-<instance>-<launch>`, in Docker's alphabet.
@@ -599,20 +644,23 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
         ..Default::default()
     };
     let name = container_name(&spec.worker_id, instance, launch);
+    // From here until the launch succeeds, however it ends (an error, a timeout, the caller
+    // giving up at any await), the container (by name) and the socket directory are removed.
+    let mut guard = LaunchGuard {
+        engine: engine.clone(),
+        name: Some(name.clone()),
+        dir: socket.as_ref().map(|(dir, _)| dir.clone()),
+    };
     let options = CreateContainerOptions {
         name: Some(name),
         ..Default::default()
     };
-    let created = docker.create_container(Some(options), config).await;
-    let created = match created {
-        Ok(created) => created,
-        Err(e) => {
-            if let Some((dir, _)) = &socket {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            return Err(failed(spec, format!("create: {e}")));
-        }
-    };
+    let created = within(
+        spec.init_timeout,
+        docker.create_container(Some(options), config),
+    )
+    .await
+    .map_err(|e| failed(spec, format!("create: {e}")))?;
     // From here on, a failure removes the container (and the socket directory).
     let host = Arc::new(ContainerHost {
         engine: engine.clone(),
@@ -622,21 +670,57 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
         socket_dir: socket.as_ref().map(|(dir, _)| dir.clone()),
         released: AtomicBool::new(false),
     });
-    // Released however the launch ends short of a router: an error, or the caller giving up.
-    let mut guard = ReleaseOnDrop(Some(host.clone()));
     let router = start(spec, &host, socket.map(|(_, listener)| listener)).await?;
-    guard.0 = None;
+    guard.name = None;
+    guard.dir = None;
     Ok(router)
 }
 
-/// Releases a container whose launch did not finish.
-struct ReleaseOnDrop(Option<Arc<ContainerHost>>);
+/// Undoes a launch that did not finish: removes its container (by name, so even one whose
+/// create was under way) and its socket directory.
+struct LaunchGuard {
+    engine: Engine,
+    name: Option<String>,
+    dir: Option<PathBuf>,
+}
 
-impl Drop for ReleaseOnDrop {
+impl Drop for LaunchGuard {
     fn drop(&mut self) {
-        if let Some(host) = self.0.take() {
-            host.release();
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
         }
+        let Some(name) = self.name.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let docker = self.engine.docker().clone();
+        rt.spawn(async move {
+            // A create still under way may land after a first try: try again, briefly.
+            for _ in 0..20 {
+                match docker.remove_container(&name, Some(force_remove())).await {
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404,
+                        ..
+                    }) => tokio::time::sleep(Duration::from_millis(250)).await,
+                    _ => return,
+                }
+            }
+        });
+    }
+}
+
+/// Runs an engine request under `limit`: an engine that stops answering must not hang a
+/// launch or a shutdown.
+async fn within<T>(
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, request).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("the engine did not answer within {limit:?}")),
     }
 }
 
@@ -658,10 +742,12 @@ async fn start(
         detach_keys: None,
     };
     // Before the start: output written before an attach is lost.
-    let attached = docker
-        .attach_container(id, Some(options))
-        .await
-        .map_err(|e| failed(spec, format!("attach: {e}")))?;
+    let attached = within(
+        spec.init_timeout,
+        docker.attach_container(id, Some(options)),
+    )
+    .await
+    .map_err(|e| failed(spec, format!("attach: {e}")))?;
     let stderr_tail = Tail::default();
     // Demultiplex the attach stream: stdout is the channel (attach) or a log (socket); stderr
     // is a log. Each goes through an in-memory pipe, so a slow reader pushes back.
@@ -675,13 +761,17 @@ async fn start(
         Some(stderr_tail.clone()),
     ));
 
-    docker
-        .start_container(id, None::<StartContainerOptions>)
-        .await
-        .map_err(|e| failed(spec, format!("start: {e}")))?;
-    let inspected = docker
-        .inspect_container(id, None::<InspectContainerOptions>)
-        .await;
+    within(
+        spec.init_timeout,
+        docker.start_container(id, None::<StartContainerOptions>),
+    )
+    .await
+    .map_err(|e| failed(spec, format!("start: {e}")))?;
+    let inspected = within(
+        spec.init_timeout,
+        docker.inspect_container(id, None::<InspectContainerOptions>),
+    )
+    .await;
     if let Some(pid) = inspected
         .ok()
         .and_then(|c| c.state)
@@ -802,18 +892,23 @@ where
     S: futures::Stream<Item = Result<LogOutput, bollard::errors::Error>> + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut stdout_open = true;
     while let Some(item) = output.next().await {
-        let written = match item {
+        match item {
             Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                stdout.write_all(&message).await
+                // Once the channel's reader is gone (the port closed), stdout is dropped and
+                // stderr still flows: a dying worker's last lines (its traceback) matter most.
+                if stdout_open && stdout.write_all(&message).await.is_err() {
+                    stdout_open = false;
+                }
             }
-            Ok(LogOutput::StdErr { message }) => stderr.write_all(&message).await,
-            Ok(LogOutput::StdIn { .. }) => Ok(()),
+            Ok(LogOutput::StdErr { message }) => {
+                if stderr.write_all(&message).await.is_err() {
+                    break;
+                }
+            }
+            Ok(LogOutput::StdIn { .. }) => {}
             Err(_) => break,
-        };
-        if written.is_err() {
-            // The reader is gone (the port closed): keep draining stderr's side only.
-            break;
         }
     }
     let _ = stdout.shutdown().await;
@@ -824,6 +919,10 @@ where
 /// (a worker running as another user than the runtime must be able to).
 fn listen(dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
+    if let Some(root) = dir.parent() {
+        std::fs::create_dir_all(root)?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+    }
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;

@@ -228,6 +228,9 @@ impl Drop for Port {
 impl Port {
     /// Starts the worker and performs the init handshake; returns once the worker is ready.
     pub async fn start(spec: &WorkerSpec) -> Result<Port, PortError> {
+        // One budget from the start request to the init pong (a container's connection and
+        // its handshake share it).
+        let began = std::time::Instant::now();
         let router = match spec {
             WorkerSpec::Process(spec) => process::launch(spec).await?,
             WorkerSpec::Container(spec) => container::launch(spec).await?,
@@ -242,7 +245,8 @@ impl Port {
                 methods: Vec::new(),
             },
         };
-        port.info = port.handshake(spec.init_timeout()).await?;
+        let left = spec.init_timeout().saturating_sub(began.elapsed());
+        port.info = port.handshake(left).await?;
         tracing::debug!(worker = %port.router.worker_id, pid = port.pid, "worker ready");
         Ok(port)
     }
