@@ -6,6 +6,7 @@
 //! ratio is a ratio of medians over those rounds: absolute times on a shared machine swing by
 //! 2x between runs, ratios measured side by side do not.
 
+mod containers;
 mod floor;
 mod scenarios;
 mod single_actor;
@@ -29,7 +30,8 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these scenarios (roundtrip, throughput, checkout, warm_vs_cold, recovery,
-    /// payload); all by default.
+    /// payload, containers); all by default. `containers` needs a Docker engine and is
+    /// skipped, with a message, when none answers.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -214,6 +216,10 @@ async fn main() -> anyhow::Result<()> {
     if wanted("payload") {
         eprintln!("== payload");
         record("payload", scenarios::payload(&env, scale).await?);
+    }
+    if wanted("containers") {
+        eprintln!("== containers");
+        record("containers", containers::containers(&env, scale).await?);
     }
 
     println!("{:<58} result (median of interleaved rounds)", "measure");

@@ -1,4 +1,4 @@
-//! The six scenarios. Each returns (figures as JSON, ratios, table rows).
+//! Six of the scenarios (the seventh, containers, is in `containers.rs`). Each returns (figures as JSON, ratios, table rows).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use crate::floor::{AsyncRawWorker, RawWorker};
 use crate::single_actor::{DispatchMsg, Dispatcher};
 use crate::{median, percentile, Env, Scale};
 
-type Outcome = anyhow::Result<(Json, Vec<(String, f64)>, Vec<(String, String)>)>;
+pub(crate) type Outcome = anyhow::Result<(Json, Vec<(String, f64)>, Vec<(String, String)>)>;
 
 async fn pool(env: &Env, size: usize) -> anyhow::Result<Pool> {
     let pool = Pool::builder(env.demo_spec())
@@ -25,13 +25,17 @@ async fn pool(env: &Env, size: usize) -> anyhow::Result<Pool> {
     Ok(pool)
 }
 
-fn body(size: usize) -> Value {
+pub(crate) fn body(size: usize) -> Value {
     Value::from("x".repeat(size))
 }
 
 /// Per-call latencies (µs) of `n` sequential wharf calls, made from a runtime task (as an
 /// application's request handlers would), not from the main thread's `block_on`.
-async fn wharf_latencies(pool: &Pool, n: usize, body: &Value) -> anyhow::Result<Vec<f64>> {
+pub(crate) async fn wharf_latencies(
+    pool: &Pool,
+    n: usize,
+    body: &Value,
+) -> anyhow::Result<Vec<f64>> {
     let (pool, body) = (pool.clone(), body.clone());
     tokio::spawn(async move {
         let mut v = Vec::with_capacity(n);
@@ -103,7 +107,7 @@ async fn python_pool(env: &Env, args: &[String]) -> anyhow::Result<Json> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
-fn us(v: f64) -> String {
+pub(crate) fn us(v: f64) -> String {
     format!("{v:.1} µs")
 }
 
