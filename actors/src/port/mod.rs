@@ -246,7 +246,17 @@ impl Port {
             },
         };
         let left = spec.init_timeout().saturating_sub(began.elapsed());
-        port.info = port.handshake(left).await?;
+        port.info = match port.handshake(left).await {
+            Ok(info) => info,
+            // Reported as the whole budget it was: the init timeout.
+            Err(PortError::InitTimeout { info, .. }) => {
+                return Err(PortError::InitTimeout {
+                    after: spec.init_timeout(),
+                    info,
+                })
+            }
+            Err(e) => return Err(e),
+        };
         tracing::debug!(worker = %port.router.worker_id, pid = port.pid, "worker ready");
         Ok(port)
     }
