@@ -153,24 +153,11 @@ async fn main() -> anyhow::Result<()> {
     pool.shutdown().await;
     let containers_left = containers(&engine, "wharf.pool", POOL, true).await?.len();
 
-    let summary = serde_json::json!({
-        "calls": args.calls,
-        "ok": tally.ok,
-        "failed": tally.failed(),
-        "hung": tally.hung,
-        "errors": tally.errors,
-        "kills": tally.kills,
-        "restarts": stats.restarts,
-        "workers": args.workers,
-        "concurrency": args.concurrency,
-        "transport": format!("{:?}", args.transport).to_lowercase(),
-        "recovered": recovered,
-        "containers_left": containers_left,
-        "p50_us": tally.percentile(0.50),
-        "p99_us": tally.percentile(0.99),
-        "throughput_per_s": tally.throughput(),
-        "duration_s": (tally.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
-    });
+    let mut summary = tally.summary(&plan, args.workers, stats.restarts, recovered);
+    let transport = format!("{:?}", args.transport).to_lowercase();
+    summary.insert("transport".into(), transport.into());
+    summary.insert("containers_left".into(), containers_left.into());
+    let summary = summary.into();
     load::report(&summary, args.json);
     if tally.hung > 0 {
         bail!("{} calls hung", tally.hung);

@@ -112,22 +112,9 @@ async fn main() -> anyhow::Result<()> {
     let stats = pool.stats();
     pool.shutdown().await;
 
-    let summary = serde_json::json!({
-        "calls": args.calls,
-        "ok": tally.ok,
-        "failed": tally.failed(),
-        "hung": tally.hung,
-        "errors": tally.errors,
-        "kills": tally.kills,
-        "restarts": stats.restarts,
-        "workers": args.workers,
-        "concurrency": args.concurrency,
-        "recovered": recovered,
-        "p50_us": tally.percentile(0.50),
-        "p99_us": tally.percentile(0.99),
-        "throughput_per_s": tally.throughput(),
-        "duration_s": (tally.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
-    });
+    let summary = tally
+        .summary(&plan, args.workers, stats.restarts, recovered)
+        .into();
     load::report(&summary, args.json);
     if tally.hung > 0 {
         bail!("{} calls hung", tally.hung);

@@ -31,18 +31,23 @@ async fn setup(test: &str, transport: Transport) -> Option<(Engine, ContainerSpe
     Some((engine, spec))
 }
 
-async fn containers_of(engine: &Engine, pool: &str) -> usize {
+/// The containers of pool `pool`: running ones, or all (`all`).
+async fn list(engine: &Engine, pool: &str, all: bool) -> Vec<bollard::models::ContainerSummary> {
     let filters = HashMap::from([("label".to_owned(), vec![format!("wharf.pool={pool}")])]);
     engine
         .docker()
         .list_containers(Some(ListContainersOptions {
-            all: true,
+            all,
             filters: Some(filters),
             ..Default::default()
         }))
         .await
         .unwrap()
-        .len()
+}
+
+/// How many containers pool `pool` has, running or not.
+async fn containers_of(engine: &Engine, pool: &str) -> usize {
+    list(engine, pool, true).await.len()
 }
 
 async fn serves(transport: Transport, pool_name: &str) {
@@ -98,16 +103,7 @@ async fn a_pool_of_containers_serves_over_a_socket() {
 
 /// The container a pool's worker runs in.
 async fn inspect_worker(engine: &Engine, pool: &str) -> bollard::models::ContainerInspectResponse {
-    let filters = HashMap::from([("label".to_owned(), vec![format!("wharf.pool={pool}")])]);
-    let list = engine
-        .docker()
-        .list_containers(Some(ListContainersOptions {
-            filters: Some(filters),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
-    let id = list[0].id.clone().unwrap();
+    let id = list(engine, pool, false).await[0].id.clone().unwrap();
     engine
         .docker()
         .inspect_container(
@@ -221,15 +217,7 @@ async fn docker_kill_under_load_fails_only_the_killed_calls_and_the_pool_recover
     let mut kills = 0;
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let filters = HashMap::from([("label".to_owned(), vec!["wharf.pool=ct-chaos".to_owned()])]);
-        let running = engine
-            .docker()
-            .list_containers(Some(ListContainersOptions {
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
+        let running = list(&engine, "ct-chaos", false).await;
         if let Some(victim) = running.first().and_then(|c| c.id.clone()) {
             let killed = engine
                 .docker()
@@ -421,21 +409,8 @@ async fn containers_of_a_sigkilled_runtime_stop_and_are_swept_at_the_next_start(
     holder.wait().unwrap();
 
     // The workers see EOF on their socket and exit: no container of the pool keeps running.
-    let running = || async {
-        let filters =
-            HashMap::from([("label".to_owned(), vec!["wharf.pool=ct-orphans".to_owned()])]);
-        engine
-            .docker()
-            .list_containers(Some(ListContainersOptions {
-                filters: Some(filters),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .len()
-    };
     let started = std::time::Instant::now();
-    while running().await > 0 {
+    while !list(&engine, "ct-orphans", false).await.is_empty() {
         assert!(
             started.elapsed() < Duration::from_secs(15),
             "the dead runtime's containers still run"

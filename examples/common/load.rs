@@ -243,6 +243,39 @@ pub fn say(json: bool, line: &str) {
     }
 }
 
+impl Tally {
+    /// The run's summary: every call accounted for, latencies, throughput, and how the pool
+    /// came through (`restarts`, `recovered`). Callers add their own fields.
+    pub fn summary(
+        &self,
+        load: &Load,
+        workers: usize,
+        restarts: u64,
+        recovered: bool,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        let summary = serde_json::json!({
+            "calls": load.calls,
+            "ok": self.ok,
+            "failed": self.failed(),
+            "hung": self.hung,
+            "errors": self.errors,
+            "kills": self.kills,
+            "restarts": restarts,
+            "workers": workers,
+            "concurrency": load.concurrency,
+            "recovered": recovered,
+            "p50_us": self.percentile(0.50),
+            "p99_us": self.percentile(0.99),
+            "throughput_per_s": self.throughput(),
+            "duration_s": (self.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,
+        });
+        match summary {
+            serde_json::Value::Object(map) => map,
+            _ => unreachable!("a JSON object literal"),
+        }
+    }
+}
+
 /// Prints the summary: one JSON object on the last line, or a short table.
 pub fn report(summary: &serde_json::Value, json: bool) {
     if json {

@@ -360,8 +360,9 @@ impl ActiveCall {
 
 impl Drop for ActiveCall {
     fn drop(&mut self) {
+        // No wake-up here: this is every call's path, and a shutdown waiting for calls to end
+        // polls the count.
         self.0.counters.active.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
     }
 }
 

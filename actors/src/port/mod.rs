@@ -146,6 +146,23 @@ pub enum StreamEvent {
     End(Result<Value, PortError>),
 }
 
+/// The `call` message.
+fn call_msg(
+    id: u64,
+    method: &str,
+    body: Value,
+    session: Option<String>,
+    deadline_ms: Option<u64>,
+) -> ToWorker {
+    ToWorker::Call {
+        id,
+        method: method.to_owned(),
+        body,
+        session,
+        deadline_ms,
+    }
+}
+
 /// The events of one streamed call ([`Port::call_stream`]): its chunks, in order, then its end.
 /// Dropped before the end, it sends the worker the protocol's `cancel` at once; the rest of
 /// the stream is read and discarded.
@@ -346,13 +363,7 @@ impl Port {
         deadline_ms: Option<u64>,
     ) -> Result<Value, PortError> {
         let (tx, rx) = oneshot::channel();
-        let msg = ToWorker::Call {
-            id,
-            method: method.to_owned(),
-            body,
-            session,
-            deadline_ms,
-        };
+        let msg = call_msg(id, method, body, session, deadline_ms);
         let request = Request::start(&self.router, id, Slot::Unary(tx), &msg).await?;
         let reply = rx.await.unwrap_or(Err(PortError::Closed));
         request.finish();
@@ -374,13 +385,7 @@ impl Port {
         deadline_ms: Option<u64>,
     ) -> Result<StreamReceiver, PortError> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let msg = ToWorker::Call {
-            id,
-            method: method.to_owned(),
-            body,
-            session,
-            deadline_ms,
-        };
+        let msg = call_msg(id, method, body, session, deadline_ms);
         let slot = Slot::Stream {
             tx,
             cancelled: false,
