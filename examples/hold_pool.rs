@@ -46,11 +46,11 @@ async fn main() -> anyhow::Result<()> {
         .env("PYTHONPATH", local.into_os_string());
     let pool = Pool::builder(spec).size(workers).build().await?;
     pool.wait_ready(workers, Duration::from_secs(30)).await?;
-    let grandchild = pool.call("spawn_grandchild", &()).await?;
+    let grandchild: u64 = pool.call("spawn_grandchild", &()).await?;
     let line = serde_json::json!({
         "runtime": std::process::id(),
         "workers": pool.worker_pids(),
-        "grandchild": grandchild.as_u64(),
+        "grandchild": grandchild,
     });
     println!("{line}");
     std::future::pending::<()>().await;

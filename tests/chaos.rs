@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use rand::RngExt;
-use wharf::{Backoff, Error, HealthCheck, Pool, Value};
+use wharf::{Backoff, CallOptions, Error, HealthCheck, Pool, Value};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -53,7 +53,7 @@ enum Killer {
 enum Calls {
     /// Checkout, then call: failures are attributed to the leased worker's pid.
     Leased,
-    /// `call_idempotent`, with retries on worker death.
+    /// Idempotent calls, with retries on worker death.
     Idempotent,
 }
 
@@ -223,7 +223,13 @@ async fn one_call(pool: &Pool, calls: Calls, body: Value) -> (u32, Result<(), St
         }
     };
     match calls {
-        Calls::Idempotent => (0, check(pool.call_idempotent("echo", &body).await)),
+        Calls::Idempotent => (
+            0,
+            check(
+                pool.call_with("echo", &body, CallOptions::new().idempotent())
+                    .await,
+            ),
+        ),
         Calls::Leased => match pool.checkout().await {
             Err(e) => (0, Err(format!("{}: {e}", e.kind()))),
             Ok(mut lease) => {
@@ -231,9 +237,11 @@ async fn one_call(pool: &Pool, calls: Calls, body: Value) -> (u32, Result<(), St
                 // Every fourth call sleeps 5 ms, so that kills land mid-call too.
                 let r = if matches!(body.as_array().and_then(|a| a[1].as_u64()), Some(n) if n % 4 == 0)
                 {
-                    lease.call("sleep", &5).await.map(|_| body.clone())
+                    lease.call::<Value>("sleep", &5).await.map(|_| body.clone())
                 } else {
-                    lease.call_value("echo", body.clone(), None).await
+                    lease
+                        .call_value("echo", body.clone(), CallOptions::new())
+                        .await
                 };
                 (pid, check(r))
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bollard::query_parameters::ListContainersOptions;
 use common::*;
 use wharf::image::{self, HostPythonOptions};
-use wharf::{ContainerSpec, Engine, Error, Pool, Transport, Value};
+use wharf::{CallOptions, ContainerSpec, Engine, Error, Pool, Transport, Value};
 
 /// The local engine and the demo worker's container spec over `transport` (the host-Python
 /// image, built if missing), or `None` (after a loud notice) if the test must skip.
@@ -62,25 +62,33 @@ async fn serves(transport: Transport, pool_name: &str) {
         .unwrap();
     pool.wait_ready(2, READY).await.unwrap();
     assert_eq!(containers_of(&engine, pool_name).await, 2);
-    assert_eq!(pool.call("echo", &"hi").await.unwrap(), Value::from("hi"));
+    assert_eq!(
+        pool.call::<Value>("echo", &"hi").await.unwrap(),
+        Value::from("hi")
+    );
     // Over a MiB: many attach chunks, one frame.
     let big = Value::Binary(vec![0x5A; 1_500_000]);
-    assert_eq!(pool.call_value("echo", big.clone()).await.unwrap(), big);
+    assert_eq!(
+        pool.call_value("echo", big.clone(), CallOptions::new())
+            .await
+            .unwrap(),
+        big
+    );
     // Sessions are isolated.
     let a = pool.session("a").await.unwrap();
-    a.call("state_set", &serde_json::json!({"key": "k", "value": "a"}))
+    a.call::<Value>("state_set", &serde_json::json!({"key": "k", "value": "a"}))
         .await
         .unwrap();
     a.end().await.unwrap();
     let b = pool.session("b").await.unwrap();
     let seen = b
-        .call("state_get", &serde_json::json!({"key": "k"}))
+        .call::<Value>("state_get", &serde_json::json!({"key": "k"}))
         .await
         .unwrap();
     assert_eq!(seen, Value::Nil);
     b.end().await.unwrap();
     // A crash is a typed error, and the slot comes back.
-    let err = pool.call("crash", &3).await.unwrap_err();
+    let err = pool.call::<Value>("crash", &3).await.unwrap_err();
     assert!(matches!(err, Error::WorkerDied { .. }), "{err:?}");
     pool.wait_ready(2, READY).await.unwrap();
     pool.shutdown().await;
@@ -168,7 +176,7 @@ async fn an_oom_kill_is_reported_as_such() {
         .await
         .unwrap();
     pool.wait_ready(1, READY).await.unwrap();
-    let err = pool.call("alloc", &512).await.unwrap_err();
+    let err = pool.call::<Value>("alloc", &512).await.unwrap_err();
     match &err {
         Error::WorkerDied {
             cause: wharf::PortError::WorkerDied(info),
@@ -203,7 +211,7 @@ async fn docker_kill_under_load_fails_only_the_killed_calls_and_the_pool_recover
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 i += 1;
                 let ms = if i.is_multiple_of(4) { 5 } else { 0 };
-                let call = pool.call("sleep", &ms);
+                let call = pool.call::<Value>("sleep", &ms);
                 match tokio::time::timeout(Duration::from_secs(20), call).await {
                     Ok(Ok(_)) => ok += 1,
                     Ok(Err(Error::WorkerDied { .. })) => died += 1,
@@ -277,7 +285,7 @@ async fn pools_of_the_same_name_keep_to_their_own_containers() {
     b.wait_ready(1, READY).await.unwrap();
     assert_eq!(containers_of(&engine, "ct-twins").await, 2);
     let a2 = a.clone();
-    let in_flight = tokio::spawn(async move { a2.call("sleep", &800).await });
+    let in_flight = tokio::spawn(async move { a2.call::<Value>("sleep", &800).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     b.shutdown().await;
     assert_eq!(in_flight.await.unwrap().unwrap(), Value::from(800));

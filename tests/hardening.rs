@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use wharf::{Backoff, Error, HealthCheck, Pool, StreamItem, Value};
+use wharf::{Backoff, CallOptions, Error, HealthCheck, Pool, StreamItem, Value};
 
 fn key(k: &str) -> serde_json::Value {
     serde_json::json!({ "key": k })
@@ -21,7 +21,7 @@ fn set(k: &str, v: &str) -> serde_json::Value {
 /// be nothing.
 async fn assert_next_session_is_clean(pool: &Pool) {
     let b = pool.session("b").await.unwrap();
-    let seen = b.call("state_get", &key("k")).await.unwrap();
+    let seen = b.call::<Value>("state_get", &key("k")).await.unwrap();
     assert_eq!(seen, Value::Nil, "session b read session a's state");
     b.end().await.unwrap();
     pool.shutdown().await;
@@ -33,9 +33,12 @@ async fn assert_next_session_is_clean(pool: &Pool) {
 async fn a_cancelled_session_end_never_leaks_state_to_the_next_session() {
     let pool = ready(builder(1), 1).await;
     let a = pool.session("a").await.unwrap();
-    a.call("state_set", &set("k", "secret of a")).await.unwrap();
+    a.call::<Value>("state_set", &set("k", "secret of a"))
+        .await
+        .unwrap();
     // A call abandoned mid-flight, then an end() cancelled while it waits for that call.
-    let abandoned = tokio::time::timeout(Duration::from_millis(50), a.call("sleep", &400)).await;
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(50), a.call::<Value>("sleep", &400)).await;
     assert!(abandoned.is_err());
     let ended = tokio::time::timeout(Duration::from_millis(50), a.end()).await;
     assert!(ended.is_err(), "end() should still be waiting for the call");
@@ -53,8 +56,11 @@ fn a_session_dropped_with_its_runtime_never_leaks_state() {
     let side = tokio::runtime::Runtime::new().unwrap();
     side.block_on(async {
         let a = pool.session("a").await.unwrap();
-        a.call("state_set", &set("k", "secret of a")).await.unwrap();
-        let _ = tokio::time::timeout(Duration::from_millis(50), a.call("sleep", &300)).await;
+        a.call::<Value>("state_set", &set("k", "secret of a"))
+            .await
+            .unwrap();
+        let _ =
+            tokio::time::timeout(Duration::from_millis(50), a.call::<Value>("sleep", &300)).await;
         drop(a); // its end is spawned on `side` ...
     });
     drop(side); // ... which shuts down before the end could reset the worker
@@ -176,7 +182,7 @@ async fn a_pool_whose_supervisor_dies_fails_with_a_clear_cause() {
     let started = Instant::now();
     let mut last = None;
     while started.elapsed() < Duration::from_secs(10) {
-        match tokio::time::timeout(Duration::from_secs(2), pool.call("echo", &1)).await {
+        match tokio::time::timeout(Duration::from_secs(2), pool.call::<Value>("echo", &1)).await {
             Ok(Err(e @ Error::PoolFailed { .. })) => {
                 last = Some(e);
                 break;
@@ -227,7 +233,7 @@ async fn a_limit_every_fresh_worker_exceeds_fails_the_pool_instead_of_spinning()
         .unwrap();
     let started = Instant::now();
     let err = loop {
-        match pool.call("echo", &1).await {
+        match pool.call::<Value>("echo", &1).await {
             Err(e @ Error::PoolFailed { .. }) => break e,
             other => {
                 assert!(
@@ -268,7 +274,7 @@ async fn a_missed_ping_does_not_get_a_healthy_worker_killed() {
     pool.wait_ready(1, READY).await.unwrap();
     let pid = pool.worker_pids()[0];
     for i in 0..20 {
-        let back = pool.call("echo", &i).await.unwrap();
+        let back = pool.call::<Value>("echo", &i).await.unwrap();
         assert_eq!(back, Value::from(i));
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
@@ -312,18 +318,24 @@ async fn duration_max_is_no_limit_and_never_panics() {
         .await
         .unwrap();
     pool.wait_ready(1, max).await.unwrap();
-    assert_eq!(pool.call("echo", &"x").await.unwrap(), Value::from("x"));
+    assert_eq!(
+        pool.call::<Value>("echo", &"x").await.unwrap(),
+        Value::from("x")
+    );
     let session = pool.session("s").await.unwrap();
-    session.call("state_set", &set("k", "v")).await.unwrap();
+    session
+        .call::<Value>("state_set", &set("k", "v"))
+        .await
+        .unwrap();
     // Both workers busy: a third caller waits without limit until one comes back.
     let mut lease = pool.checkout().await.unwrap();
     let waiter = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.call("echo", &"waited").await })
+        tokio::spawn(async move { pool.call::<Value>("echo", &"waited").await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let back = lease
-        .call_value("echo", Value::from(1), Some(max))
+        .call_value("echo", Value::from(1), CallOptions::new().deadline(max))
         .await
         .unwrap();
     assert_eq!(back, Value::from(1));
@@ -354,11 +366,13 @@ fn key_n(n: u64) -> serde_json::Value {
 async fn a_session_does_not_expire_right_after_a_long_call() {
     let pool = ready(builder(1).session_idle_timeout(Duration::from_secs(1)), 1).await;
     let s = pool.session("long").await.unwrap();
-    s.call("state_set", &set("k", "kept")).await.unwrap();
+    s.call::<Value>("state_set", &set("k", "kept"))
+        .await
+        .unwrap();
     // A call twice as long as the idle timeout, then a short pause well inside it.
-    s.call("sleep", &2000).await.unwrap();
+    s.call::<Value>("sleep", &2000).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let kept = s.call("state_get", &key("k")).await.unwrap();
+    let kept = s.call::<Value>("state_get", &key("k")).await.unwrap();
     assert_eq!(kept, Value::from("kept"));
     s.end().await.unwrap();
     pool.shutdown().await;
@@ -396,7 +410,7 @@ async fn a_lease_dropped_mid_stream_returns_its_worker_only_when_the_stream_ende
             .call_value(
                 "echo",
                 Value::from("clean"),
-                Some(Duration::from_millis(300)),
+                CallOptions::new().deadline(Duration::from_millis(300)),
             )
             .await;
         assert_eq!(echo.unwrap(), Value::from("clean"));
@@ -501,7 +515,10 @@ async fn a_pending_health_ping_does_not_keep_a_worker_draining() {
         .unwrap();
     pool.wait_ready(1, READY).await.unwrap();
     for i in 0..20 {
-        assert_eq!(pool.call("echo", &i).await.unwrap(), Value::from(i));
+        assert_eq!(
+            pool.call::<Value>("echo", &i).await.unwrap(),
+            Value::from(i)
+        );
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
     assert_eq!(
@@ -533,7 +550,11 @@ async fn a_dropped_stream_is_cancelled_at_once() {
             Some(Ok(StreamItem::Chunk(_)))
         ));
     } // the stream and its lease go, mid-stream, while the worker sends nothing more
-    let back = tokio::time::timeout(Duration::from_secs(10), pool.call("echo", &"after")).await;
+    let back = tokio::time::timeout(
+        Duration::from_secs(10),
+        pool.call::<Value>("echo", &"after"),
+    )
+    .await;
     assert_eq!(
         back.expect("the worker came back (cancelled) well before the drain timeout")
             .unwrap(),
@@ -558,7 +579,7 @@ async fn unfit_overflow_workers_fail_the_pool_too() {
         .unwrap();
     let started = Instant::now();
     let err = loop {
-        match pool.call("echo", &1).await {
+        match pool.call::<Value>("echo", &1).await {
             Err(e @ Error::PoolFailed { .. }) => break e,
             other => assert!(
                 started.elapsed() < Duration::from_secs(30),
@@ -580,7 +601,7 @@ async fn no_workers_names_how_the_last_one_ended() {
         .build()
         .await
         .unwrap();
-    let err = pool.call("echo", &1).await.unwrap_err();
+    let err = pool.call::<Value>("echo", &1).await.unwrap_err();
     assert!(
         matches!(err, Error::NoWorkers { .. }) && err.to_string().contains("max_rss"),
         "{err:?}"
@@ -603,10 +624,13 @@ async fn a_backoff_near_duration_max_never_panics_the_supervisor() {
     let pool = ready(builder(2).backoff(huge), 2).await;
     // Two crashes of one slot: the second restart waits "forever", the pool keeps serving.
     let pid = pool.worker_pids()[0];
-    let _ = pool.call("crash", &3).await;
-    let _ = pool.call("crash", &3).await;
+    let _ = pool.call::<Value>("crash", &3).await;
+    let _ = pool.call::<Value>("crash", &3).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(pool.call("echo", &1).await.unwrap(), Value::from(1));
+    assert_eq!(
+        pool.call::<Value>("echo", &1).await.unwrap(),
+        Value::from(1)
+    );
     assert!(!pool.stats().failed, "the supervisor died");
     let _ = pid;
     pool.shutdown().await;
@@ -644,7 +668,7 @@ async fn shutdown_does_not_wait_behind_a_health_ping() {
 async fn an_idle_session_does_not_hold_shutdown() {
     let pool = ready(builder(1).shutdown_grace(Duration::from_secs(20)), 1).await;
     let s = pool.session("idle").await.unwrap();
-    s.call("echo", &1).await.unwrap();
+    s.call::<Value>("echo", &1).await.unwrap();
     let t = Instant::now();
     pool.shutdown().await;
     assert!(
@@ -663,7 +687,7 @@ async fn a_zero_drain_timeout_still_resets_session_workers() {
     let pid = pool.worker_pids()[0];
     for id in ["a", "b", "c"] {
         let s = pool.session(id).await.unwrap();
-        s.call("echo", &1).await.unwrap();
+        s.call::<Value>("echo", &1).await.unwrap();
         s.end().await.unwrap();
     }
     assert_eq!(

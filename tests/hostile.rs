@@ -29,8 +29,14 @@ fn hostile_spec(args: &[&str]) -> ProcessSpec {
         .init_timeout(Duration::from_secs(20))
 }
 
+/// This process's resident set, in bytes (0 if unknown).
 fn own_rss() -> u64 {
-    wharf::pool::resident_bytes(std::process::id()).unwrap_or(0)
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// What a misbehaving call must produce.
@@ -78,7 +84,7 @@ async fn every_hostile_behaviour_gets_a_typed_error_and_the_pool_keeps_serving()
     for (method, expect) in cases {
         let mut lease = pool.checkout().await.unwrap();
         let pid = lease.pid();
-        let result = lease.call(method, &"payload").await;
+        let result = lease.call::<Value>(method, &"payload").await;
         drop(lease);
         match (expect, &result) {
             (Expect::Violation(text), Err(e @ Error::ProtocolViolation { reason, .. })) => {
@@ -99,7 +105,7 @@ async fn every_hostile_behaviour_gets_a_typed_error_and_the_pool_keeps_serving()
         }
         // The pool keeps serving and returns to full strength.
         assert_eq!(
-            pool.call("echo", &method).await.unwrap(),
+            pool.call::<Value>("echo", &method).await.unwrap(),
             Value::from(method)
         );
         pool.wait_ready(2, Duration::from_secs(20)).await.unwrap();
@@ -132,7 +138,7 @@ async fn a_worker_that_never_answers_the_init_ping_fails_the_pool() {
         .await
         .unwrap();
     let started = Instant::now();
-    let err = pool.call("echo", &1).await.unwrap_err();
+    let err = pool.call::<Value>("echo", &1).await.unwrap_err();
     assert!(matches!(err, Error::PoolFailed { .. }), "{err:?}");
     assert!(
         err.to_string().contains("did not answer the init ping"),
@@ -158,7 +164,7 @@ async fn a_worker_that_exits_right_after_ready_is_bounded_by_the_restart_policy(
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(pool.stats().restarts, launches, "no restart after failing");
     assert!(matches!(
-        pool.call("echo", &1).await,
+        pool.call::<Value>("echo", &1).await,
         Err(Error::PoolFailed { .. })
     ));
     pool.shutdown().await;
@@ -174,7 +180,7 @@ async fn a_worker_that_exits_right_after_ready_is_bounded_by_the_restart_policy(
     // The first call may meet the worker on its way out; soon every call is refused at once.
     let mut refused = false;
     for _ in 0..100 {
-        match pool.call("echo", &1).await {
+        match pool.call::<Value>("echo", &1).await {
             Err(Error::NoWorkers { .. }) => {
                 refused = true;
                 break;
@@ -226,7 +232,7 @@ async fn restart_storm_is_deterministic_and_cheap() {
         let leases = futures::future::join_all((0..size).map(|_| pool.checkout())).await;
         let crashes = leases.into_iter().map(|lease| async move {
             let mut lease = lease.unwrap();
-            lease.call("crash", &3).await
+            lease.call::<Value>("crash", &3).await
         });
         for r in futures::future::join_all(crashes).await {
             assert!(matches!(r, Err(Error::WorkerDied { .. })), "{r:?}");

@@ -594,7 +594,10 @@ async fn pool_round_trip(engine: &Engine, case: &str, spec: ProcessSpec) {
         "the workers are containers"
     );
     for i in 0..4 {
-        let got = pool.call("echo", &format!("call {i}")).await.expect("echo");
+        let got = pool
+            .call::<Value>("echo", &format!("call {i}"))
+            .await
+            .expect("echo");
         assert_eq!(got, Value::from(format!("call {i}")));
     }
     pool.shutdown().await;

@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
-use wharf::{Backoff, Error, HealthCheck, Pool, RestartType, SessionEnd, Strategy, Value};
+use wharf::{
+    Backoff, CallOptions, Error, HealthCheck, Pool, RestartType, SessionEnd, Strategy, Value,
+};
 
 const SETTLE: Duration = Duration::from_secs(15);
 
@@ -20,7 +22,7 @@ fn pids_by_slot(pool: &Pool) -> HashMap<usize, u32> {
 }
 
 async fn pid_of_some_worker(pool: &Pool) -> u32 {
-    let v = pool.call("pid", &()).await.expect("pid call");
+    let v = pool.call::<Value>("pid", &()).await.expect("pid call");
     v.as_u64().expect("pid is an int") as u32
 }
 
@@ -35,7 +37,7 @@ async fn crash_slot(pool: &Pool, slot: usize, code: i32) {
             .find(|w| w.pid == lease.pid())
             .expect("leased worker is listed");
         if info.slot == slot {
-            let err = lease.call("crash", &code).await.unwrap_err();
+            let err = lease.call::<Value>("crash", &code).await.unwrap_err();
             assert!(
                 matches!(err, Error::WorkerDied { .. }),
                 "crash gave {err:?}"
@@ -155,7 +157,7 @@ async fn crash_at_start_escalates_to_pool_failed_within_the_window_without_spinn
     .await
     .unwrap();
     let started = Instant::now();
-    let err = pool.call("echo", &1).await.unwrap_err();
+    let err = pool.call::<Value>("echo", &1).await.unwrap_err();
     let took = started.elapsed();
     match &err {
         Error::PoolFailed { last_errors, .. } => {
@@ -184,7 +186,7 @@ async fn crash_at_start_escalates_to_pool_failed_within_the_window_without_spinn
     assert_eq!(pool.stats().start_failures, failures);
     let t = Instant::now();
     assert!(matches!(
-        pool.call("echo", &1).await,
+        pool.call::<Value>("echo", &1).await,
         Err(Error::PoolFailed { .. })
     ));
     assert!(t.elapsed() < Duration::from_millis(100));
@@ -246,14 +248,14 @@ async fn worker_killed_mid_call_fails_that_call_only_and_pool_refills() {
     let others: Vec<_> = (0..2)
         .map(|_| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.call("sleep", &300).await })
+            tokio::spawn(async move { pool.call::<Value>("sleep", &300).await })
         })
         .collect();
     let killer = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(100)).await;
         sigkill(victim_pid);
     });
-    let err = victim.call("sleep", &2000).await.unwrap_err();
+    let err = victim.call::<Value>("sleep", &2000).await.unwrap_err();
     assert!(matches!(err, Error::WorkerDied { .. }), "{err:?}");
     assert!(err.to_string().contains("signal: 9"), "{err}");
     killer.await.unwrap();
@@ -264,7 +266,7 @@ async fn worker_killed_mid_call_fails_that_call_only_and_pool_refills() {
     assert!(eventually(SETTLE, || pool.state().idle == 3).await);
     assert!(!pool.worker_pids().contains(&victim_pid));
     assert_eq!(
-        pool.call("echo", &"still serving").await.unwrap(),
+        pool.call::<Value>("echo", &"still serving").await.unwrap(),
         Value::from("still serving")
     );
     pool.shutdown().await;
@@ -280,7 +282,7 @@ async fn deadline_overrun_kills_and_replaces_the_worker() {
         .call_value(
             "sleep",
             Value::from(10_000),
-            Some(Duration::from_millis(300)),
+            CallOptions::new().deadline(Duration::from_millis(300)),
         )
         .await
         .unwrap_err();
@@ -314,7 +316,7 @@ async fn overflow_workers_start_under_load_and_stop_when_idle() {
     let calls: Vec<_> = (0..3)
         .map(|_| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.call("sleep", &1500).await })
+            tokio::spawn(async move { pool.call::<Value>("sleep", &1500).await })
         })
         .collect();
     assert!(
@@ -358,7 +360,7 @@ async fn workers_are_recycled_when_their_rss_exceeds_max_rss() {
         first,
         "a small worker stays"
     );
-    pool.call("alloc", &200).await.unwrap();
+    pool.call::<Value>("alloc", &200).await.unwrap();
     let next = pid_of_some_worker(&pool).await;
     assert_ne!(next, first, "the worker holding 200 MiB was recycled");
     assert!(eventually(SETTLE, || !pid_exists(first)).await);
@@ -372,28 +374,28 @@ async fn sessions_pin_strictly_and_never_leak_state() {
     let b = pool.session("b").await.unwrap();
     let (pa, pb) = (a.pid().await.unwrap(), b.pid().await.unwrap());
     assert_ne!(pa, pb, "each session has its own worker");
-    a.call(
+    a.call::<Value>(
         "state_set",
         &serde_json::json!({"key": "k", "value": "from-a"}),
     )
     .await
     .unwrap();
     assert_eq!(
-        b.call("state_get", &serde_json::json!({"key": "k"}))
+        b.call::<Value>("state_get", &serde_json::json!({"key": "k"}))
             .await
             .unwrap(),
         Value::Nil
     );
     for _ in 0..5 {
         assert_eq!(
-            a.call("pid", &()).await.unwrap(),
+            a.call::<Value>("pid", &()).await.unwrap(),
             Value::from(pa),
             "strict pin"
         );
     }
     // Both workers are pinned: nobody else gets one.
     assert!(matches!(
-        pool.call("echo", &1).await,
+        pool.call::<Value>("echo", &1).await,
         Err(Error::CheckoutTimeout { .. })
     ));
     assert!(matches!(
@@ -403,7 +405,7 @@ async fn sessions_pin_strictly_and_never_leak_state() {
     // End a: its worker is reset, then reused by a new session that must not see a's state.
     a.end().await.unwrap();
     assert!(matches!(
-        a.call("pid", &()).await,
+        a.call::<Value>("pid", &()).await,
         Err(Error::SessionEnded { .. })
     ));
     let c = pool.session("c").await.unwrap();
@@ -413,7 +415,7 @@ async fn sessions_pin_strictly_and_never_leak_state() {
         "the only free worker is a's old one"
     );
     assert_eq!(
-        c.call("state_get", &serde_json::json!({"key": "k"}))
+        c.call::<Value>("state_get", &serde_json::json!({"key": "k"}))
             .await
             .unwrap(),
         Value::Nil
@@ -437,13 +439,13 @@ async fn recycle_session_end_policy_replaces_the_worker() {
 async fn a_session_whose_worker_dies_is_lost_not_moved() {
     let pool = ready(builder(2), 2).await;
     let s = pool.session("s").await.unwrap();
-    s.call("state_set", &serde_json::json!({"key": "k", "value": 1}))
+    s.call::<Value>("state_set", &serde_json::json!({"key": "k", "value": 1}))
         .await
         .unwrap();
     sigkill(s.pid().await.unwrap());
     for _ in 0..2 {
         let err = s
-            .call("state_get", &serde_json::json!({"key": "k"}))
+            .call::<Value>("state_get", &serde_json::json!({"key": "k"}))
             .await
             .unwrap_err();
         assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
@@ -459,7 +461,7 @@ async fn a_session_whose_worker_dies_is_lost_not_moved() {
     ));
     assert_eq!(
         again
-            .call("state_get", &serde_json::json!({"key": "k"}))
+            .call::<Value>("state_get", &serde_json::json!({"key": "k"}))
             .await
             .unwrap(),
         Value::Nil
@@ -476,17 +478,17 @@ async fn idle_sessions_expire_and_reset_their_worker() {
     )
     .await;
     let s = pool.session("s").await.unwrap();
-    s.call("state_set", &serde_json::json!({"key": "k", "value": 1}))
+    s.call::<Value>("state_set", &serde_json::json!({"key": "k", "value": 1}))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let err = s.call("pid", &()).await.unwrap_err();
+    let err = s.call::<Value>("pid", &()).await.unwrap_err();
     assert!(
         matches!(err, Error::SessionEnded { why: "expired", .. }),
         "{err:?}"
     );
     assert_eq!(
-        pool.call("state_get", &serde_json::json!({"key": "k"}))
+        pool.call::<Value>("state_get", &serde_json::json!({"key": "k"}))
             .await
             .unwrap(),
         Value::Nil
@@ -500,14 +502,14 @@ async fn a_cancelled_caller_never_leaves_a_dirty_worker() {
     let pid = pid_of_some_worker(&pool).await;
     for round in 0..3 {
         let p = pool.clone();
-        let task = tokio::spawn(async move { p.call("sleep", &300).await });
+        let task = tokio::spawn(async move { p.call::<Value>("sleep", &300).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         task.abort();
         let _ = task.await;
         // The next caller must get its own reply, not the abandoned call's.
         let tag = format!("round-{round}");
         assert_eq!(
-            pool.call("echo", &tag).await.unwrap(),
+            pool.call::<Value>("echo", &tag).await.unwrap(),
             Value::from(tag.as_str())
         );
     }
@@ -530,7 +532,7 @@ async fn shutdown_leaves_no_child_process() {
     )
     .await;
     let grandchild = pool
-        .call("spawn_grandchild", &())
+        .call::<Value>("spawn_grandchild", &())
         .await
         .unwrap()
         .as_u64()
@@ -539,7 +541,7 @@ async fn shutdown_leaves_no_child_process() {
     assert_eq!(pids.len(), 3);
     let busy = {
         let p = pool.clone();
-        tokio::spawn(async move { p.call("sleep", &200).await })
+        tokio::spawn(async move { p.call::<Value>("sleep", &200).await })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     pool.shutdown().await;
@@ -555,7 +557,7 @@ async fn shutdown_leaves_no_child_process() {
         );
     }
     assert!(matches!(
-        pool.call("echo", &1).await,
+        pool.call::<Value>("echo", &1).await,
         Err(Error::ShutDown(_))
     ));
 }
@@ -569,7 +571,7 @@ async fn a_missing_command_fails_the_pool_with_a_clear_error() {
         .build()
         .await
         .unwrap();
-    let err = pool.call("echo", &1).await.unwrap_err();
+    let err = pool.call::<Value>("echo", &1).await.unwrap_err();
     assert!(matches!(err, Error::PoolFailed { .. }), "{err:?}");
     assert!(err.to_string().contains("cannot spawn worker"), "{err}");
     pool.shutdown().await;
@@ -580,7 +582,10 @@ async fn lazy_pools_start_workers_on_demand() {
     let pool = builder(2).lazy().build().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(pool.worker_info().len(), 0, "nothing starts before demand");
-    assert_eq!(pool.call("echo", &5).await.unwrap(), Value::from(5));
+    assert_eq!(
+        pool.call::<Value>("echo", &5).await.unwrap(),
+        Value::from(5)
+    );
     assert!(!pool.worker_info().is_empty());
     pool.shutdown().await;
 }
@@ -608,10 +613,166 @@ async fn streaming_calls_deliver_chunks_then_the_result() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_typed_on_pools_leases_and_sessions() {
+    #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+    struct Point {
+        x: i64,
+        label: String,
+    }
+    let pool = ready(builder(2), 2).await;
+    let p = Point {
+        x: -3,
+        label: "a".into(),
+    };
+    // A struct goes in and comes back out, through the pool, a lease and a session.
+    let back: Point = pool.call("echo", &p).await.unwrap();
+    assert_eq!(back, p);
+    let mut lease = pool.checkout().await.unwrap();
+    let n: u64 = lease.call("echo", &7).await.unwrap();
+    assert_eq!(n, 7);
+    drop(lease);
+    let session = pool.session("typed").await.unwrap();
+    session
+        .call::<()>(
+            "state_set",
+            &serde_json::json!({"key": "k", "value": [1, 2]}),
+        )
+        .await
+        .unwrap();
+    let v: Vec<u8> = session
+        .call("state_get", &serde_json::json!({"key": "k"}))
+        .await
+        .unwrap();
+    assert_eq!(v, vec![1, 2]);
+    // Asking for nothing discards whatever the method returns.
+    session.call::<()>("echo", &p).await.unwrap();
+    // A reply that does not fit is a typed error that names the method; nothing is lost: the
+    // session and the pool keep serving.
+    let err = session.call::<String>("echo", &5).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Reply { method, .. } if method == "echo"),
+        "{err:?}"
+    );
+    assert_eq!(session.call::<u8>("echo", &5).await.unwrap(), 5);
+    session.end().await.unwrap();
+    let err = pool.call::<Point>("echo", &"text").await.unwrap_err();
+    assert_eq!(err.kind(), "reply", "{err}");
+    // The raw value is there for whoever wants it.
+    let raw = pool
+        .call_value("echo", Value::from("raw"), CallOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(raw, Value::from("raw"));
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_call_deadlines_hold_on_pools_leases_and_sessions() {
+    let pool = ready(builder(2).call_timeout(Duration::from_secs(60)), 2).await;
+    let short = CallOptions::new().deadline(Duration::from_millis(300));
+    let started = Instant::now();
+    let err = pool
+        .call_with::<Value>("sleep", &10_000, short)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DeadlineExceeded { deadline, .. } if deadline == Duration::from_millis(300)),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut lease = pool.checkout().await.unwrap();
+    let err = lease
+        .call_with::<Value>("sleep", &10_000, short)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "deadline_exceeded", "{err}");
+    drop(lease);
+    let session = pool.session("deadline").await.unwrap();
+    let err = session
+        .call_with::<Value>("sleep", &10_000, short)
+        .await
+        .unwrap_err();
+    // The worker was killed for overrunning: the session's state went with it.
+    assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
+    // A deadline long enough lets the call finish.
+    let ok: u64 = pool
+        .call_with(
+            "sleep",
+            &50,
+            CallOptions::new().deadline(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok, 50);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_from_a_pool_and_a_session_are_futures_streams() {
+    use futures::StreamExt;
+    let pool = ready(builder(1), 1).await;
+    // From the pool: the stream holds its worker until it ends.
+    let stream = pool
+        .call_stream("stream", &serde_json::json!({"n": 3}))
+        .await
+        .unwrap();
+    assert_eq!(pool.state().busy, 1);
+    let items: Vec<_> = stream.map(|item| item.unwrap()).collect().await;
+    assert_eq!(
+        items,
+        vec![
+            wharf::StreamItem::Chunk(Value::from(0)),
+            wharf::StreamItem::Chunk(Value::from(1)),
+            wharf::StreamItem::Chunk(Value::from(2)),
+            wharf::StreamItem::Done(Value::from(3)),
+        ]
+    );
+    // Dropped halfway, the worker is cancelled and comes back, clean, for the next caller.
+    let mut stream = pool
+        .call_stream("stream", &serde_json::json!({"n": 100_000}))
+        .await
+        .unwrap();
+    assert!(matches!(
+        stream.next().await,
+        Some(Ok(wharf::StreamItem::Chunk(_)))
+    ));
+    drop(stream);
+    assert_eq!(pool.call::<u64>("echo", &9).await.unwrap(), 9);
+    // From a session: its state is there, and the session's other calls wait for the stream.
+    let session = pool.session("streaming").await.unwrap();
+    session
+        .call::<()>("state_set", &serde_json::json!({"key": "k", "value": 1}))
+        .await
+        .unwrap();
+    let mut stream = session
+        .call_stream("stream", &serde_json::json!({"n": 2}))
+        .await
+        .unwrap();
+    let other = session.clone();
+    let waiting = tokio::spawn(async move {
+        other
+            .call::<u64>("state_get", &serde_json::json!({"key": "k"}))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiting.is_finished(), "a session call overtook its stream");
+    let mut n = 0;
+    while let Some(item) = stream.next().await {
+        item.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 3);
+    drop(stream);
+    assert_eq!(waiting.await.unwrap().unwrap(), 1);
+    session.end().await.unwrap();
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_timeout_reports_the_pool_state() {
     let pool = ready(builder(1).checkout_timeout(Duration::from_millis(200)), 1).await;
     let _held = pool.checkout().await.unwrap();
-    let err = pool.call("echo", &1).await.unwrap_err();
+    let err = pool.call::<Value>("echo", &1).await.unwrap_err();
     match &err {
         Error::CheckoutTimeout { state, .. } => {
             assert_eq!(
@@ -678,7 +839,7 @@ async fn a_command_that_never_starts_fails_the_pool_after_max_start_failures() {
         .await
         .unwrap();
     let started = Instant::now();
-    let err = pool.call("echo", &1).await.unwrap_err();
+    let err = pool.call::<Value>("echo", &1).await.unwrap_err();
     assert!(matches!(err, Error::PoolFailed { .. }), "{err:?}");
     assert!(err.to_string().contains("exit status: 5"), "{err}");
     assert!(
@@ -728,11 +889,11 @@ async fn max_waiting_sheds_load_and_try_call_never_waits() {
     let pool = ready(builder(1).max_waiting(2), 1).await;
     let busy = {
         let pool = pool.clone();
-        tokio::spawn(async move { pool.call("sleep", &600).await })
+        tokio::spawn(async move { pool.call::<Value>("sleep", &600).await })
     };
     assert!(eventually(SETTLE, || pool.state().busy == 1).await);
     let t = Instant::now();
-    match pool.try_call("echo", &0).await {
+    match pool.try_call::<Value>("echo", &0).await {
         Err(Error::Overloaded { state, .. }) => assert_eq!(state.busy, 1),
         other => panic!("try_call on a busy pool: {other:?}"),
     }
@@ -740,12 +901,12 @@ async fn max_waiting_sheds_load_and_try_call_never_waits() {
     let waiters: Vec<_> = (1..=2)
         .map(|i| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.call("echo", &i).await })
+            tokio::spawn(async move { pool.call::<Value>("echo", &i).await })
         })
         .collect();
     assert!(eventually(SETTLE, || pool.state().waiting == 2).await);
     let t = Instant::now();
-    match pool.call("echo", &3).await {
+    match pool.call::<Value>("echo", &3).await {
         Err(Error::Overloaded { state, .. }) => assert_eq!(state.waiting, 2),
         other => panic!("a third waiter over max_waiting 2: {other:?}"),
     }
@@ -757,7 +918,10 @@ async fn max_waiting_sheds_load_and_try_call_never_waits() {
     for (i, w) in waiters.into_iter().enumerate() {
         assert_eq!(w.await.unwrap().unwrap(), Value::from(i as u64 + 1));
     }
-    assert_eq!(pool.try_call("echo", &4).await.unwrap(), Value::from(4));
+    assert_eq!(
+        pool.try_call::<Value>("echo", &4).await.unwrap(),
+        Value::from(4)
+    );
     assert_eq!(pool.stats().errors.get("overloaded"), Some(&2));
     pool.shutdown().await;
 }

@@ -22,7 +22,9 @@ use bollard::query_parameters::{
 };
 use serde_json::json;
 use wharf::image::{self, HostPythonImage, HostPythonOptions};
-use wharf::{Channel, ContainerSpec, Engine, Pool, ProcessSpec, Transport, Value, WorkerSpec};
+use wharf::{
+    CallOptions, Channel, ContainerSpec, Engine, Pool, ProcessSpec, Transport, Value, WorkerSpec,
+};
 use wharf_actors::port::container::{new_instance, sweep, Sweep};
 use wharf_actors::port::Port;
 
@@ -228,7 +230,9 @@ async fn warm_jobs(pool: &Pool, n: usize, b: &Value) -> anyhow::Result<Vec<f64>>
         for _ in 0..n {
             let t = Instant::now();
             let mut lease = pool.checkout().await?;
-            lease.call_value("echo", b.clone(), None).await?;
+            lease
+                .call_value("echo", b.clone(), CallOptions::new())
+                .await?;
             drop(lease);
             v.push(t.elapsed().as_secs_f64() * 1e6);
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ractor::Actor;
 use serde_json::{json, Value as Json};
-use wharf::{Pool, Value};
+use wharf::{CallOptions, Pool, Value};
 
 use crate::floor::{AsyncRawWorker, RawWorker};
 use crate::single_actor::{DispatchMsg, Dispatcher};
@@ -41,7 +41,8 @@ pub(crate) async fn wharf_latencies(
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();
-            pool.call_value("echo", body.clone()).await?;
+            pool.call_value("echo", body.clone(), CallOptions::new())
+                .await?;
             v.push(t.elapsed().as_secs_f64() * 1e6);
         }
         Ok(v)
@@ -207,7 +208,8 @@ async fn wharf_rate(pool: &Pool, inflight: usize, calls: usize) -> anyhow::Resul
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                     .is_ok()
                 {
-                    pool.call_value("echo", b.clone()).await?;
+                    pool.call_value("echo", b.clone(), CallOptions::new())
+                        .await?;
                 }
                 anyhow::Ok(())
             })
@@ -409,7 +411,7 @@ pub async fn checkout(env: &Env, s: Scale) -> Outcome {
 
 /// One batch of 3 concurrent echo calls.
 async fn batch(pool: &Pool) -> anyhow::Result<()> {
-    let calls = (0..3).map(|i| pool.call_value("echo", Value::from(i)));
+    let calls = (0..3).map(|i| pool.call_value("echo", Value::from(i), CallOptions::new()));
     for r in futures::future::join_all(calls).await {
         r?;
     }

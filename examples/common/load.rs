@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use wharf::{Pool, Value};
+use wharf::{CallOptions, Pool, Value};
 
 /// What shapes a load run.
 pub struct Load {
@@ -84,8 +84,11 @@ pub async fn run(pool: &Pool, load: &Load, kill: Killer) -> anyhow::Result<Tally
                 while next.fetch_add(1, Ordering::Relaxed) < calls {
                     let body = Value::Array(vec![Value::from(c as u64), Value::from("payload")]);
                     let t = Instant::now();
-                    match tokio::time::timeout(hang_bound, pool.call_value("echo", body.clone()))
-                        .await
+                    match tokio::time::timeout(
+                        hang_bound,
+                        pool.call_value("echo", body.clone(), CallOptions::new()),
+                    )
+                    .await
                     {
                         Ok(Ok(v)) if v == body => {
                             local.ok += 1;
@@ -215,17 +218,17 @@ pub async fn session_demo(pool: &Pool, json: bool) -> anyhow::Result<()> {
     let worker = session.worker_id().await.unwrap_or_default();
     for i in 1..=3 {
         session
-            .call(
+            .call::<()>(
                 "state_set",
                 &serde_json::json!({"key": "visits", "value": i}),
             )
             .await?;
     }
-    let visits = session
+    let visits: u64 = session
         .call("state_get", &serde_json::json!({"key": "visits"}))
         .await?;
-    let pid = session.call("pid", &()).await?;
-    let same = session.call("pid", &()).await? == pid;
+    let pid: u32 = session.call("pid", &()).await?;
+    let same = session.call::<u32>("pid", &()).await? == pid;
     session.end().await?;
     say(
         json,

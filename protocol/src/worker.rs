@@ -222,6 +222,7 @@ impl Worker {
     }
 
     /// Registers a method whose handler returns one result.
+    #[must_use]
     pub fn method<F>(mut self, name: &str, handler: F) -> Self
     where
         F: FnMut(&Call) -> Result<Value, HandlerError> + 'static,
@@ -232,6 +233,7 @@ impl Worker {
     }
 
     /// Registers a method that streams chunks through the sink, then returns a final result.
+    #[must_use]
     pub fn stream_method<F>(mut self, name: &str, handler: F) -> Self
     where
         F: FnMut(&Call, &mut ChunkSink<'_>) -> Result<Value, HandlerError> + 'static,
@@ -242,6 +244,7 @@ impl Worker {
     }
 
     /// Registers a hook run before the init pong is sent (heavy setup goes here).
+    #[must_use]
     pub fn on_init<F>(mut self, hook: F) -> Self
     where
         F: FnMut() -> Result<(), HandlerError> + 'static,
@@ -251,6 +254,7 @@ impl Worker {
     }
 
     /// Registers a hook run on `reset`: it must drop all per-session state.
+    #[must_use]
     pub fn on_reset<F>(mut self, hook: F) -> Self
     where
         F: FnMut() -> Result<(), HandlerError> + 'static,

@@ -20,7 +20,7 @@ pub enum SessionEnd {
     Recycle,
 }
 
-/// Bounded retries for idempotent calls ([`Pool::call_idempotent`]): a call whose worker died
+/// Bounded retries for idempotent calls ([`CallOptions::idempotent`](crate::CallOptions::idempotent)): a call whose worker died
 /// under it is retried on another worker. Deadline overruns and remote errors are never retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retry {
@@ -123,67 +123,80 @@ impl PoolBuilder {
     }
 
     /// Names the pool.
+    #[must_use]
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.config.name = name.into();
         self
     }
     /// Core workers (default 4).
+    #[must_use]
     pub fn size(mut self, size: usize) -> Self {
         self.config.size = size;
         self
     }
     /// Extra workers started under load (default 0).
+    #[must_use]
     pub fn max_overflow(mut self, n: usize) -> Self {
         self.config.max_overflow = n;
         self
     }
     /// Idle time after which an overflow worker stops (default 30 s).
+    #[must_use]
     pub fn overflow_idle_timeout(mut self, d: Duration) -> Self {
         self.config.overflow_idle = d;
         self
     }
     /// Start workers on demand instead of at once.
+    #[must_use]
     pub fn lazy(mut self) -> Self {
         self.config.eager = false;
         self
     }
     /// Most launches at once (default 4): many interpreters importing at once fight for CPU.
+    #[must_use]
     pub fn startup_concurrency(mut self, n: usize) -> Self {
         self.config.startup_concurrency = n;
         self
     }
     /// How long a worker may take to answer its init ping (default 30 s).
+    #[must_use]
     pub fn init_timeout(mut self, d: Duration) -> Self {
         self.config.spec.set_init_timeout(d);
         self
     }
     /// Default deadline of a call (default 30 s).
+    #[must_use]
     pub fn call_timeout(mut self, d: Duration) -> Self {
         self.config.call_timeout = d;
         self
     }
     /// How long a caller waits for a worker (default 10 s).
+    #[must_use]
     pub fn checkout_timeout(mut self, d: Duration) -> Self {
         self.config.checkout_timeout = d;
         self
     }
     /// Bounds the callers waiting for a worker: one more fails at once with
     /// [`Error::Overloaded`] instead of queueing (default: no bound). 0 means never wait.
+    #[must_use]
     pub fn max_waiting(mut self, n: usize) -> Self {
         self.config.max_waiting = Some(n);
         self
     }
     /// Restart strategy (default one_for_one).
+    #[must_use]
     pub fn strategy(mut self, s: Strategy) -> Self {
         self.config.restart.strategy = s;
         self
     }
     /// Restart type of every worker (default permanent).
+    #[must_use]
     pub fn restart_type(mut self, r: RestartType) -> Self {
         self.config.restart.restart = r;
         self
     }
     /// Restart intensity: at most `max_restarts` within `within` (default 10 in 5 s).
+    #[must_use]
     pub fn intensity(mut self, max_restarts: u32, within: Duration) -> Self {
         self.config.restart.intensity = Intensity {
             max_restarts,
@@ -193,41 +206,49 @@ impl PoolBuilder {
     }
     /// Consecutive failed launches of one slot, with no ready worker between, after which the
     /// pool fails at once (default 5).
+    #[must_use]
     pub fn max_start_failures(mut self, n: u32) -> Self {
         self.config.restart.max_start_failures = n;
         self
     }
     /// Backoff between restarts of one slot.
+    #[must_use]
     pub fn backoff(mut self, b: Backoff) -> Self {
         self.config.restart.backoff = b;
         self
     }
     /// Health pings of idle workers.
+    #[must_use]
     pub fn health_check(mut self, h: HealthCheck) -> Self {
         self.config.health = h;
         self
     }
     /// Retire each worker after `n` calls.
+    #[must_use]
     pub fn max_calls(mut self, n: u64) -> Self {
         self.config.max_calls = Some(n);
         self
     }
     /// Retire each worker after it has been in service (since its init pong) for `d`.
+    #[must_use]
     pub fn max_lifetime(mut self, d: Duration) -> Self {
         self.config.max_lifetime = Some(d);
         self
     }
     /// Retire a worker whose resident memory exceeds `bytes`.
+    #[must_use]
     pub fn max_rss(mut self, bytes: u64) -> Self {
         self.config.max_rss = Some(bytes);
         self
     }
     /// Largest frame either side may send (default 8 MiB).
+    #[must_use]
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.config.spec.set_max_frame(bytes);
         self
     }
     /// The protocol channel of process workers (default fds 3/4).
+    #[must_use]
     pub fn channel(mut self, c: Channel) -> Self {
         if let WorkerSpec::Process(spec) = &mut self.config.spec {
             spec.channel = c;
@@ -235,22 +256,26 @@ impl PoolBuilder {
         self
     }
     /// What happens to a session's worker when the session ends (default reset).
+    #[must_use]
     pub fn session_end(mut self, s: SessionEnd) -> Self {
         self.config.session_end = s;
         self
     }
     /// Idle time after which a session ends by itself (default 5 min).
+    #[must_use]
     pub fn session_idle_timeout(mut self, d: Duration) -> Self {
         self.config.session_idle_timeout = d;
         self
     }
     /// Grace period when stopping a worker (default 2 s).
+    #[must_use]
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.config.shutdown_grace = d;
         self
     }
     /// How long an abandoned call may take to settle before its worker is recycled (default
     /// 5 s).
+    #[must_use]
     pub fn drain_timeout(mut self, d: Duration) -> Self {
         self.config.drain_timeout = d;
         self
@@ -258,12 +283,14 @@ impl PoolBuilder {
 
     /// How long a session's worker may take to answer its `reset` before it is recycled
     /// (default 5 s).
+    #[must_use]
     pub fn session_reset_timeout(mut self, d: Duration) -> Self {
         self.config.session_reset_timeout = d;
         self
     }
 
-    /// Retries for [`Pool::call_idempotent`] (default 3 retries, 5 ms apart).
+    /// Retries for [`CallOptions::idempotent`](crate::CallOptions::idempotent) (default 3 retries, 5 ms apart).
+    #[must_use]
     pub fn retry(mut self, max_retries: u32, delay: Duration) -> Self {
         self.config.retry = Retry { max_retries, delay };
         self

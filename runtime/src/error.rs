@@ -7,6 +7,7 @@ use wharf_actors::port::PortError;
 
 /// A pool's occupancy at the moment an error was raised.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolState {
     /// Core workers configured.
     pub size: usize,
@@ -138,6 +139,15 @@ pub enum Error {
     /// A body could not be converted to or from MessagePack, or is too large to send.
     #[error("bad body: {0}")]
     Body(String),
+    /// The worker's reply does not decode to the type the caller asked for; the worker keeps
+    /// serving. Ask for a [`wharf_protocol::Value`] to see what it sent.
+    #[error("the reply of {method} does not fit the expected type: {reason}")]
+    Reply {
+        /// The method called.
+        method: String,
+        /// Why it does not fit.
+        reason: String,
+    },
     /// The pool's configuration is invalid: `field` names the setting (as in the builder, e.g.
     /// `backoff.jitter`), `reason` says what is wrong with its value.
     #[error("invalid pool configuration: {field}: {reason}")]
@@ -177,6 +187,7 @@ impl Error {
             Error::ProtocolViolation { .. } => "protocol_violation",
             Error::Remote { .. } => "remote",
             Error::Body(_) => "body",
+            Error::Reply { .. } => "reply",
             Error::Config { .. } => "config",
         }
     }

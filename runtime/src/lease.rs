@@ -4,14 +4,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::Instrument;
-use wharf_actors::port::{PortError, StreamEvent, StreamReceiver};
+use wharf_actors::port::PortError;
 use wharf_actors::worker::{ExitKind, WorkerHandle};
 use wharf_protocol::Value;
 
+use crate::call::{decode, CallOptions, CallStream, Holder, Opened};
 use crate::error::{Error, Result};
-use crate::pool::{to_value, until, ActiveCall, Inner};
+use crate::pool::{to_value, ActiveCall, Inner};
 
 /// Exclusive use of one worker. Calls through a lease go straight to the worker's port. When
 /// the lease drops, the worker goes back to the pool — or, if a call was abandoned mid-flight,
@@ -80,22 +82,37 @@ impl Lease {
         self.queue_wait
     }
 
-    /// Calls `method` with a body that serialises to MessagePack.
-    pub async fn call<B: Serialize + ?Sized>(&mut self, method: &str, body: &B) -> Result<Value> {
-        let body = to_value(body)?;
-        self.call_value(method, body, None).await
+    /// Calls `method` with a body that serialises to MessagePack and decodes the reply as `R`
+    /// (a [`Value`] is handed over as it is).
+    pub async fn call<R: DeserializeOwned + 'static>(
+        &mut self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<R> {
+        self.call_with(method, body, CallOptions::new()).await
     }
 
-    /// Calls `method` with a MessagePack body and an optional deadline (the pool's call
-    /// timeout if `None`). A call that overruns its deadline kills the worker.
+    /// [`Lease::call`] with options for this call.
+    pub async fn call_with<R: DeserializeOwned + 'static>(
+        &mut self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+        options: CallOptions,
+    ) -> Result<R> {
+        let reply = self.call_value(method, to_value(body)?, options).await?;
+        decode(method, reply)
+    }
+
+    /// Calls `method` with a MessagePack body and returns the raw reply. A call that overruns
+    /// its deadline kills the worker.
     pub async fn call_value(
         &mut self,
         method: &str,
         body: Value,
-        deadline: Option<Duration>,
+        options: CallOptions,
     ) -> Result<Value> {
         let handle = self.live_handle()?;
-        let deadline = deadline.unwrap_or(self.pool.config.call_timeout);
+        let deadline = options.deadline.unwrap_or(self.pool.config.call_timeout);
         let id = handle.port.next_request_id();
         handle.shared.count_call();
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
@@ -134,20 +151,45 @@ impl Lease {
                 })
             }
         };
-        self.account(&result);
+        self.pool.account(&result);
         result
     }
 
     /// Calls a streaming method: returns a stream of its chunks, which ends with the result.
     /// The pool's call timeout bounds the whole stream.
-    pub async fn call_stream<B: Serialize + ?Sized>(
+    pub async fn call_stream(
         &mut self,
         method: &str,
-        body: &B,
+        body: &(impl Serialize + ?Sized),
     ) -> Result<CallStream<'_>> {
-        let body = to_value(body)?;
+        self.call_stream_with(method, body, CallOptions::new())
+            .await
+    }
+
+    /// [`Lease::call_stream`] with options for this call (its deadline bounds the whole stream).
+    pub async fn call_stream_with(
+        &mut self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+        options: CallOptions,
+    ) -> Result<CallStream<'_>> {
+        let opened = self.open_stream(method, to_value(body)?, options).await?;
+        Ok(CallStream::new(
+            self.pool.clone(),
+            opened,
+            Holder::Borrowed(self),
+        ))
+    }
+
+    /// Starts a streamed call on the leased worker; whoever keeps the lease holds the stream.
+    pub(crate) async fn open_stream(
+        &self,
+        method: &str,
+        body: Value,
+        options: CallOptions,
+    ) -> Result<Opened> {
         let handle = self.live_handle()?;
-        let deadline = self.pool.config.call_timeout;
+        let deadline = options.deadline.unwrap_or(self.pool.config.call_timeout);
         let id = handle.port.next_request_id();
         handle.shared.count_call();
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
@@ -163,13 +205,12 @@ impl Lease {
             )
             .await
             .map_err(|e| Error::from_port(&handle.shared.id, e))?;
-        Ok(CallStream {
-            lease: self,
+        Ok(Opened {
+            handle,
             rx,
-            _active: active,
-            deadline: tokio::time::Instant::now().checked_add(deadline),
+            active,
+            deadline,
             method: method.to_owned(),
-            done: false,
         })
     }
 
@@ -183,15 +224,6 @@ impl Lease {
             return Err(Error::from_port(&handle.shared.id, cause));
         }
         Ok(handle.clone())
-    }
-
-    fn account(&self, result: &Result<Value>) {
-        match result {
-            Ok(_) => {
-                self.pool.counters.ok.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => self.pool.record_error(e),
-        }
     }
 
     /// Takes the worker out of the lease without returning it to the pool.
@@ -220,57 +252,4 @@ impl Drop for Lease {
 /// A deadline in whole milliseconds for the wire, saturating (`Duration::MAX` is no limit).
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The chunks of a streamed call, then its result.
-pub struct CallStream<'a> {
-    lease: &'a mut Lease,
-    rx: StreamReceiver,
-    /// The call counts as under way until the stream is dropped.
-    _active: ActiveCall,
-    /// `None`: no limit.
-    deadline: Option<tokio::time::Instant>,
-    method: String,
-    done: bool,
-}
-
-/// One item of a [`CallStream`].
-#[derive(Debug)]
-pub enum StreamItem {
-    /// A chunk.
-    Chunk(Value),
-    /// The call's final result.
-    Done(Value),
-}
-
-impl CallStream<'_> {
-    /// The next chunk, or the final result; `None` after the result.
-    pub async fn next(&mut self) -> Option<Result<StreamItem>> {
-        if self.done {
-            return None;
-        }
-        let handle = self.lease.handle.clone()?;
-        let item = match until(self.deadline, self.rx.recv()).await {
-            Ok(Some(StreamEvent::Chunk { body, .. })) => return Some(Ok(StreamItem::Chunk(body))),
-            Ok(Some(StreamEvent::End(Ok(body)))) => Ok(StreamItem::Done(body)),
-            Ok(Some(StreamEvent::End(Err(e)))) => Err(Error::from_port(&handle.shared.id, e)),
-            // The port closed with events it could not queue: it knows why.
-            Ok(None) => Err(Error::from_port(
-                &handle.shared.id,
-                handle.port.close_reason().unwrap_or(PortError::Closed),
-            )),
-            Err(_) => {
-                handle.kill(ExitKind::DeadlineKilled);
-                Err(Error::DeadlineExceeded {
-                    worker: handle.shared.id.clone(),
-                    method: self.method.clone(),
-                    deadline: self.lease.pool.config.call_timeout,
-                })
-            }
-        };
-        self.done = true;
-        let accounted = item.as_ref().map(|_| Value::Nil).map_err(Clone::clone);
-        self.lease.account(&accounted);
-        Some(item)
-    }
 }

@@ -4,6 +4,7 @@
 //! language), called like local async functions.
 //!
 //! - [`Pool`] (`pool.rs`): checkout without a central actor, calls, stats, shutdown.
+//! - [`CallOptions`], [`CallStream`] (`call.rs`): what calls share, typed replies, streams.
 //! - [`Lease`] (`lease.rs`): one worker held by one caller.
 //! - [`Session`] (`session.rs`): one worker pinned strictly to a session id.
 //! - [`PoolConfig`] / [`PoolBuilder`] (`config.rs`): every knob.
@@ -14,6 +15,7 @@
 //! The supervisor, worker actors and process ports live in `wharf-actors`; the wire protocol
 //! and worker SDK in `wharf-protocol`.
 
+pub mod call;
 pub mod check;
 pub mod config;
 pub mod error;
@@ -23,9 +25,10 @@ pub mod pool;
 pub mod session;
 pub mod stats;
 
+pub use call::{CallOptions, CallStream, StreamItem};
 pub use config::{PoolBuilder, PoolConfig, Retry, SessionEnd};
 pub use error::{Error, PoolState, Result};
-pub use lease::{CallStream, Lease, StreamItem};
+pub use lease::Lease;
 pub use pool::{from_value, to_value, Pool, WorkerInfo, WorkerState};
 pub use session::Session;
 pub use stats::PoolStats;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use wharf_actors::port::container::{self, Sweep};
@@ -20,6 +21,7 @@ use wharf_actors::supervisor::{PoolEvents, Supervisor, SupervisorArgs, Superviso
 use wharf_actors::worker::{ExitKind, Lifecycle, WorkerHandle, WorkerShared};
 use wharf_protocol::Value;
 
+use crate::call::{decode, CallOptions, CallStream, Holder};
 use crate::config::{PoolBuilder, PoolConfig};
 use crate::error::{Error, PoolState, Result};
 use crate::lease::Lease;
@@ -163,6 +165,16 @@ impl Inner {
 
     pub fn record_error(&self, e: &Error) {
         *lock(&self.counters.errors).entry(e.kind()).or_default() += 1;
+    }
+
+    /// Counts a call's outcome.
+    pub fn account<T>(&self, result: &Result<T>) {
+        match result {
+            Ok(_) => {
+                self.counters.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.record_error(e),
+        }
     }
 
     /// Takes a ready worker, waiting up to `timeout`.
@@ -341,7 +353,7 @@ impl Inner {
 }
 
 /// The resident memory of a process, from `/proc/<pid>/status` (Linux).
-pub fn resident_bytes(pid: u32) -> Option<u64> {
+pub(crate) fn resident_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -487,6 +499,7 @@ pub enum WorkerState {
 
 /// One running worker, as [`Pool::worker_info`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WorkerInfo {
     /// The worker's name: `pool-slot.launch`.
     pub id: String,
@@ -507,7 +520,7 @@ pub struct WorkerInfo {
 /// use wharf::{Pool, ProcessSpec};
 /// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
 /// let pool = Pool::builder(spec).size(4).build().await?;
-/// let reply = pool.call("echo", "hello").await?;
+/// let reply: String = pool.call("echo", "hello").await?;
 /// pool.shutdown().await;
 /// # Ok(()) }
 /// ```
@@ -671,38 +684,59 @@ impl Pool {
     }
 
     /// Calls `method` only if a worker is free now; [`Error::Overloaded`] at once otherwise.
-    pub async fn try_call<B: Serialize + ?Sized>(&self, method: &str, body: &B) -> Result<Value> {
-        let body = to_value(body)?;
-        let mut lease = self.try_checkout().await?;
-        lease.call_value(method, body, None).await
-    }
-
-    /// Calls `method` on any free worker with a body that serialises to MessagePack.
-    pub async fn call<B: Serialize + ?Sized>(&self, method: &str, body: &B) -> Result<Value> {
-        let body = to_value(body)?;
-        self.call_value(method, body).await
-    }
-
-    /// Calls `method` with a MessagePack value as body.
-    pub async fn call_value(&self, method: &str, body: Value) -> Result<Value> {
-        let mut lease = self.checkout().await?;
-        lease.call_value(method, body, None).await
-    }
-
-    /// Calls an idempotent method: if its worker dies under it (`WorkerDied`), the call is
-    /// retried on another worker, up to the pool's retry limit. Deadline overruns, remote
-    /// errors and protocol violations are returned at once, never retried.
-    pub async fn call_idempotent<B: Serialize + ?Sized>(
+    pub async fn try_call<R: DeserializeOwned + 'static>(
         &self,
         method: &str,
-        body: &B,
-    ) -> Result<Value> {
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<R> {
         let body = to_value(body)?;
+        let mut lease = self.try_checkout().await?;
+        let reply = lease.call_value(method, body, CallOptions::new()).await?;
+        decode(method, reply)
+    }
+
+    /// Calls `method` on any free worker with a body that serialises to MessagePack, and
+    /// decodes the reply as `R` (a [`Value`] is handed over as it is).
+    pub async fn call<R: DeserializeOwned + 'static>(
+        &self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<R> {
+        self.call_with(method, body, CallOptions::new()).await
+    }
+
+    /// [`Pool::call`] with options for this call: its own deadline, idempotent retries.
+    pub async fn call_with<R: DeserializeOwned + 'static>(
+        &self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+        options: CallOptions,
+    ) -> Result<R> {
+        let reply = self.call_value(method, to_value(body)?, options).await?;
+        decode(method, reply)
+    }
+
+    /// Calls `method` with a MessagePack value as body and returns the raw reply.
+    ///
+    /// An idempotent call ([`CallOptions::idempotent`]) whose worker dies under it
+    /// (`WorkerDied`) is retried on another worker, up to the pool's retry limit.
+    pub async fn call_value(
+        &self,
+        method: &str,
+        body: Value,
+        options: CallOptions,
+    ) -> Result<Value> {
+        if !options.idempotent {
+            let mut lease = self.checkout().await?;
+            return lease.call_value(method, body, options).await;
+        }
         let retry = self.inner.config.retry;
         let mut attempt = 0;
         loop {
-            match self.call_value(method, body.clone()).await {
+            let mut lease = self.checkout().await?;
+            match lease.call_value(method, body.clone(), options).await {
                 Err(Error::WorkerDied { .. }) if attempt < retry.max_retries => {
+                    drop(lease);
                     attempt += 1;
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(retry.delay).await;
@@ -710,6 +744,35 @@ impl Pool {
                 other => return other,
             }
         }
+    }
+
+    /// Calls a streaming method on any free worker: its chunks, then its result. The worker
+    /// stays checked out until the stream ends or is dropped.
+    pub async fn call_stream(
+        &self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<CallStream<'static>> {
+        self.call_stream_with(method, body, CallOptions::new())
+            .await
+    }
+
+    /// [`Pool::call_stream`] with options for this call (its deadline bounds the whole
+    /// stream; a stream is never retried).
+    pub async fn call_stream_with(
+        &self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+        options: CallOptions,
+    ) -> Result<CallStream<'static>> {
+        let body = to_value(body)?;
+        let lease = self.checkout().await?;
+        let opened = lease.open_stream(method, body, options).await?;
+        Ok(CallStream::new(
+            self.inner.clone(),
+            opened,
+            Holder::Owned(lease),
+        ))
     }
 
     /// Opens a session: one worker pinned exclusively to `id` until the session ends.

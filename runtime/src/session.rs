@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use wharf_protocol::Value;
 
+use crate::call::{decode, CallOptions, CallStream, Holder};
 use crate::config::SessionEnd;
 use crate::error::{Error, Result};
 use crate::lease::Lease;
@@ -27,7 +29,7 @@ enum Pin {
 struct SessionInner {
     id: String,
     pool: Arc<Inner>,
-    pin: tokio::sync::Mutex<Pin>,
+    pin: Arc<tokio::sync::Mutex<Pin>>,
     last_used: Mutex<Instant>,
     /// Whether this session still holds its id in the pool's registry (a lost or ended
     /// session gives it up, and a new session may then take it).
@@ -35,6 +37,40 @@ struct SessionInner {
 }
 
 impl SessionInner {
+    /// The session's lease, if the session is still open; why not otherwise.
+    fn open_lease<'p>(&self, pin: &'p mut Pin) -> Result<&'p mut Lease> {
+        match pin {
+            Pin::Open(lease) => Ok(lease),
+            Pin::Lost(cause) => Err(self.lost(cause.clone())),
+            Pin::Ended(why) => Err(Error::SessionEnded {
+                session: self.id.clone(),
+                why,
+            }),
+        }
+    }
+
+    /// What a failed call means for the session. A remote error or a bad body leaves the
+    /// worker serving; any other failure means the worker is gone (died, killed on deadline,
+    /// broke the protocol), and the session's state went with it.
+    fn failed(&self, pin: &mut Pin, e: Error) -> Error {
+        match e {
+            e @ (Error::Remote { .. } | Error::Body(_) | Error::Reply { .. }) => e,
+            e => {
+                let cause = e.to_string();
+                *pin = Pin::Lost(cause.clone());
+                self.release_id();
+                self.lost(cause)
+            }
+        }
+    }
+
+    fn lost(&self, cause: String) -> Error {
+        Error::SessionLost {
+            session: self.id.clone(),
+            cause,
+        }
+    }
+
     /// Gives the session's id back to the pool, once.
     fn release_id(&self) {
         if self.registered.swap(false, Ordering::AcqRel) {
@@ -86,7 +122,7 @@ impl Session {
         let inner = Arc::new(SessionInner {
             id,
             pool,
-            pin: tokio::sync::Mutex::new(Pin::Open(lease)),
+            pin: Arc::new(tokio::sync::Mutex::new(Pin::Open(lease))),
             last_used: Mutex::new(Instant::now()),
             registered: AtomicBool::new(true),
         });
@@ -116,52 +152,77 @@ impl Session {
         }
     }
 
-    /// Calls `method` on the pinned worker.
-    pub async fn call<B: Serialize + ?Sized>(&self, method: &str, body: &B) -> Result<Value> {
-        self.call_value(method, to_value(body)?, None).await
+    /// Calls `method` on the pinned worker and decodes the reply as `R` (a [`Value`] is
+    /// handed over as it is).
+    pub async fn call<R: DeserializeOwned + 'static>(
+        &self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<R> {
+        self.call_with(method, body, CallOptions::new()).await
     }
 
-    /// Calls `method` on the pinned worker with a MessagePack body and optional deadline.
+    /// [`Session::call`] with options for this call.
+    pub async fn call_with<R: DeserializeOwned + 'static>(
+        &self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+        options: CallOptions,
+    ) -> Result<R> {
+        let reply = self.call_value(method, to_value(body)?, options).await?;
+        decode(method, reply)
+    }
+
+    /// Calls `method` on the pinned worker with a MessagePack body; the raw reply.
     pub async fn call_value(
         &self,
         method: &str,
         body: Value,
-        deadline: Option<Duration>,
+        options: CallOptions,
     ) -> Result<Value> {
         let mut pin = self.inner.pin.lock().await;
         // Idle time counts from the end of the last call: while a call runs, the pin is locked
         // and the session cannot expire; when it ends, the clock starts again.
         let _touch = Touch(&self.inner.last_used);
-        let lease = match &mut *pin {
-            Pin::Open(lease) => lease,
-            Pin::Lost(cause) => return Err(self.lost(cause.clone())),
-            Pin::Ended(why) => {
-                return Err(Error::SessionEnded {
-                    session: self.inner.id.clone(),
-                    why,
-                })
-            }
-        };
-        let result = lease.call_value(method, body, deadline).await;
-        match result {
-            Err(e @ Error::Remote { .. }) | Err(e @ Error::Body(_)) => Err(e),
-            Err(e) => {
-                // Any other failure means the worker is gone (died, killed on deadline, broke
-                // the protocol): the session's state went with it.
-                let cause = e.to_string();
-                *pin = Pin::Lost(cause.clone());
-                self.inner.release_id();
-                Err(self.lost(cause))
-            }
-            ok => ok,
-        }
+        let lease = self.inner.open_lease(&mut pin)?;
+        let result = lease.call_value(method, body, options).await;
+        result.map_err(|e| self.inner.failed(&mut pin, e))
     }
 
-    fn lost(&self, cause: String) -> Error {
-        Error::SessionLost {
-            session: self.inner.id.clone(),
-            cause,
-        }
+    /// Calls a streaming method on the pinned worker. The session's other calls wait until
+    /// the stream ends or is dropped.
+    pub async fn call_stream(
+        &self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+    ) -> Result<CallStream<'static>> {
+        self.call_stream_with(method, body, CallOptions::new())
+            .await
+    }
+
+    /// [`Session::call_stream`] with options for this call.
+    pub async fn call_stream_with(
+        &self,
+        method: &str,
+        body: &(impl Serialize + ?Sized),
+        options: CallOptions,
+    ) -> Result<CallStream<'static>> {
+        let body = to_value(body)?;
+        let mut pin = self.inner.pin.clone().lock_owned().await;
+        let opened = {
+            let _touch = Touch(&self.inner.last_used);
+            let lease = self.inner.open_lease(&mut pin)?;
+            match lease.open_stream(method, body, options).await {
+                Ok(opened) => opened,
+                Err(e) => return Err(self.inner.failed(&mut pin, e)),
+            }
+        };
+        let pool = self.inner.pool.clone();
+        let hold = SessionHold {
+            pin,
+            session: self.inner.clone(),
+        };
+        Ok(CallStream::new(pool, opened, Holder::Session(hold)))
     }
 
     /// Ends the session now: the worker is reset (or recycled, by policy) before anyone else
@@ -185,6 +246,27 @@ impl Session {
         let (pool, id) = (self.inner.pool.clone(), self.inner.id.clone());
         let _ = tokio::spawn(async move { finish(&pool, &id, lease).await }).await;
         Ok(())
+    }
+}
+
+/// A session's pinned worker held by a stream: the session's other calls wait for it, and a
+/// failure that loses the worker loses the session.
+pub(crate) struct SessionHold {
+    pin: tokio::sync::OwnedMutexGuard<Pin>,
+    session: Arc<SessionInner>,
+}
+
+impl SessionHold {
+    /// What a failed stream means for the session.
+    pub(crate) fn failed(&mut self, e: Error) -> Error {
+        self.session.failed(&mut self.pin, e)
+    }
+}
+
+impl Drop for SessionHold {
+    fn drop(&mut self) {
+        // The session's idle time counts from the end of its stream.
+        *lock_instant(&self.session.last_used) = Instant::now();
     }
 }
 
@@ -215,8 +297,12 @@ struct Touch<'a>(&'a Mutex<Instant>);
 
 impl Drop for Touch<'_> {
     fn drop(&mut self) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *lock_instant(self.0) = Instant::now();
     }
+}
+
+fn lock_instant(m: &Mutex<Instant>) -> std::sync::MutexGuard<'_, Instant> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Cleans a session's worker before it returns to the pool: reset, or retire. The lease only
@@ -262,7 +348,11 @@ async fn finish(pool: &Arc<Inner>, session: &str, mut lease: Lease) {
 
 impl Drop for SessionInner {
     fn drop(&mut self) {
-        let pin = std::mem::replace(self.pin.get_mut(), Pin::Ended("closed"));
+        // No stream holds the pin any more: a stream keeps its session alive.
+        let Ok(mut pin) = self.pin.try_lock() else {
+            return;
+        };
+        let pin = std::mem::replace(&mut *pin, Pin::Ended("closed"));
         self.release_id();
         if let Pin::Open(mut lease) = pin {
             let pool = self.pool.clone();

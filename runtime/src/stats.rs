@@ -10,6 +10,7 @@ use crate::pool::Inner;
 
 /// A pool's statistics at one moment. Serialises to JSON for dashboards.
 #[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
 pub struct PoolStats {
     /// The pool's name.
     pub name: String,

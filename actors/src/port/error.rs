@@ -9,6 +9,7 @@ use wharf_protocol::ProtocolError;
 
 /// How a worker process ended, with the last lines it wrote to stderr.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ExitInfo {
     /// The exit status, if the process was reaped in time to know it.
     pub status: Option<ExitStatus>,

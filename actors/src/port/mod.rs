@@ -64,6 +64,7 @@ impl From<ContainerSpec> for WorkerSpec {
 
 impl WorkerSpec {
     /// Names the worker (in logs and in `WHARF_WORKER_ID`).
+    #[must_use]
     pub fn worker_id(self, id: impl Into<String>) -> Self {
         match self {
             WorkerSpec::Process(spec) => WorkerSpec::Process(spec.worker_id(id)),
@@ -185,14 +186,22 @@ impl std::fmt::Debug for StreamReceiver {
 impl StreamReceiver {
     /// The next event; `None` once the stream has ended (or the port closed without an end).
     pub async fn recv(&mut self) -> Option<StreamEvent> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Polls for the next event, as [`StreamReceiver::recv`] waits for it.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<StreamEvent>> {
         if self.ended {
-            return None;
+            return std::task::Poll::Ready(None);
         }
-        let event = self.rx.recv().await;
+        let event = std::task::ready!(self.rx.poll_recv(cx));
         if !matches!(event, Some(StreamEvent::Chunk { .. })) {
             self.ended = true;
         }
-        event
+        std::task::Poll::Ready(event)
     }
 
     /// How many events wait to be received (at most [`STREAM_BUFFER`]).

@@ -108,6 +108,7 @@ impl ProcessSpec {
     }
 
     /// Adds arguments.
+    #[must_use]
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -118,6 +119,7 @@ impl ProcessSpec {
     }
 
     /// Sets one environment variable.
+    #[must_use]
     pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
         let key = key.into();
         self.env.retain(|(k, _)| *k != key);
@@ -126,30 +128,35 @@ impl ProcessSpec {
     }
 
     /// Sets the channel.
+    #[must_use]
     pub fn channel(mut self, channel: Channel) -> Self {
         self.channel = channel;
         self
     }
 
     /// Sets the init timeout.
+    #[must_use]
     pub fn init_timeout(mut self, timeout: Duration) -> Self {
         self.init_timeout = timeout;
         self
     }
 
     /// Sets the max frame.
+    #[must_use]
     pub fn max_frame(mut self, max_frame: usize) -> Self {
         self.max_frame = max_frame;
         self
     }
 
     /// Sets the worker's name.
+    #[must_use]
     pub fn worker_id(mut self, id: impl Into<String>) -> Self {
         self.worker_id = id.into();
         self
     }
 
     /// Requires the group watchdog (see [`ProcessSpec::require_watchdog`]).
+    #[must_use]
     pub fn require_watchdog(mut self, required: bool) -> Self {
         self.require_watchdog = required;
         self
