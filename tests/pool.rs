@@ -353,17 +353,117 @@ async fn workers_are_recycled_after_max_calls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_are_recycled_when_their_rss_exceeds_max_rss() {
-    let pool = ready(builder(1).max_rss(150 * 1024 * 1024), 1).await;
+    // Memory is sampled off the calls' path, every sample interval: an idle worker over the
+    // limit is retired at the next sample.
+    let period = Duration::from_millis(50);
+    let pool = ready(
+        builder(1)
+            .max_rss(150 * 1024 * 1024)
+            .sample_interval(period),
+        1,
+    )
+    .await;
     let first = pid_of_some_worker(&pool).await;
+    tokio::time::sleep(period * 4).await;
     assert_eq!(
         pid_of_some_worker(&pool).await,
         first,
         "a small worker stays"
     );
     pool.call::<Value>("alloc", &200).await.unwrap();
+    assert!(
+        eventually(SETTLE, || !pid_exists(first)).await,
+        "the worker holding 200 MiB was recycled"
+    );
     let next = pid_of_some_worker(&pool).await;
-    assert_ne!(next, first, "the worker holding 200 MiB was recycled");
+    assert_ne!(next, first);
+    let stats = pool.stats();
+    assert_eq!((stats.replacements, stats.restarts), (1, 0), "{stats:?}");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_over_max_rss_is_recycled_when_it_comes_back() {
+    let period = Duration::from_millis(50);
+    let pool = ready(
+        builder(1)
+            .max_rss(150 * 1024 * 1024)
+            .sample_interval(period),
+        1,
+    )
+    .await;
+    let mut lease = pool.checkout().await.unwrap();
+    let first = lease.pid();
+    lease.call::<()>("alloc", &200).await.unwrap();
+    // Held across several samples: nobody takes it from its caller.
+    tokio::time::sleep(period * 6).await;
+    assert!(lease.is_alive());
+    assert_eq!(lease.call::<u8>("echo", &1).await.unwrap(), 1);
+    drop(lease);
     assert!(eventually(SETTLE, || !pid_exists(first)).await);
+    assert_ne!(pid_of_some_worker(&pool).await, first);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_events_tell_hooks_what_happened() {
+    use wharf::{ExitKind, PoolEvent};
+    let pool = builder(1).build().await.unwrap();
+    let mut events = pool.events();
+    pool.wait_ready(1, SETTLE).await.unwrap();
+    let session = pool.session("s").await.unwrap();
+    let pid = session.pid().await.unwrap();
+    let err = session.call::<Value>("crash", &9).await.unwrap_err();
+    assert!(matches!(err, Error::SessionLost { .. }), "{err:?}");
+    pool.wait_ready(1, SETTLE).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + SETTLE;
+    while Instant::now() < deadline {
+        let event = tokio::time::timeout(SETTLE, events.recv())
+            .await
+            .expect("an event in time")
+            .expect("no event lost");
+        let ready_again = matches!(&event, PoolEvent::WorkerReady { pid: p, .. } if *p != pid);
+        seen.push(event);
+        if ready_again {
+            break;
+        }
+    }
+    let first_ready = seen
+        .iter()
+        .position(|e| matches!(e, PoolEvent::WorkerReady { pid: p, .. } if *p == pid));
+    let crashed = seen.iter().position(|e| {
+        matches!(
+            e,
+            PoolEvent::WorkerExited {
+                cause: ExitKind::Crashed(_),
+                ..
+            }
+        )
+    });
+    let lost = seen
+        .iter()
+        .position(|e| matches!(e, PoolEvent::SessionLost { session, .. } if session == "s"));
+    let restarting = seen
+        .iter()
+        .position(|e| matches!(e, PoolEvent::Restarting { slot: 0, .. }));
+    let starting = seen
+        .iter()
+        .rposition(|e| matches!(e, PoolEvent::WorkerStarting { slot: 0, .. }));
+    let (Some(ready), Some(crashed), Some(lost), Some(restarting), Some(starting)) =
+        (first_ready, crashed, lost, restarting, starting)
+    else {
+        panic!("missing events: {seen:#?}");
+    };
+    assert!(
+        ready < crashed && crashed < restarting && restarting < starting,
+        "{seen:#?}"
+    );
+    assert!(ready < lost, "{seen:#?}");
+    match seen.last() {
+        Some(PoolEvent::WorkerReady { pool: name, .. }) => assert_eq!(name, pool.name()),
+        other => panic!("{other:?}"),
+    }
     pool.shutdown().await;
 }
 

@@ -105,6 +105,20 @@ impl ExitKind {
     pub fn is_replacement(&self) -> bool {
         matches!(self, ExitKind::DeadlineKilled | ExitKind::Recycled(_))
     }
+
+    /// A short stable name for the cause, for metrics and logs: `normal`, `crashed`,
+    /// `unresponsive`, `deadline`, `recycled`, `stopped` or `unfit`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ExitKind::Normal => "normal",
+            ExitKind::Crashed(_) => "crashed",
+            ExitKind::Unresponsive => "unresponsive",
+            ExitKind::DeadlineKilled => "deadline",
+            ExitKind::Recycled(_) => "recycled",
+            ExitKind::Stopped => "stopped",
+            ExitKind::Unfit(_) => "unfit",
+        }
+    }
 }
 
 /// What a worker's actor and its holders share: its state, counters and how it ended.
@@ -121,6 +135,8 @@ pub struct WorkerShared {
     exit: Mutex<Option<ExitKind>>,
     port: OnceLock<Arc<Port>>,
     ready_at: OnceLock<Instant>,
+    /// Resident memory at the last sample, in bytes (0: not sampled yet).
+    rss: AtomicU64,
 }
 
 impl WorkerShared {
@@ -136,6 +152,7 @@ impl WorkerShared {
             exit: Mutex::new(None),
             port: OnceLock::new(),
             ready_at: OnceLock::new(),
+            rss: AtomicU64::new(0),
         }
     }
 
@@ -171,6 +188,16 @@ impl WorkerShared {
     /// Counts one call; returns the count so far.
     pub fn count_call(&self) -> u64 {
         self.calls.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Records a sample of the worker's resident memory, in bytes.
+    pub fn set_rss(&self, bytes: u64) {
+        self.rss.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The worker's resident memory at the last sample, in bytes (0: not sampled yet).
+    pub fn rss(&self) -> u64 {
+        self.rss.load(Ordering::Relaxed)
     }
 
     /// Calls served so far.

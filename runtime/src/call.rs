@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use wharf_actors::port::{PortError, StreamEvent, StreamReceiver};
@@ -138,6 +138,7 @@ pub struct CallStream<'a> {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     deadline: Duration,
     method: String,
+    started: Instant,
     done: bool,
 }
 
@@ -158,6 +159,7 @@ pub(crate) struct Opened {
     pub active: ActiveCall,
     pub deadline: Duration,
     pub method: String,
+    pub started: Instant,
 }
 
 impl<'a> CallStream<'a> {
@@ -174,6 +176,7 @@ impl<'a> CallStream<'a> {
             timer,
             deadline: opened.deadline,
             method: opened.method,
+            started: opened.started,
             done: false,
         }
     }
@@ -222,7 +225,8 @@ impl<'a> CallStream<'a> {
             }
         };
         self.done = true;
-        self.pool.account(&item);
+        self.pool
+            .account(&self.method, &item, self.started.elapsed());
         let item = match (item, &mut self.holder) {
             (Err(e), Holder::Session(hold)) => Err(hold.failed(e)),
             (item, _) => item,

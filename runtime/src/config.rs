@@ -71,8 +71,12 @@ pub struct PoolConfig {
     pub max_calls: Option<u64>,
     /// Retire a worker after it has been in service (since its init pong) this long.
     pub max_lifetime: Option<Duration>,
-    /// Retire a worker whose process's resident memory exceeds this many bytes.
+    /// Retire a worker whose process's resident memory exceeds this many bytes (sampled every
+    /// `sample_interval`, never on a call's path).
     pub max_rss: Option<u64>,
+    /// How often the pool samples its workers' memory (for `max_rss`) and publishes its gauges
+    /// (with the `metrics` feature).
+    pub sample_interval: Duration,
     /// What happens to a session's worker when the session ends.
     pub session_end: SessionEnd,
     /// Sessions unused this long end by themselves.
@@ -112,6 +116,7 @@ impl PoolBuilder {
                 max_calls: None,
                 max_lifetime: None,
                 max_rss: None,
+                sample_interval: Duration::from_secs(1),
                 session_end: SessionEnd::Reset,
                 session_idle_timeout: Duration::from_secs(300),
                 shutdown_grace: Duration::from_secs(2),
@@ -235,10 +240,18 @@ impl PoolBuilder {
         self.config.max_lifetime = Some(d);
         self
     }
-    /// Retire a worker whose resident memory exceeds `bytes`.
+    /// Retire a worker whose resident memory exceeds `bytes`: an idle one at the next sample,
+    /// a busy one when it comes back after that sample.
     #[must_use]
     pub fn max_rss(mut self, bytes: u64) -> Self {
         self.config.max_rss = Some(bytes);
+        self
+    }
+
+    /// How often workers' memory is sampled and gauges are published (default 1 s).
+    #[must_use]
+    pub fn sample_interval(mut self, d: Duration) -> Self {
+        self.config.sample_interval = d;
         self
     }
     /// Largest frame either side may send (default 8 MiB).
@@ -365,6 +378,7 @@ impl PoolConfig {
             nonzero("overflow_idle_timeout", self.overflow_idle)?;
         }
         nonzero("session_idle_timeout", self.session_idle_timeout)?;
+        nonzero("sample_interval", self.sample_interval)?;
         nonzero("intensity.within", self.restart.intensity.within)?;
         if self.restart.max_start_failures == 0 {
             return bad("max_start_failures", "must be at least 1");

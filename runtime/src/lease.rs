@@ -151,7 +151,7 @@ impl Lease {
                 })
             }
         };
-        self.pool.account(&result);
+        self.pool.account(method, &result, started.elapsed());
         result
     }
 
@@ -211,6 +211,7 @@ impl Lease {
             active,
             deadline,
             method: method.to_owned(),
+            started: Instant::now(),
         })
     }
 

@@ -9,6 +9,8 @@
 //! - [`Session`] (`session.rs`): one worker pinned strictly to a session id.
 //! - [`PoolConfig`] / [`PoolBuilder`] (`config.rs`): every knob.
 //! - [`Error`] (`error.rs`): what callers see.
+//! - [`PoolEvent`] (`events.rs`): lifecycle events for hooks; [`telemetry`]: metrics (the
+//!   `metrics` feature).
 //! - [`check`]: the protocol conformance checker behind `wharf check`.
 //! - [`image`]: worker images built locally through the engine's import API (`wharf image`).
 //!
@@ -19,15 +21,18 @@ pub mod call;
 pub mod check;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod image;
 pub mod lease;
 pub mod pool;
 pub mod session;
 pub mod stats;
+pub mod telemetry;
 
 pub use call::{CallOptions, CallStream, StreamItem};
 pub use config::{PoolBuilder, PoolConfig, Retry, SessionEnd};
 pub use error::{Error, PoolState, Result};
+pub use events::{ExitKind, PoolEvent};
 pub use lease::Lease;
 pub use pool::{from_value, to_value, Pool, WorkerInfo, WorkerState};
 pub use session::Session;

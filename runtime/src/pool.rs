@@ -24,9 +24,11 @@ use wharf_protocol::Value;
 use crate::call::{decode, CallOptions, CallStream, Holder};
 use crate::config::{PoolBuilder, PoolConfig};
 use crate::error::{Error, PoolState, Result};
+use crate::events::{EventSender, PoolEvent};
 use crate::lease::Lease;
 use crate::session::Session;
 use crate::stats::PoolStats;
+use crate::telemetry::Telemetry;
 
 /// Where the pool is in its life.
 #[derive(Debug, Clone)]
@@ -74,6 +76,10 @@ pub(crate) struct Inner {
     /// Woken when a worker becomes ready and when the pool's status changes (not on every
     /// checkin: that is the hot path; waiters poll as well).
     changed: Notify,
+    /// Lifecycle events, for whoever subscribed.
+    pub events: EventSender,
+    /// Metrics, with the `metrics` feature.
+    pub telemetry: Telemetry,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,6 +128,16 @@ impl Inner {
         matches!(*lock(&self.status), Status::Failed { .. })
     }
 
+    /// The pool's status, as a label: `running`, `failed`, `no_workers` or `shut_down`.
+    pub fn status_label(&self) -> &'static str {
+        match *lock(&self.status) {
+            Status::Running => "running",
+            Status::Failed { .. } => "failed",
+            Status::NoWorkers(_) => "no_workers",
+            Status::ShutDown => "shut_down",
+        }
+    }
+
     pub fn state(&self) -> PoolState {
         let workers = lock(&self.workers);
         let mut state = PoolState {
@@ -167,14 +183,19 @@ impl Inner {
         *lock(&self.counters.errors).entry(e.kind()).or_default() += 1;
     }
 
-    /// Counts a call's outcome.
-    pub fn account<T>(&self, result: &Result<T>) {
-        match result {
+    /// Counts a call's outcome; `took` is how long it ran.
+    pub fn account<T>(&self, method: &str, result: &Result<T>, took: Duration) {
+        let outcome = match result {
             Ok(_) => {
                 self.counters.ok.fetch_add(1, Ordering::Relaxed);
+                "ok"
             }
-            Err(e) => self.record_error(e),
-        }
+            Err(e) => {
+                self.record_error(e);
+                e.kind()
+            }
+        };
+        self.telemetry.call(method, outcome, took);
     }
 
     /// Takes a ready worker, waiting up to `timeout`.
@@ -235,6 +256,7 @@ impl Inner {
             if handle.port.is_open() && handle.shared.try_hold() {
                 let waited = started.map_or(Duration::ZERO, |t| t.elapsed());
                 self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
+                self.telemetry.checkout(waited);
                 if !waited.is_zero() {
                     self.counters
                         .checkout_wait_ns
@@ -252,6 +274,10 @@ impl Inner {
     /// Fails the pool for good: callers get [`Error::PoolFailed`] with `reason` from now on,
     /// and idle workers are killed.
     fn fail(&self, reason: String, errors: Vec<PortError>) {
+        self.events.emit(|| PoolEvent::PoolFailed {
+            pool: self.config.name.clone(),
+            reason: reason.clone(),
+        });
         self.set_status(Status::Failed { reason, errors });
         for h in lock(&self.idle).drain(..) {
             h.kill(ExitKind::Stopped);
@@ -343,10 +369,9 @@ impl Inner {
         {
             return Some("max_lifetime reached");
         }
-        if let Some(max) = c.max_rss {
-            if resident_bytes(handle.port.pid()).is_some_and(|rss| rss > max) {
-                return Some("max_rss exceeded");
-            }
+        // The last sample, taken off the hot path (see `sample`).
+        if c.max_rss.is_some_and(|max| handle.shared.rss() > max) {
+            return Some("max_rss exceeded");
         }
         None
     }
@@ -415,12 +440,17 @@ impl Drop for Inner {
 }
 
 /// The supervisor's view of the pool.
-struct Events(Weak<Inner>);
+struct SupervisorView(Weak<Inner>);
 
-impl PoolEvents for Events {
+impl PoolEvents for SupervisorView {
     fn worker_starting(&self, worker: &Arc<WorkerShared>) {
         if let Some(pool) = self.0.upgrade() {
             lock(&pool.workers).insert(worker.id.clone(), worker.clone());
+            pool.events.emit(|| PoolEvent::WorkerStarting {
+                pool: pool.config.name.clone(),
+                worker: worker.id.clone(),
+                slot: worker.slot,
+            });
         }
     }
 
@@ -430,6 +460,17 @@ impl PoolEvents for Events {
             return;
         };
         tracing::debug!(pool = %pool.config.name, worker = %handle.shared.id, pid = handle.port.pid(), "worker ready");
+        pool.events.emit(|| PoolEvent::WorkerReady {
+            pool: pool.config.name.clone(),
+            worker: handle.shared.id.clone(),
+            pid: handle.port.pid(),
+        });
+        if pool.config.max_rss.is_some() {
+            // A fresh worker over the limit is unfit: sampled now, once, before it serves.
+            if let Some(rss) = resident_bytes(handle.port.pid()) {
+                handle.shared.set_rss(rss);
+            }
+        }
         if let Some(reason) = pool.recycle_reason(&handle) {
             // Over a limit before it served anything: no replacement would do better, so this
             // is a failure under the restart policy, not a recycling.
@@ -449,20 +490,38 @@ impl PoolEvents for Events {
                 if kind.is_replacement() {
                     pool.counters.replacements.fetch_add(1, Ordering::Relaxed);
                 }
+                pool.telemetry.exit(kind.label(), kind.is_replacement());
+                pool.events.emit(|| PoolEvent::WorkerExited {
+                    pool: pool.config.name.clone(),
+                    worker: worker.id.clone(),
+                    cause: kind.clone(),
+                });
             }
         }
     }
 
-    fn start_failed(&self, worker: &Arc<WorkerShared>, _error: &PortError) {
+    fn start_failed(&self, worker: &Arc<WorkerShared>, error: &PortError) {
         if let Some(pool) = self.0.upgrade() {
             lock(&pool.workers).remove(&worker.id);
             pool.counters.start_failures.fetch_add(1, Ordering::Relaxed);
+            pool.telemetry.start_failed();
+            pool.events.emit(|| PoolEvent::StartFailed {
+                pool: pool.config.name.clone(),
+                worker: worker.id.clone(),
+                error: error.to_string(),
+            });
         }
     }
 
-    fn restarting(&self, _slot: usize, _delay: Duration) {
+    fn restarting(&self, slot: usize, delay: Duration) {
         if let Some(pool) = self.0.upgrade() {
             pool.counters.restarts.fetch_add(1, Ordering::Relaxed);
+            pool.telemetry.restart();
+            pool.events.emit(|| PoolEvent::Restarting {
+                pool: pool.config.name.clone(),
+                slot,
+                delay,
+            });
         }
     }
 
@@ -474,6 +533,10 @@ impl PoolEvents for Events {
 
     fn exhausted(&self, last_exit: String) {
         if let Some(pool) = self.0.upgrade() {
+            pool.events.emit(|| PoolEvent::NoWorkers {
+                pool: pool.config.name.clone(),
+                last_exit: last_exit.clone(),
+            });
             pool.set_status(Status::NoWorkers(last_exit));
         }
     }
@@ -572,6 +635,8 @@ impl Pool {
             sessions: Mutex::new(HashSet::new()),
             draining: Mutex::new(HashSet::new()),
             changed: Notify::new(),
+            events: EventSender::new(),
+            telemetry: Telemetry::new(&config.name),
             config,
         });
         let c = &inner.config;
@@ -587,7 +652,7 @@ impl Pool {
             health: c.health,
             shutdown_grace: c.shutdown_grace,
             max_lifetime: c.max_lifetime,
-            events: Arc::new(Events(Arc::downgrade(&inner))),
+            events: Arc::new(SupervisorView(Arc::downgrade(&inner))),
         };
         static SUPERVISORS: AtomicU64 = AtomicU64::new(0);
         let name = format!(
@@ -629,7 +694,15 @@ impl Pool {
                 port.kill(PortError::Closed);
             }
         });
+        if inner.config.max_rss.is_some() || Telemetry::ENABLED {
+            tokio::spawn(sample(Arc::downgrade(&inner)));
+        }
         Ok(Pool { inner })
+    }
+
+    /// Subscribes to the pool's lifecycle events (from now on). See [`PoolEvent`].
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<PoolEvent> {
+        self.inner.events.subscribe()
     }
 
     /// The pool's name.
@@ -874,6 +947,54 @@ impl Pool {
             if let Err(e) = swept {
                 tracing::warn!(pool = %inner.config.name, error = %e, "cannot remove the pool's containers");
             }
+        }
+    }
+}
+
+/// Samples the pool every `sample_interval`, off the hot path: each worker's resident memory
+/// (for `max_rss`: an idle worker over the limit is retired now, a busy one when it comes
+/// back), and the gauges of the `metrics` feature. Ends, after a last sample, with the pool.
+async fn sample(pool: Weak<Inner>) {
+    let Some(period) = pool.upgrade().map(|p| p.config.sample_interval) else {
+        return;
+    };
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let workers: Vec<_> = lock(&pool.workers).values().cloned().collect();
+        let mut total = 0;
+        for w in &workers {
+            let Some(pid) = w.port().map(|p| p.pid()).filter(|&pid| pid != 0) else {
+                continue;
+            };
+            let Some(rss) = resident_bytes(pid) else {
+                continue;
+            };
+            w.set_rss(rss);
+            total += rss;
+            if pool.config.max_rss.is_some_and(|max| rss > max) {
+                // Idle in the stack: taken (under the stack's lock, so no caller is between
+                // popping it and holding it) and retired now; whoever pops it later discards
+                // it. A busy worker is retired when it comes back (`recycle_reason`).
+                let idle = lock(&pool.idle);
+                if let Some(handle) = idle.iter().find(|h| h.shared.id == w.id) {
+                    if handle.shared.try_hold() {
+                        tracing::debug!(worker = %w.id, rss, "recycling an idle worker over max_rss");
+                        handle.retire("max_rss exceeded");
+                    }
+                }
+            }
+        }
+        let sessions = lock(&pool.sessions).len();
+        let status = pool.status_label();
+        pool.telemetry
+            .gauges(&pool.state(), sessions, total, status);
+        if status == "shut_down" {
+            return;
         }
     }
 }

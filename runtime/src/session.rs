@@ -17,6 +17,7 @@ use wharf_protocol::Value;
 use crate::call::{decode, CallOptions, CallStream, Holder};
 use crate::config::SessionEnd;
 use crate::error::{Error, Result};
+use crate::events::PoolEvent;
 use crate::lease::Lease;
 use crate::pool::{to_value, Inner};
 
@@ -59,6 +60,11 @@ impl SessionInner {
                 let cause = e.to_string();
                 *pin = Pin::Lost(cause.clone());
                 self.release_id();
+                self.pool.events.emit(|| PoolEvent::SessionLost {
+                    pool: self.pool.name().to_owned(),
+                    session: self.id.clone(),
+                    cause: cause.clone(),
+                });
                 self.lost(cause)
             }
         }

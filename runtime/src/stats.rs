@@ -26,6 +26,8 @@ pub struct PoolStats {
     pub busy: usize,
     /// Callers waiting for a worker.
     pub waiting: usize,
+    /// Sessions open.
+    pub sessions: usize,
     /// Calls made.
     pub calls: u64,
     /// Calls that succeeded.
@@ -62,6 +64,11 @@ impl PoolStats {
             idle: state.idle,
             busy: state.busy,
             waiting: state.waiting,
+            sessions: inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
             calls: c.calls.load(Ordering::Relaxed),
             ok: c.ok.load(Ordering::Relaxed),
             errors: c
