@@ -7,6 +7,10 @@
 //! - [`Lease`] (`lease.rs`): one worker held by one caller.
 //! - [`Session`] (`session.rs`): one worker pinned strictly to a session id.
 //! - [`PoolConfig`] / [`PoolBuilder`] (`config.rs`): every knob.
+//! - [`ConfigFile`] (`file.rs`): pools and runtime settings read from a TOML file, every
+//!   mistake reported with its file, line and key (`docs/configuration.md`).
+//! - [`Runtime`] (`runtime.rs`): several named pools started by configuration, shared, watched,
+//!   stopped when idle and shut down together (also on SIGTERM/SIGINT: [`shutdown_signal`]).
 //! - [`Error`] (`error.rs`): what callers see.
 //! - [`check`]: the protocol conformance checker behind `wharf check`.
 //! - [`image`]: worker images built locally through the engine's import API (`wharf image`).
@@ -17,16 +21,23 @@
 pub mod check;
 pub mod config;
 pub mod error;
+pub mod file;
 pub mod image;
 pub mod lease;
 pub mod pool;
+pub mod runtime;
 pub mod session;
 pub mod stats;
 
 pub use config::{PoolBuilder, PoolConfig, Retry, SessionEnd};
 pub use error::{Error, PoolState, Result};
+pub use file::{ConfigFile, ConfigFileError, ConfigIssue};
 pub use lease::{CallStream, Lease, StreamItem};
 pub use pool::{from_value, to_value, Pool, WorkerInfo, WorkerState};
+pub use runtime::{
+    shutdown_signal, PoolStatus, Runtime, RuntimePoolStats, RuntimeSettings, RuntimeStats,
+    ShutdownSignal,
+};
 pub use session::Session;
 pub use stats::PoolStats;
 pub use wharf_actors::engine::{Engine, EngineError};
