@@ -286,6 +286,9 @@ fn display_path(path: &[Seg]) -> String {
 
 /// Makes serde's wording speak of keys, and points an unknown key at itself.
 fn reword(message: &str, path: Vec<Seg>) -> (String, Vec<Seg>) {
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        return (format!("missing key `{rest}"), path);
+    }
     let Some(rest) = message.strip_prefix("unknown field `") else {
         return (message.to_owned(), path);
     };
@@ -811,7 +814,7 @@ impl<'de> Deserialize<'de> for Bytes {
                 s.trim()
                     .parse::<bytesize::ByteSize>()
                     .map(|b| Bytes(b.as_u64()))
-                    .map_err(|e| E::custom(format!("expected {SIZE_EXAMPLES}, found {s:?}: {e}")))
+                    .map_err(|_| E::custom(format!("expected {SIZE_EXAMPLES}, found {s:?}")))
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Bytes, E> {
                 u64::try_from(n)
