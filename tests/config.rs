@@ -33,10 +33,7 @@ fn with_keys(keys: &str) -> String {
 #[test]
 fn the_example_file_parses_and_its_demo_pool_has_the_builders_defaults() {
     let file = ConfigFile::load(repo_root().join("examples/wharf.toml")).unwrap();
-    assert_eq!(
-        file.runtime().idle_timeout,
-        Some(Duration::from_secs(600))
-    );
+    assert_eq!(file.runtime().idle_timeout, Some(Duration::from_secs(600)));
     assert_eq!(file.pool_names().collect::<Vec<_>>(), ["demo", "sandboxed"]);
     // Every key of `demo` is written out at its documented default: the file documents the
     // builder's defaults exactly.
@@ -72,15 +69,16 @@ fn the_example_file_parses_and_its_demo_pool_has_the_builders_defaults() {
 fn the_documented_example_is_the_example_file() {
     let doc = std::fs::read_to_string(repo_root().join("docs/configuration.md")).unwrap();
     let example = std::fs::read_to_string(repo_root().join("examples/wharf.toml")).unwrap();
-    let (_, whole) = doc
-        .split_once("## The whole example")
-        .expect("the section");
+    let (_, whole) = doc.split_once("## The whole example").expect("the section");
     let block = whole
         .split_once("```toml\n")
         .and_then(|(_, rest)| rest.split_once("```"))
         .map(|(block, _)| block)
         .expect("a toml block");
-    assert_eq!(block, example, "docs/configuration.md and examples/wharf.toml differ");
+    assert_eq!(
+        block, example,
+        "docs/configuration.md and examples/wharf.toml differ"
+    );
 }
 
 #[test]
@@ -239,7 +237,8 @@ fn syntax_errors_and_unreadable_files_are_reported() {
     let e = ConfigFile::load("/nonexistent/wharf.toml").unwrap_err();
     assert!(matches!(e, ConfigFileError::Read { .. }), "{e:?}");
     assert!(
-        e.to_string().starts_with("cannot read /nonexistent/wharf.toml: "),
+        e.to_string()
+            .starts_with("cannot read /nonexistent/wharf.toml: "),
         "{e}"
     );
 }

@@ -394,7 +394,7 @@ fn value_span(value: &DeValue<'_>, path: &[Seg]) -> Option<Range<usize>> {
     match (value, path.first()?) {
         (DeValue::Table(t), Seg::Key(_)) => key_span(t, path),
         (DeValue::Array(a), Seg::Index(i)) => {
-            let item = a.iter().nth(*i)?;
+            let item = a.get(*i)?;
             Some(value_span(item.get_ref(), &path[1..]).unwrap_or_else(|| item.span()))
         }
         _ => None,
@@ -422,9 +422,9 @@ struct RawRuntime {
 
 impl From<RawRuntime> for RuntimeSettings {
     fn from(raw: RawRuntime) -> Self {
-        let mut settings = RuntimeSettings::default();
-        settings.idle_timeout = raw.idle_timeout.map(|d| d.0);
-        settings
+        RuntimeSettings {
+            idle_timeout: raw.idle_timeout.map(|d| d.0),
+        }
     }
 }
 
@@ -623,8 +623,12 @@ impl RawPool {
             session_reset_timeout => session_reset_timeout,
         );
         if let Some(max_frame) = self.max_frame {
-            let bytes = usize::try_from(max_frame.0)
-                .map_err(|_| ("max_frame".to_owned(), format!("{} is too large", max_frame.0)))?;
+            let bytes = usize::try_from(max_frame.0).map_err(|_| {
+                (
+                    "max_frame".to_owned(),
+                    format!("{} is too large", max_frame.0),
+                )
+            })?;
             b = b.max_frame(bytes);
         }
         if self.lazy == Some(true) {
@@ -776,9 +780,9 @@ impl<'de> Deserialize<'de> for Dur {
                 f.write_str(DURATION_EXAMPLES)
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
-                humantime::parse_duration(s)
-                    .map(Dur)
-                    .map_err(|e| E::custom(format!("expected {DURATION_EXAMPLES}, found {s:?}: {e}")))
+                humantime::parse_duration(s).map(Dur).map_err(|e| {
+                    E::custom(format!("expected {DURATION_EXAMPLES}, found {s:?}: {e}"))
+                })
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
                 Err(E::custom(format!(

@@ -9,7 +9,8 @@
 //!
 //! A watch task looks at every pool a few times per idle timeout (at most once a second):
 //! it logs a pool that has failed (once) and stops a pool that has had no call, no checkout
-//! and no open session or lease for the idle timeout. A pool that has failed is kept, so that
+//! and no open session or lease for the idle timeout, counted from when its workers were last
+//! launching. A pool that has failed is kept, so that
 //! [`Runtime::stats`] shows it and why, until [`Runtime::get_or_start`] replaces it with a new
 //! start of the same configuration or [`Runtime::stop`] removes it.
 
@@ -33,8 +34,8 @@ use crate::stats::PoolStats;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RuntimeSettings {
-    /// Stop a pool that has had no call, checkout or open session for this long; `None`
-    /// (default): never.
+    /// Stop a pool that has had no call, checkout or open session (and no worker launching)
+    /// for this long; `None` (default): never.
     pub idle_timeout: Option<Duration>,
 }
 
@@ -193,7 +194,9 @@ impl Core {
                 continue; // kept, to be seen in the stats
             }
             let seen = (stats.calls, stats.checkouts);
-            if stats.busy > 0 || stats.waiting > 0 || seen != entry.seen {
+            // Workers still launching (a slow import) do not count against the idle time.
+            let active = stats.busy > 0 || stats.waiting > 0 || stats.starting > 0;
+            if active || seen != entry.seen {
                 entry.seen = seen;
                 entry.last_used = now;
             } else if let Some(timeout) = self.settings.idle_timeout {
@@ -252,9 +255,12 @@ impl Runtime {
             state: Mutex::new(State::default()),
             watch: Mutex::new(None),
         });
-        let every = core.settings.idle_timeout.map_or(Duration::from_secs(1), |t| {
-            (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
-        });
+        let every = core
+            .settings
+            .idle_timeout
+            .map_or(Duration::from_secs(1), |t| {
+                (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+            });
         let weak: Weak<Core> = Arc::downgrade(&core);
         let watch = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -373,7 +379,10 @@ impl Runtime {
     /// see [`Runtime::from_file`].
     pub async fn start_from(&self, file: &ConfigFile) -> Result<Vec<Pool>> {
         let starts = file.configs().map(|c| self.get_or_start(c.clone()));
-        futures::future::join_all(starts).await.into_iter().collect()
+        futures::future::join_all(starts)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// The started pool named `name`, if any (counts as a use for the idle timeout).
@@ -530,8 +539,7 @@ pub enum ShutdownSignal {
 ///
 /// # Panics
 /// Outside a tokio runtime.
-pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ShutdownSignal> + Send + 'static>
-{
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ShutdownSignal> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
