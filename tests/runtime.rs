@@ -101,7 +101,7 @@ async fn the_same_name_with_another_configuration_is_a_conflict() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_pools_are_stopped_and_pools_in_use_are_kept() {
-    let idle = Duration::from_millis(400);
+    let idle = Duration::from_millis(800);
     let runtime = Runtime::new(idle_after(idle));
     // Three pools put to use at once (a caller waiting for a worker is a use too) ...
     let leased = runtime.get_or_start(demo("leased", 1)).await.unwrap();
@@ -109,10 +109,10 @@ async fn idle_pools_are_stopped_and_pools_in_use_are_kept() {
     let calling = runtime.get_or_start(demo("calling", 1)).await.unwrap();
     let long_call = {
         let pool = calling.clone();
-        tokio::spawn(async move { pool.call("sleep", &4000).await })
+        tokio::spawn(async move { pool.call("sleep", &5000).await })
     };
-    let lease = leased.checkout().await.unwrap();
-    let session = in_session.session("s1").await.unwrap();
+    let (lease, session) = tokio::join!(leased.checkout(), in_session.session("s1"));
+    let (lease, session) = (lease.unwrap(), session.unwrap());
     // ... and one left alone once ready.
     let unused = runtime.get_or_start(demo("unused", 1)).await.unwrap();
     unused.wait_ready(1, READY).await.unwrap();
@@ -138,7 +138,7 @@ async fn idle_pools_are_stopped_and_pools_in_use_are_kept() {
     ));
 
     // Pools in use stay for several idle timeouts: a held lease, an open session, a call.
-    tokio::time::sleep(idle * 4).await;
+    tokio::time::sleep(idle * 3).await;
     let names = runtime.names();
     for name in ["leased", "in_session", "calling"] {
         assert!(
@@ -150,7 +150,7 @@ async fn idle_pools_are_stopped_and_pools_in_use_are_kept() {
         runtime.stats().pool("leased").unwrap().idle_for,
         Duration::ZERO
     );
-    assert_eq!(long_call.await.unwrap().unwrap(), Value::from(4000));
+    assert_eq!(long_call.await.unwrap().unwrap(), Value::from(5000));
     drop(lease);
     session.end().await.unwrap();
 
