@@ -107,6 +107,14 @@ fn values_of_the_wrong_type_or_range_name_the_line_and_key() {
          \"2GB\", found \"12 parsecs\" at wharf.toml:2"
     );
     assert_eq!(
+        rejected("[pools]\nml = 3\n"),
+        "pools.ml: invalid type: integer `3`, expected a table at wharf.toml:2"
+    );
+    assert_eq!(
+        rejected("pools = 3\n"),
+        "pools: invalid type: integer `3`, expected a table at wharf.toml:1"
+    );
+    assert_eq!(
         rejected("[pools.ml.process]\ncommand = \"x\"\nenv = { A = 1 }\n"),
         "pools.ml.process.env.A: invalid type: integer `1`, expected a string at wharf.toml:3"
     );

@@ -106,7 +106,7 @@ pub enum ConfigFileError {
     /// stops the reading, so it comes alone; otherwise there is one issue per invalid pool.
     #[error("{}", display_issues(.issues))]
     Invalid {
-        /// Every problem found, in file order of the pools.
+        /// Every problem found, pools in the order of their names.
         issues: Vec<ConfigIssue>,
     },
 }
@@ -173,14 +173,9 @@ impl ConfigFile {
                 }
             })?,
             Err(e) => {
-                let issue = ConfigIssue {
-                    file: origin.to_owned(),
-                    line: e.span().map(|span| doc.line(span)),
-                    key: None,
-                    message: e.message().to_owned(),
-                };
+                let line = e.span().map(|span| doc.line(span));
                 return Err(ConfigFileError::Invalid {
-                    issues: vec![issue],
+                    issues: vec![doc.issue(&[], line, e.message().to_owned())],
                 });
             }
         };
@@ -220,7 +215,7 @@ impl ConfigFile {
         &self.runtime
     }
 
-    /// The pools' names, in order.
+    /// The pools' names, in alphabetical order.
     pub fn pool_names(&self) -> impl Iterator<Item = &str> {
         self.pools.keys().map(String::as_str)
     }
@@ -290,7 +285,7 @@ fn reword(message: &str, path: Vec<Seg>) -> (String, Vec<Seg>) {
         return (format!("missing key `{rest}"), path);
     }
     let Some(rest) = message.strip_prefix("unknown field `") else {
-        return (message.to_owned(), path);
+        return (message.replace("expected a map", "expected a table"), path);
     };
     let Some((key, expected)) = rest.split_once('`') else {
         return (message.to_owned(), path);
@@ -406,7 +401,7 @@ fn value_span(value: &DeValue<'_>, path: &[Seg]) -> Option<Range<usize>> {
 // values are applied to a `PoolBuilder`, so a key left out keeps the builder's default.
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawFile {
     #[serde(default)]
     runtime: RawRuntime,
@@ -415,7 +410,7 @@ struct RawFile {
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawRuntime {
     idle_timeout: Option<Dur>,
 }
@@ -429,7 +424,7 @@ impl From<RawRuntime> for RuntimeSettings {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawPool {
     process: Option<RawProcess>,
     container: Option<RawContainer>,
@@ -461,14 +456,14 @@ struct RawPool {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawIntensity {
     max_restarts: Option<Count<u32>>,
     within: Option<Dur>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawBackoff {
     initial: Option<Dur>,
     max: Option<Dur>,
@@ -478,7 +473,7 @@ struct RawBackoff {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawHealth {
     enabled: Option<bool>,
     interval: Option<Dur>,
@@ -487,14 +482,14 @@ struct RawHealth {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawRetry {
     max_retries: Option<Count<u32>>,
     delay: Option<Dur>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawProcess {
     command: Argv,
     #[serde(default)]
@@ -508,7 +503,7 @@ struct RawProcess {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawContainer {
     image: String,
     command: Argv,
@@ -535,7 +530,7 @@ struct RawContainer {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "a table")]
 struct RawMount {
     source: PathBuf,
     target: PathBuf,
