@@ -49,6 +49,14 @@ pub struct Engine {
     docker: Docker,
 }
 
+/// Engines are equal when they have the same name (`local`, or the name given to
+/// [`Engine::unix`]): specs that name the same engine describe the same workers.
+impl PartialEq for Engine {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
 impl Engine {
     /// The local engine, through its default unix socket (or `DOCKER_HOST`), with the API
     /// version negotiated. Fails if the engine does not answer within `timeout`.

@@ -294,7 +294,7 @@ impl WorkerHandle {
 }
 
 /// Health checking of idle workers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthCheck {
     /// How often an idle worker is pinged; `None` disables pings.
     pub interval: Option<Duration>,

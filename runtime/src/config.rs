@@ -39,8 +39,9 @@ impl Default for Retry {
     }
 }
 
-/// Everything that shapes a pool. Build one with [`Pool::builder`].
-#[derive(Debug, Clone)]
+/// Everything that shapes a pool. Build one with [`Pool::builder`]. Two configurations are
+/// equal when every setting and the worker spec are.
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     /// The pool's name, in logs and worker names.
     pub name: String,
@@ -314,6 +315,13 @@ impl PoolBuilder {
         &self.config
     }
 
+    /// The configuration, for [`Runtime::get_or_start`](crate::Runtime::get_or_start) or to
+    /// keep.
+    #[must_use]
+    pub fn into_config(self) -> PoolConfig {
+        self.config
+    }
+
     /// Validates the configuration ([`PoolConfig::validate`]) and starts the pool's
     /// supervisor. Eager pools begin launching workers at once; use [`Pool::wait_ready`] to
     /// wait for them.
@@ -323,7 +331,54 @@ impl PoolBuilder {
     }
 }
 
+/// A builder that starts from `config` (from a configuration file, or kept from an earlier
+/// builder).
+impl From<PoolConfig> for PoolBuilder {
+    fn from(config: PoolConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl From<PoolBuilder> for PoolConfig {
+    fn from(builder: PoolBuilder) -> Self {
+        builder.config
+    }
+}
+
 impl PoolConfig {
+    /// One line that says what the pool runs and how many: `4 workers (+2 overflow), eager,
+    /// process python3 -m wharf_worker.demo, call timeout 30s`.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} worker{}",
+            self.size,
+            if self.size == 1 { "" } else { "s" }
+        );
+        if self.max_overflow > 0 {
+            s.push_str(&format!(" (+{} overflow)", self.max_overflow));
+        }
+        s.push_str(if self.eager { ", eager" } else { ", lazy" });
+        match &self.spec {
+            WorkerSpec::Process(p) => {
+                s.push_str(", process ");
+                let argv: Vec<_> = std::iter::once(&p.program)
+                    .chain(&p.args)
+                    .map(|a| a.to_string_lossy())
+                    .collect();
+                s.push_str(&argv.join(" "));
+            }
+            WorkerSpec::Container(c) => {
+                s.push_str(&format!(", container {} {}", c.image, c.command.join(" ")));
+            }
+            other => s.push_str(&format!(", {}", other.describe())),
+        }
+        s.push_str(&format!(
+            ", call timeout {}",
+            humantime::format_duration(self.call_timeout)
+        ));
+        s
+    }
+
     /// Checks every setting for a value that cannot work: zero, negative, NaN or infinite
     /// where that makes no sense, a pool with no worker at all, a recycling limit no worker
     /// can meet. The first problem found is returned as [`Error::Config`], naming the field.

@@ -148,6 +148,15 @@ pub enum Error {
         /// Why it does not fit.
         reason: String,
     },
+    /// A pool of this name already runs in the [`Runtime`](crate::Runtime) with another
+    /// configuration. Give the new one another name, or stop the running one first.
+    #[error("pool {pool} already runs with another configuration (it differs in {})", .differs.join(", "))]
+    PoolConflict {
+        /// The pool's name.
+        pool: String,
+        /// The settings that differ (`size`, `spec`, ... as in [`PoolConfig`](crate::PoolConfig)).
+        differs: Vec<&'static str>,
+    },
     /// The pool's configuration is invalid: `field` names the setting (as in the builder, e.g.
     /// `backoff.jitter`), `reason` says what is wrong with its value.
     #[error("invalid pool configuration: {field}: {reason}")]
@@ -189,6 +198,7 @@ impl Error {
             Error::Body(_) => "body",
             Error::Reply { .. } => "reply",
             Error::Config { .. } => "config",
+            Error::PoolConflict { .. } => "pool_conflict",
         }
     }
 

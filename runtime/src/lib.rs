@@ -8,6 +8,10 @@
 //! - [`Lease`] (`lease.rs`): one worker held by one caller.
 //! - [`Session`] (`session.rs`): one worker pinned strictly to a session id.
 //! - [`PoolConfig`] / [`PoolBuilder`] (`config.rs`): every knob.
+//! - [`ConfigFile`] (`file.rs`): pools and runtime settings read from a TOML file, every
+//!   mistake reported with its file, line and key (`docs/configuration.md`).
+//! - [`Runtime`] (`runtime.rs`): several named pools started by configuration, shared, watched,
+//!   stopped when idle and shut down together (also on SIGTERM/SIGINT: [`shutdown_signal`]).
 //! - [`Error`] (`error.rs`): what callers see.
 //! - [`PoolEvent`] (`events.rs`): lifecycle events for hooks; [`telemetry`]: metrics (the
 //!   `metrics` feature).
@@ -22,9 +26,11 @@ pub mod check;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod file;
 pub mod image;
 pub mod lease;
 pub mod pool;
+pub mod runtime;
 pub mod session;
 pub mod stats;
 pub mod telemetry;
@@ -33,8 +39,13 @@ pub use call::{CallOptions, CallStream, StreamItem};
 pub use config::{PoolBuilder, PoolConfig, Retry, SessionEnd};
 pub use error::{Error, PoolState, Result};
 pub use events::{ExitKind, PoolEvent};
+pub use file::{ConfigFile, ConfigFileError, ConfigIssue};
 pub use lease::Lease;
 pub use pool::{from_value, to_value, Pool, WorkerInfo, WorkerState};
+pub use runtime::{
+    shutdown_signal, PoolStatus, Runtime, RuntimePoolStats, RuntimeSettings, RuntimeStats,
+    ShutdownSignal,
+};
 pub use session::Session;
 pub use stats::PoolStats;
 pub use wharf_actors::engine::{Engine, EngineError};

@@ -14,6 +14,10 @@
 //! its id and how to run it; `wharf image ls` lists wharf's images, `wharf image prune` removes
 //! the untagged ones no container uses. Exit 0 on success, 1 on an
 //! error.
+//!
+//! `wharf config check FILE` reads a configuration file (`docs/configuration.md`) and
+//! validates every pool in it: it prints one line per problem (`error: KEY: MESSAGE at
+//! FILE:LINE`) to stderr and exits 1, or one summary line per pool to stdout and exits 0.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -23,7 +27,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use wharf::check::{run_checks_with, CheckOptions, Outcome};
 use wharf::image::{self, DebianPythonOptions, HostPythonOptions, StaticBinaryOptions};
-use wharf::{Channel, ContainerSpec, Engine, ProcessSpec, Transport, WorkerSpec};
+use wharf::{
+    Channel, ConfigFile, ConfigFileError, ContainerSpec, Engine, ProcessSpec, Transport, WorkerSpec,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,6 +94,55 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Work with configuration files (docs/configuration.md).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a configuration file: every error with its line and key, or a line per pool.
+    Check {
+        /// The TOML file.
+        file: PathBuf,
+    },
+}
+
+/// Runs `wharf config ...`.
+fn config_command(command: ConfigCommand) -> ExitCode {
+    let ConfigCommand::Check { file } = command;
+    match ConfigFile::load(&file) {
+        Ok(config) => {
+            for pool in config.configs() {
+                println!("{}: {}", pool.name, pool.summary());
+            }
+            let n = config.configs().count();
+            println!(
+                "{}: ok, {n} pool{}",
+                config.origin(),
+                if n == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ConfigFileError::Invalid { issues }) => {
+            for issue in &issues {
+                eprintln!("error: {issue}");
+            }
+            eprintln!(
+                "{}: {} error{}",
+                file.display(),
+                issues.len(),
+                if issues.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -335,6 +390,7 @@ async fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Config { command } => config_command(command),
         Command::Image { command } => match image_command(command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -700,6 +700,13 @@ impl Pool {
         Ok(Pool { inner })
     }
 
+    /// Why the pool no longer serves — the error every call now fails with
+    /// ([`Error::PoolFailed`], [`Error::NoWorkers`] or [`Error::ShutDown`]) — or `None` while it
+    /// runs.
+    pub fn failure(&self) -> Option<Error> {
+        self.inner.status_error()
+    }
+
     /// Subscribes to the pool's lifecycle events (from now on). See [`PoolEvent`].
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<PoolEvent> {
         self.inner.events.subscribe()
@@ -965,9 +972,11 @@ async fn sample(pool: Weak<Inner>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
+        // A container's host process is its init, not the worker: its memory says nothing.
+        let processes = matches!(pool.config.spec, WorkerSpec::Process(_));
         let workers: Vec<_> = lock(&pool.workers).values().cloned().collect();
         let mut total = 0;
-        for w in &workers {
+        for w in workers.iter().filter(|_| processes) {
             let Some(pid) = w.port().map(|p| p.pid()).filter(|&pid| pid != 0) else {
                 continue;
             };

@@ -83,7 +83,7 @@ impl Mount {
 }
 
 /// How to start a container worker. Build one with [`ContainerSpec::new`] and its setters.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContainerSpec {
     /// The image (a tag or an id) on the engine.
     pub image: String,

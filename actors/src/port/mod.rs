@@ -41,7 +41,7 @@ use router::{Request, Router, Slot};
 
 /// How to start one worker: an OS process or a Docker container. Everything above the port
 /// (worker actor, supervisor, pool, sessions) treats both alike.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum WorkerSpec {
     /// An OS process on this machine.

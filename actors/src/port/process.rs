@@ -50,7 +50,7 @@ pub enum Channel {
 }
 
 /// How to start a worker process.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessSpec {
     /// The program to run (looked up on the worker's `PATH`).
     pub program: OsString,
