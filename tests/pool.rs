@@ -869,6 +869,56 @@ async fn streams_from_a_pool_and_a_session_are_futures_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_yields_results_in_input_order_with_bounded_calls_in_flight() {
+    use futures::StreamExt;
+    let pool = ready(builder(4), 4).await;
+    // Replies come back out of order (the long sleeps finish last); results do not.
+    let items: Vec<u64> = (0..24).map(|i| [60, 0, 30, 5][i % 4]).collect();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watcher = {
+        let (pool, peak) = (pool.clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(pool.state().busy, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let got: Vec<u64> = pool
+        .map_with::<_, u64>("sleep", items.clone(), 2, CallOptions::new())
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(got, items);
+    let seen = peak.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=2).contains(&seen), "{seen} calls in flight, bound 2");
+    // By default as many in flight as workers; a failed item keeps its place.
+    peak.store(0, std::sync::atomic::Ordering::Relaxed);
+    let bodies = vec![
+        serde_json::json!(1),
+        serde_json::json!("not a number"),
+        serde_json::json!(3),
+    ];
+    let got: Vec<Result<u64, Error>> = pool
+        .map(
+            "sleep",
+            bodies.into_iter().cycle().take(30).collect::<Vec<_>>(),
+        )
+        .collect()
+        .await;
+    assert_eq!(got.len(), 30);
+    for (i, r) in got.iter().enumerate() {
+        match i % 3 {
+            1 => assert!(matches!(r, Err(Error::Remote { .. })), "{i}: {r:?}"),
+            _ => assert_eq!(r.as_ref().ok(), Some(&(i as u64 % 3 + 1)), "{i}"),
+        }
+    }
+    assert!(peak.load(std::sync::atomic::Ordering::Relaxed) <= 4);
+    watcher.abort();
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_timeout_reports_the_pool_state() {
     let pool = ready(builder(1).checkout_timeout(Duration::from_millis(200)), 1).await;
     let _held = pool.checkout().await.unwrap();

@@ -201,6 +201,10 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("== throughput");
         record("throughput", scenarios::throughput(&env, scale).await?);
     }
+    if wanted("map") {
+        eprintln!("== map");
+        record("map", scenarios::map(&env, scale).await?);
+    }
     if wanted("checkout") {
         eprintln!("== checkout");
         record("checkout", scenarios::checkout(&env, scale).await?);

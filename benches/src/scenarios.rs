@@ -255,6 +255,50 @@ async fn floor_rate(
     Ok(rate)
 }
 
+/// Batches: 10,000 small items through `Pool::map` against `ProcessPoolExecutor.map` (its
+/// default chunk size, what users reach for first), 2 workers each.
+pub async fn map(env: &Env, s: Scale) -> Outcome {
+    use futures::StreamExt;
+    const ITEMS: usize = 10_000;
+    const WORKERS: usize = 2;
+    let pool = pool(env, WORKERS).await?;
+    let (mut w, mut p) = (vec![], vec![]);
+    for _ in 0..s.rounds.min(5) {
+        let t = Instant::now();
+        let mut replies = pool.map::<_, Value>("echo", (0..ITEMS).map(|_| "x"));
+        let mut n = 0;
+        while let Some(reply) = replies.next().await {
+            reply?;
+            n += 1;
+        }
+        anyhow::ensure!(n == ITEMS, "map yielded {n} of {ITEMS}");
+        w.push(t.elapsed().as_secs_f64());
+        let r = python_pool(
+            env,
+            &[
+                "throughput".into(),
+                "ppe".into(),
+                WORKERS.to_string(),
+                ITEMS.to_string(),
+                "1".into(),
+            ],
+        )
+        .await?;
+        let rate = r["calls_per_s"].as_f64().context("PPE.map rate")?;
+        p.push(ITEMS as f64 / rate);
+    }
+    pool.shutdown().await;
+    let (w, p) = (median(&w), median(&p));
+    Ok((
+        json!({"items": ITEMS, "workers": WORKERS, "wharf_map_s": w, "ppe_map_s": p}),
+        vec![("map_ppe_over_wharf".into(), p / w)],
+        vec![(
+            format!("map of {ITEMS} small items, {WORKERS} workers (s)"),
+            format!("wharf {w:.3}, PPE.map {p:.3}"),
+        )],
+    ))
+}
+
 /// Scenario 2: Saturated throughput: 2 and 4 workers, 1/8/64 calls in flight.
 pub async fn throughput(env: &Env, s: Scale) -> Outcome {
     let mut figures = serde_json::Map::new();

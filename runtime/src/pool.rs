@@ -855,6 +855,62 @@ impl Pool {
         ))
     }
 
+    /// Calls `method` once per item, up to as many calls at once as the pool has workers (its
+    /// size plus overflow), and yields the replies in the items' order, as a stream — what
+    /// `ProcessPoolExecutor.map` is in Python. A failed item yields its error in its place and
+    /// the others go on.
+    ///
+    /// ```no_run
+    /// # async fn demo(pool: wharf::Pool) -> wharf::Result<()> {
+    /// use futures::StreamExt;
+    /// let squares: Vec<u64> = pool
+    ///     .map("square", 0..1000u64)
+    ///     .map(|r| r.unwrap())
+    ///     .collect()
+    ///     .await;
+    /// # Ok(()) }
+    /// ```
+    pub fn map<B, R>(
+        &self,
+        method: &str,
+        items: impl IntoIterator<Item = B, IntoIter: Send + 'static>,
+    ) -> impl futures::Stream<Item = Result<R>> + Send + 'static
+    where
+        B: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        let in_flight = self.inner.config.size + self.inner.config.max_overflow;
+        self.map_with(method, items, in_flight, CallOptions::new())
+    }
+
+    /// [`Pool::map`] with at most `in_flight` calls under way at once (at least 1) and options
+    /// for every call.
+    pub fn map_with<B, R>(
+        &self,
+        method: &str,
+        items: impl IntoIterator<Item = B, IntoIter: Send + 'static>,
+        in_flight: usize,
+        options: CallOptions,
+    ) -> impl futures::Stream<Item = Result<R>> + Send + 'static
+    where
+        B: Serialize,
+        R: DeserializeOwned + Send + 'static,
+    {
+        use futures::StreamExt;
+        let pool = self.clone();
+        let method: Arc<str> = method.into();
+        futures::stream::iter(items)
+            .map(move |item| {
+                let (pool, method) = (pool.clone(), method.clone());
+                let body = to_value(&item);
+                async move {
+                    let reply = pool.call_value(&method, body?, options).await?;
+                    decode(&method, reply)
+                }
+            })
+            .buffered(in_flight.max(1))
+    }
+
     /// Opens a session: one worker pinned exclusively to `id` until the session ends.
     pub async fn session(&self, id: impl Into<String>) -> Result<Session> {
         Session::open(self.inner.clone(), id.into()).await
