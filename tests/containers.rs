@@ -133,6 +133,7 @@ async fn a_worker_that_never_opens_its_fifos_fails_with_the_init_timeout_and_lea
     let Some((engine, spec)) = setup("ct-never-opens", Transport::Fifo).await else {
         return;
     };
+    sweep_leftovers(&engine, "ct-never-opens").await;
     let python = spec.command[0].clone();
     let mut spec = ContainerSpec {
         command: vec![python, "-c".into(), "import time; time.sleep(120)".into()],
@@ -175,11 +176,23 @@ async fn a_worker_that_never_opens_its_fifos_fails_with_the_init_timeout_and_lea
         "{} is left",
         dir.display()
     );
+    assert_none_left(&engine, "ct-never-opens").await;
+}
+
+/// Removes the containers a killed earlier run of a test left in `pool` (a failed
+/// `Port::start` removes its container from a task, which a test that ends at once cuts short).
+async fn sweep_leftovers(engine: &Engine, pool: &str) {
+    use wharf_actors::port::container::{sweep, Sweep};
+    sweep(engine, Sweep::Leftovers { pool }).await.unwrap();
+}
+
+/// Waits (up to 15 s) until no container of `pool` is left.
+async fn assert_none_left(engine: &Engine, pool: &str) {
     let started = std::time::Instant::now();
-    while containers_of(&engine, "ct-never-opens").await > 0 {
+    while containers_of(engine, pool).await > 0 {
         assert!(
             started.elapsed() < Duration::from_secs(15),
-            "the container is left"
+            "a container of {pool} is left"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -190,9 +203,10 @@ async fn a_worker_that_never_opens_its_fifos_fails_with_the_init_timeout_and_lea
 /// init timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_exits_before_its_first_byte_is_seen_dead_at_once() {
-    let Some((_engine, spec)) = setup("ct-dies-early", Transport::Fifo).await else {
+    let Some((engine, spec)) = setup("ct-dies-early", Transport::Fifo).await else {
         return;
     };
+    sweep_leftovers(&engine, "ct-dies-early").await;
     let python = spec.command[0].clone();
     let code = "import os; os.open(os.environ['WHARF_FIFO_OUT'], os.O_WRONLY); raise SystemExit(3)";
     let mut spec = ContainerSpec {
@@ -217,6 +231,7 @@ async fn a_worker_that_exits_before_its_first_byte_is_seen_dead_at_once() {
         }
         other => panic!("expected ExitedBeforeReady, got {other:?}"),
     }
+    assert_none_left(&engine, "ct-dies-early").await;
 }
 
 /// The container a pool's worker runs in.
