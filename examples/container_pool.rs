@@ -28,6 +28,8 @@ use wharf::{ContainerSpec, Engine, Pool, Transport};
 /// Where frames travel.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum TransportArg {
+    /// Two FIFOs (named pipes) bind-mounted into the container (local engines; the default).
+    Fifo,
     /// A unix socket bind-mounted into each container (local engines).
     Socket,
     /// Docker's attach stream (any engine).
@@ -56,7 +58,7 @@ struct Args {
     #[arg(long)]
     image: Option<String>,
     /// Where frames travel.
-    #[arg(long, value_enum, default_value_t = TransportArg::Socket)]
+    #[arg(long, value_enum, default_value_t = TransportArg::Fifo)]
     transport: TransportArg,
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
@@ -84,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
     let spec = worker_spec(&engine, &args)
         .await?
         .transport(match args.transport {
+            TransportArg::Fifo => Transport::Fifo,
             TransportArg::Socket => Transport::Socket,
             TransportArg::Attach => Transport::Attach,
         });

@@ -3,7 +3,7 @@
 //! no grandchild outlives it.
 //!
 //! `hold_pool N` holds N process workers; `hold_pool N --container POOL` holds N container
-//! workers (the local host-Python image, socket transport) in a pool named POOL, and prints
+//! workers (the local host-Python image, its default FIFO transport) in a pool named POOL, and prints
 //! their workers' names instead of a grandchild.
 
 use std::time::Duration;

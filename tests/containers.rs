@@ -1,5 +1,5 @@
 //! Container workers against the real Docker engine: the same pool, protocol and guarantees
-//! as process workers, over both transports. These tests need a Docker engine: where none is
+//! as process workers, over every transport (FIFOs, the default; a unix socket; attach). These tests need a Docker engine: where none is
 //! reachable they say so loudly and skip, except under `CI=true`, where that is a failure.
 
 mod common;
@@ -109,6 +109,139 @@ async fn a_pool_of_containers_serves_over_a_socket() {
     serves(Transport::Socket, "ct-socket").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_containers_serves_over_fifos() {
+    serves(Transport::Fifo, "ct-fifo").await;
+}
+
+#[test]
+fn fifos_are_the_default_transport() {
+    assert_eq!(
+        ContainerSpec::new("any", ["worker"]).transport,
+        Transport::Fifo
+    );
+}
+
+/// Where the container of a pool's worker has its channel directory mounted from.
+async fn channel_dir(engine: &Engine, pool: &str) -> std::path::PathBuf {
+    let c = inspect_worker(engine, pool).await;
+    c.mounts
+        .unwrap_or_default()
+        .into_iter()
+        .find(|m| m.destination.as_deref() == Some("/run/wharf"))
+        .and_then(|m| m.source)
+        .expect("the channel directory is mounted at /run/wharf")
+        .into()
+}
+
+/// A worker that never opens its channel fails with the init timeout, within it, and leaves
+/// neither its container nor its channel directory behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_never_opens_its_fifos_fails_with_the_init_timeout_and_leaves_nothing() {
+    let Some((engine, spec)) = setup("ct-never-opens", Transport::Fifo).await else {
+        return;
+    };
+    sweep_leftovers(&engine, "ct-never-opens").await;
+    let python = spec.command[0].clone();
+    let mut spec = ContainerSpec {
+        command: vec![python, "-c".into(), "import time; time.sleep(120)".into()],
+        ..spec
+    }
+    .init_timeout(Duration::from_secs(4));
+    spec.pool = "ct-never-opens".into();
+    spec.instance = "ct-never-opens".into();
+    let spec: wharf::WorkerSpec = spec.into();
+    let started = std::time::Instant::now();
+    let start = tokio::spawn(async move { wharf_actors::port::Port::start(&spec).await });
+    // While it starts: where its channel directory is.
+    let mut dir = None;
+    while dir.is_none() && !start.is_finished() {
+        if !list(&engine, "ct-never-opens", false).await.is_empty() {
+            dir = Some(channel_dir(&engine, "ct-never-opens").await);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dir = dir.expect("the container ran");
+    // The worker (nobody) may read the request FIFO and write the reply FIFO, no more; the
+    // directory above is the runtime's alone.
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    for (name, mode) in [("in", 0o644), ("out", 0o622)] {
+        let meta = std::fs::metadata(dir.join(name)).unwrap();
+        assert!(meta.file_type().is_fifo(), "{name} is not a FIFO");
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+    }
+    let root = std::fs::metadata(dir.parent().unwrap()).unwrap();
+    assert_eq!(root.permissions().mode() & 0o777, 0o700);
+    let err = start.await.unwrap().unwrap_err();
+    let took = started.elapsed();
+    assert!(
+        matches!(err, wharf::PortError::InitTimeout { after, .. } if after == Duration::from_secs(4)),
+        "{err:?}"
+    );
+    assert!(took < Duration::from_secs(12), "failed after {took:?}");
+    assert!(
+        eventually(Duration::from_secs(15), || !dir.exists()).await,
+        "{} is left",
+        dir.display()
+    );
+    assert_none_left(&engine, "ct-never-opens").await;
+}
+
+/// Removes the containers a killed earlier run of a test left in `pool` (a failed
+/// `Port::start` removes its container from a task, which a test that ends at once cuts short).
+async fn sweep_leftovers(engine: &Engine, pool: &str) {
+    use wharf_actors::port::container::{sweep, Sweep};
+    sweep(engine, Sweep::Leftovers { pool }).await.unwrap();
+}
+
+/// Waits (up to 15 s) until no container of `pool` is left.
+async fn assert_none_left(engine: &Engine, pool: &str) {
+    let started = std::time::Instant::now();
+    while containers_of(engine, pool).await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a container of {pool} is left"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A worker that dies before it has said anything over its FIFOs (its ends never written, so
+/// the runtime's keepers still hold) is seen dead through the engine, at once, not after the
+/// init timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_exits_before_its_first_byte_is_seen_dead_at_once() {
+    let Some((engine, spec)) = setup("ct-dies-early", Transport::Fifo).await else {
+        return;
+    };
+    sweep_leftovers(&engine, "ct-dies-early").await;
+    let python = spec.command[0].clone();
+    let code = "import os; os.open(os.environ['WHARF_FIFO_OUT'], os.O_WRONLY); raise SystemExit(3)";
+    let mut spec = ContainerSpec {
+        command: vec![python, "-c".into(), code.into()],
+        ..spec
+    }
+    .init_timeout(Duration::from_secs(60));
+    spec.pool = "ct-dies-early".into();
+    spec.instance = "ct-dies-early".into();
+    let started = std::time::Instant::now();
+    let err = wharf_actors::port::Port::start(&spec.into())
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "seen after {:?}",
+        started.elapsed()
+    );
+    match err {
+        wharf::PortError::ExitedBeforeReady(info) => {
+            assert_eq!(info.status.and_then(|s| s.code()), Some(3), "{info:?}")
+        }
+        other => panic!("expected ExitedBeforeReady, got {other:?}"),
+    }
+    assert_none_left(&engine, "ct-dies-early").await;
+}
+
 /// The container a pool's worker runs in.
 async fn inspect_worker(engine: &Engine, pool: &str) -> bollard::models::ContainerInspectResponse {
     let id = list(engine, pool, false).await[0].id.clone().unwrap();
@@ -124,7 +257,7 @@ async fn inspect_worker(engine: &Engine, pool: &str) -> bollard::models::Contain
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_run_with_the_secure_defaults_limits_and_labels() {
-    let Some((engine, spec)) = setup("ct-secure", Transport::Socket).await else {
+    let Some((engine, spec)) = setup("ct-secure", Transport::Fifo).await else {
         return;
     };
     let spec = spec.memory(256 << 20).cpus(0.5).pids_limit(64);
@@ -165,7 +298,7 @@ async fn containers_run_with_the_secure_defaults_limits_and_labels() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oom_kill_is_reported_as_such() {
-    let Some((_engine, spec)) = setup("ct-oom", Transport::Socket).await else {
+    let Some((_engine, spec)) = setup("ct-oom", Transport::Fifo).await else {
         return;
     };
     let spec = spec.memory(96 << 20);
@@ -191,11 +324,20 @@ async fn an_oom_kill_is_reported_as_such() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_kill_under_load_fails_only_the_killed_calls_and_the_pool_recovers() {
-    let Some((engine, spec)) = setup("ct-chaos", Transport::Socket).await else {
+    docker_kill_under_load(Transport::Socket, "ct-chaos").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_kill_under_load_over_fifos_fails_only_the_killed_calls_and_the_pool_recovers() {
+    docker_kill_under_load(Transport::Fifo, "ct-chaos-fifo").await;
+}
+
+async fn docker_kill_under_load(transport: Transport, name: &str) {
+    let Some((engine, spec)) = setup(name, transport).await else {
         return;
     };
     let pool = Pool::builder(spec)
-        .name("ct-chaos")
+        .name(name)
         .size(3)
         .build()
         .await
@@ -225,7 +367,7 @@ async fn docker_kill_under_load_fails_only_the_killed_calls_and_the_pool_recover
     let mut kills = 0;
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let running = list(&engine, "ct-chaos", false).await;
+        let running = list(&engine, name, false).await;
         if let Some(victim) = running.first().and_then(|c| c.id.clone()) {
             let killed = engine
                 .docker()
@@ -256,17 +398,17 @@ async fn docker_kill_under_load_fails_only_the_killed_calls_and_the_pool_recover
     pool.wait_ready(3, READY).await.unwrap();
     println!(
         "{}",
-        serde_json::json!({"scenario": "docker_kill_under_load", "kills": kills, "ok": ok, "failed": died, "hung": 0})
+        serde_json::json!({"scenario": "docker_kill_under_load", "transport": format!("{transport:?}"), "kills": kills, "ok": ok, "failed": died, "hung": 0})
     );
     pool.shutdown().await;
-    assert_eq!(containers_of(&engine, "ct-chaos").await, 0);
+    assert_eq!(containers_of(&engine, name).await, 0);
 }
 
 /// Two pools of the same name in one runtime never touch each other's containers: each
 /// removes only its own at shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pools_of_the_same_name_keep_to_their_own_containers() {
-    let Some((engine, spec)) = setup("ct-twins", Transport::Socket).await else {
+    let Some((engine, spec)) = setup("ct-twins", Transport::Fifo).await else {
         return;
     };
     let a = Pool::builder(spec.clone())
@@ -315,7 +457,7 @@ async fn the_container_pool_example_serves_through_docker_kills() {
         .unwrap()
         .join("examples")
         .join("container_pool");
-    for (transport, kill_every) in [("socket", "250"), ("attach", "500")] {
+    for (transport, kill_every) in [("fifo", "250"), ("socket", "250"), ("attach", "500")] {
         let out = tokio::process::Command::new(&exe)
             .args(["--workers", "3", "--calls", "4000", "--concurrency", "12"])
             .args([
@@ -352,11 +494,11 @@ async fn the_container_pool_example_serves_through_docker_kills() {
     }
 }
 
-/// `wharf check` against containerised workers: the demo worker conforms over both transports
+/// `wharf check` against containerised workers: the demo worker conforms over every transport
 /// (every check but `init_version`, which starts its worker outside the port, process only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerised_workers_pass_the_conformance_checks() {
-    for transport in [Transport::Socket, Transport::Attach] {
+    for transport in [Transport::Fifo, Transport::Socket, Transport::Attach] {
         let Some((_engine, spec)) = setup("ct-check", transport).await else {
             return;
         };
@@ -385,7 +527,7 @@ async fn containerised_workers_pass_the_conformance_checks() {
 /// themselves within seconds; the next start of a pool of the same name sweeps what is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_of_a_sigkilled_runtime_stop_and_are_swept_at_the_next_start() {
-    let Some((engine, spec)) = setup("ct-orphans", Transport::Socket).await else {
+    let Some((engine, spec)) = setup("ct-orphans", Transport::Fifo).await else {
         return;
     };
     // Built next to this test by `cargo test`.
@@ -416,7 +558,7 @@ async fn containers_of_a_sigkilled_runtime_stop_and_are_swept_at_the_next_start(
     .unwrap();
     holder.wait().unwrap();
 
-    // The workers see EOF on their socket and exit: no container of the pool keeps running.
+    // The workers see EOF on their channel and exit: no container of the pool keeps running.
     let started = std::time::Instant::now();
     while !list(&engine, "ct-orphans", false).await.is_empty() {
         assert!(

@@ -3,8 +3,9 @@
 //!
 //! Four comparisons, each interleaved in the same rounds:
 //! - a warm call: the same 100 B echo through a one-worker pool of processes, of containers
-//!   over a unix socket, and of containers over Docker's attach stream;
-//! - a job: a warm checkout + call on the socket pool, against a container created, started,
+//!   over the default transport (a FIFO pair), over a unix socket, and over Docker's attach
+//!   stream;
+//! - a job: a warm checkout + call on the FIFO pool, against a container created, started,
 //!   handshaken, called once and force-removed through the engine's API per job, against
 //!   `docker run --rm -i` per job (the CLI as a process worker on stdio);
 //! - recovery: `docker kill` of one container of a warm pool until the pool is back at full
@@ -33,7 +34,10 @@ use crate::{median, percentile, Env, Scale};
 
 /// The process pool of the warm-call comparison.
 const PROCESS_POOL: &str = "bench-process";
-/// The socket-transport container pool (warm calls, and the warm side of the per-job jobs).
+/// The container pool on the default transport, FIFOs (warm calls, and the warm side of the
+/// per-job jobs).
+const FIFO_POOL: &str = "bench-ct-fifo";
+/// The socket-transport container pool.
 const SOCKET_POOL: &str = "bench-ct-socket";
 /// The attach-transport container pool.
 const ATTACH_POOL: &str = "bench-ct-attach";
@@ -46,7 +50,15 @@ const REPLACE_POOL: &str = "bench-ct-replace";
 /// The cold starts the replacement is compared with.
 const COLD: &str = "bench-ct-cold";
 /// Every container label value this scenario uses.
-const NAMES: [&str; 6] = [SOCKET_POOL, ATTACH_POOL, JOB, CLI, REPLACE_POOL, COLD];
+const NAMES: [&str; 7] = [
+    FIFO_POOL,
+    SOCKET_POOL,
+    ATTACH_POOL,
+    JOB,
+    CLI,
+    REPLACE_POOL,
+    COLD,
+];
 
 const READY: Duration = Duration::from_secs(120);
 
@@ -297,42 +309,48 @@ pub async fn containers(env: &Env, s: Scale) -> Outcome {
         .init_timeout(Duration::from_secs(30));
     let b = body(100);
 
-    // 1. Warm calls: process vs container (socket) vs container (attach).
+    // 1. Warm calls: process vs container over each transport (FIFOs, the default; socket;
+    // attach).
+    assert_eq!(
+        spec.transport,
+        Transport::Fifo,
+        "the default local transport"
+    );
     let process = ready_pool(env.demo_spec(), PROCESS_POOL).await?;
+    let fifo = ready_pool(spec.clone(), FIFO_POOL).await?;
     let socket = ready_pool(spec.clone().transport(Transport::Socket), SOCKET_POOL).await?;
     let attach = ready_pool(spec.clone().transport(Transport::Attach), ATTACH_POOL).await?;
-    for pool in [&process, &socket, &attach] {
+    for pool in [&process, &fifo, &socket, &attach] {
         wharf_latencies(pool, 50, &b).await?;
     }
-    let (mut p50, mut s50, mut a50) = (vec![], vec![], vec![]);
-    let (mut p99, mut s99, mut a99) = (vec![], vec![], vec![]);
+    let (mut m50, mut m99) = (
+        [vec![], vec![], vec![], vec![]],
+        [vec![], vec![], vec![], vec![]],
+    );
     for _ in 0..s.rounds {
-        for (pool, m50, m99) in [
-            (&process, &mut p50, &mut p99),
-            (&socket, &mut s50, &mut s99),
-            (&attach, &mut a50, &mut a99),
-        ] {
+        for (i, pool) in [&process, &fifo, &socket, &attach].into_iter().enumerate() {
             let v = wharf_latencies(pool, s.calls, &b).await?;
-            m50.push(percentile(&v, 0.5));
-            m99.push(percentile(&v, 0.99));
+            m50[i].push(percentile(&v, 0.5));
+            m99[i].push(percentile(&v, 0.99));
         }
     }
     process.shutdown().await;
+    socket.shutdown().await;
     attach.shutdown().await;
-    let (p50, s50, a50) = (median(&p50), median(&s50), median(&a50));
-    let (p99, s99, a99) = (median(&p99), median(&s99), median(&a99));
+    let [p50, f50, s50, a50] = m50.map(|v| median(&v));
+    let [p99, f99, s99, a99] = m99.map(|v| median(&v));
 
     // 2. Jobs: warm checkout + call vs a container per job (API) vs `docker run --rm` per job.
     let run_spec = docker_run_spec(&img);
     let (mut warm, mut api, mut run) = (vec![], vec![], vec![]);
     for i in 0..s.samples {
-        warm.push(median(&warm_jobs(&socket, s.calls, &b).await?));
+        warm.push(median(&warm_jobs(&fifo, s.calls, &b).await?));
         api.push(api_job(&engine, &spec, i, &b).await?);
         if cli {
             run.push(cli_job(&run_spec, &b).await?);
         }
     }
-    socket.shutdown().await;
+    fifo.shutdown().await;
     let (warm, api, run) = (median(&warm), median(&api), median(&run));
 
     // 3. Replacement after `docker kill` vs one cold create + start + ready.
@@ -425,6 +443,7 @@ pub async fn containers(env: &Env, s: Scale) -> Outcome {
         "body_bytes": 100, "calls_per_round": s.calls, "rounds": s.rounds, "samples": s.samples,
         "warm_call": {
             "process": {"p50_us": p50, "p99_us": p99},
+            "container_fifo": {"p50_us": f50, "p99_us": f99},
             "container_socket": {"p50_us": s50, "p99_us": s99},
             "container_attach": {"p50_us": a50, "p99_us": a99},
         },
@@ -442,7 +461,12 @@ pub async fn containers(env: &Env, s: Scale) -> Outcome {
         "containers_left": left,
     });
     let mut ratios = vec![
-        ("container_call_p50_over_process_call".to_owned(), s50 / p50),
+        // The default local transport (FIFOs); the socket's figure beside it.
+        ("container_call_p50_over_process_call".to_owned(), f50 / p50),
+        (
+            "container_socket_call_p50_over_process_call".to_owned(),
+            s50 / p50,
+        ),
         ("container_attach_over_socket".to_owned(), a50 / s50),
         (
             "create_start_per_job_over_warm".to_owned(),
@@ -457,6 +481,10 @@ pub async fn containers(env: &Env, s: Scale) -> Outcome {
         (
             "warm call p50 / p99: process worker".to_owned(),
             format!("{} / {}", us(p50), us(p99)),
+        ),
+        (
+            "warm call p50 / p99: container, FIFOs (default)".to_owned(),
+            format!("{} / {}", us(f50), us(f99)),
         ),
         (
             "warm call p50 / p99: container, socket".to_owned(),
@@ -482,7 +510,7 @@ pub async fn containers(env: &Env, s: Scale) -> Outcome {
         figures["job"]["docker_run_rm_ms"] = json!(run);
         ratios.push(("docker_run_cli_over_warm".to_owned(), run * 1e3 / warm));
         rows.insert(
-            4,
+            5,
             (
                 "job: warm checkout+call vs docker run --rm per job".to_owned(),
                 format!("{} vs {run:.1} ms", us(warm)),

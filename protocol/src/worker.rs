@@ -1,5 +1,6 @@
 //! A small Rust worker SDK: register handlers, then [`Worker::serve`] them on the channel the
-//! runtime set up (fds 3/4, or stdin/stdout in `stdio` mode), following `docs/protocol.md`.
+//! runtime set up (fds 3/4; stdin/stdout in `stdio` mode; a unix socket or a FIFO pair for a
+//! container worker), following `docs/protocol.md`.
 //!
 //! Handlers run one at a time on the serving thread. [`Worker::serve`] reads the runtime's
 //! messages ahead on a reader thread, so a handler can honour `cancel` and `deadline_ms` by
@@ -263,9 +264,9 @@ impl Worker {
         self
     }
 
-    /// Serves on the channel named by the environment (`WHARF_CHANNEL`: `fds`, `stdio` or
-    /// `socket`; `WHARF_FD_IN`, `WHARF_FD_OUT`, `WHARF_SOCKET`, `WHARF_MAX_FRAME`). Returns on
-    /// EOF or `shutdown`.
+    /// Serves on the channel named by the environment (`WHARF_CHANNEL`: `fds`, `stdio`,
+    /// `socket` or `fifo`; `WHARF_FD_IN`, `WHARF_FD_OUT`, `WHARF_SOCKET`, `WHARF_FIFO_IN`,
+    /// `WHARF_FIFO_OUT`, `WHARF_MAX_FRAME`). Returns on EOF or `shutdown`.
     pub fn serve(self) -> Result<(), ServeError> {
         let env = |k: &str| std::env::var(k).ok();
         let max_frame = match env("WHARF_MAX_FRAME") {
@@ -304,10 +305,21 @@ impl Worker {
                 let output = stream.try_clone().map_err(|e| {
                     ServeError::Config(format!("cannot use the socket {path}: {e}"))
                 })?;
-                self.serve_on(BufReader::new(stream), output, max_frame)
+                self.serve_on_threaded(BufReader::new(stream), output, max_frame)
+            }
+            #[cfg(unix)]
+            Some("fifo") => {
+                let path = |k: &str| {
+                    env(k)
+                        .ok_or_else(|| ServeError::Config(format!("WHARF_CHANNEL=fifo needs {k}")))
+                };
+                let (path_in, path_out) = (path("WHARF_FIFO_IN")?, path("WHARF_FIFO_OUT")?);
+                let input = open_fifo(&path_in, false)?;
+                let output = open_fifo(&path_out, true)?;
+                self.serve_on_threaded(BufReader::new(input), output, max_frame)
             }
             Some(other) => Err(ServeError::Config(format!(
-                "WHARF_CHANNEL={other}: expected fds, stdio or socket"
+                "WHARF_CHANNEL={other}: expected fds, stdio, socket or fifo"
             ))),
         }
     }
@@ -576,6 +588,44 @@ fn open_fd(fd: i32) -> Result<File, ServeError> {
     // SAFETY: the runtime handed this descriptor to us for our exclusive use; it is open (checked
     // above) and nothing else in the process owns it.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Opens one FIFO of the `fifo` channel: the request FIFO to read (`write` false) or the reply
+/// FIFO to write. The open does not block (the runtime holds its ends open before the worker
+/// starts; a reply FIFO nobody reads fails with ENXIO: the runtime is gone), then the file is
+/// made blocking for serving. Close-on-exec, as every file std opens.
+#[cfg(unix)]
+fn open_fifo(path: &str, write: bool) -> Result<File, ServeError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let fail = |why: String| ServeError::Config(format!("cannot open the FIFO {path}: {why}"));
+    let file = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => fail("nobody reads it (is the runtime gone?)".into()),
+            _ => fail(e.to_string()),
+        })?;
+    if !file
+        .metadata()
+        .map_err(|e| fail(e.to_string()))?
+        .file_type()
+        .is_fifo()
+    {
+        return Err(fail("not a FIFO".into()));
+    }
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns, only changing its O_NONBLOCK flag.
+    let cleared = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) >= 0
+    };
+    if !cleared {
+        return Err(fail(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(file)
 }
 
 #[cfg(not(unix))]

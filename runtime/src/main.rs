@@ -2,7 +2,7 @@
 //!
 //! `wharf check [--stdio] [--init-timeout-ms N] [--timeout-ms N] [--max-frame N] -- CMD [ARGS...]`
 //! runs the protocol conformance suite (`docs/protocol.md`, section 6) against a worker command;
-//! with `--container IMAGE [--transport socket|attach] [--mount SRC:DST[:ro]] [--user U]` each
+//! with `--container IMAGE [--transport fifo|socket|attach] [--mount SRC:DST[:ro]] [--user U]` each
 //! worker runs in a container of IMAGE, with `--host-python` in one of the local host-Python
 //! image (CMD is then the arguments to its Python).
 //! It prints one line per check (`PASS name`, `FAIL name: reason`, `SKIP name: reason`), then a
@@ -77,7 +77,7 @@ enum Command {
         #[arg(long, conflicts_with = "stdio")]
         host_python: bool,
         /// With --container or --host-python: where frames travel.
-        #[arg(long, value_enum, default_value_t = TransportArg::Socket)]
+        #[arg(long, value_enum, default_value_t = TransportArg::Fifo)]
         transport: TransportArg,
         /// With --container: a bind mount `SRC:DST[:ro]` (repeatable).
         #[arg(long, value_name = "SRC:DST[:ro]", value_parser = parse_mount)]
@@ -346,6 +346,8 @@ async fn image_command(command: ImageCommand) -> Result<(), Box<dyn std::error::
 /// Where a container worker's frames travel.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum TransportArg {
+    /// Two FIFOs (named pipes) bind-mounted into the container (local engines; the default).
+    Fifo,
     /// A unix socket bind-mounted into the container (local engines).
     Socket,
     /// Docker's attach stream.
@@ -412,6 +414,7 @@ async fn main() -> ExitCode {
             cmd,
         } => {
             let transport = match transport {
+                TransportArg::Fifo => Transport::Fifo,
                 TransportArg::Socket => Transport::Socket,
                 TransportArg::Attach => Transport::Attach,
             };

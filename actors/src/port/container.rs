@@ -1,5 +1,5 @@
-//! The container host: one worker in one Docker container, reached over a unix socket or
-//! Docker's attach stream.
+//! The container host: one worker in one Docker container, reached over a pair of FIFOs, a unix
+//! socket or Docker's attach stream.
 //!
 //! [`launch`] creates the container (labelled `wharf.pool`, `wharf.owner`, `wharf.worker`),
 //! connects the channel, starts it, and hands the channel to a [`Router`]; the port then does
@@ -9,9 +9,15 @@
 //! whether the kernel killed it for memory — is read back from the engine.
 //!
 //! Transports:
-//! - **socket** (default, local engines only): the runtime listens on a unix socket in a
-//!   per-worker directory that is bind-mounted into the container; the worker connects to it
-//!   (`WHARF_CHANNEL=socket`, `WHARF_SOCKET`). The fast path: about a fifth of attach's latency.
+//! - **fifo** (default, local engines only): the runtime makes two FIFOs (named pipes) in a
+//!   per-launch directory that is bind-mounted into the container; the worker reads requests
+//!   from one and writes replies to the other (`WHARF_CHANNEL=fifo`, `WHARF_FIFO_IN`,
+//!   `WHARF_FIFO_OUT`). Pipe semantics across the container's boundary: the fastest path. Until
+//!   the worker's first byte arrives the runtime holds the far end of each FIFO itself, so no
+//!   open blocks on either side and a worker that has not opened its end yet is not taken for
+//!   a dead one; the engine's `wait` reports a death before that.
+//! - **socket** (local engines only): the runtime listens on a unix socket in the same kind of
+//!   directory; the worker connects to it (`WHARF_CHANNEL=socket`, `WHARF_SOCKET`).
 //! - **attach** (any engine): the protocol's `stdio` mode over Docker's attach stream, attached
 //!   before the start (output before an attach is lost) with `stdin_once`, so the container
 //!   gets EOF, and ends, when the runtime goes. The stream multiplexes stdout and stderr in
@@ -40,6 +46,7 @@ use tokio::sync::watch;
 use wharf_protocol::DEFAULT_MAX_FRAME;
 
 use super::error::PortError;
+use super::fifo::{Fifos, FIFO_IN, FIFO_OUT};
 use super::logs::{self, Stream, Tail};
 use super::router::{self, Host, Router};
 use crate::engine::{Engine, EngineError};
@@ -47,8 +54,11 @@ use crate::engine::{Engine, EngineError};
 /// Where a container worker's frames travel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Transport {
-    /// A unix socket in a directory bind-mounted into the container (local engines only).
+    /// Two FIFOs (named pipes) in a directory bind-mounted into the container (local engines
+    /// only): the fastest, with a pipe's cost per call.
     #[default]
+    Fifo,
+    /// A unix socket in a directory bind-mounted into the container (local engines only).
     Socket,
     /// Docker's attach stream: the worker's stdin and stdout (any engine).
     Attach,
@@ -136,7 +146,7 @@ pub struct ContainerSpec {
 
 impl ContainerSpec {
     /// A spec for `image` running `command` (program and arguments), with the secure defaults
-    /// and the socket transport.
+    /// and the FIFO transport.
     pub fn new<I, S>(image: impl Into<String>, command: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -146,7 +156,7 @@ impl ContainerSpec {
             image: image.into(),
             command: command.into_iter().map(Into::into).collect(),
             env: Vec::new(),
-            transport: Transport::Socket,
+            transport: Transport::default(),
             engine: None,
             mounts: Vec::new(),
             tmpfs: vec![("/tmp".into(), "rw,noexec,nosuid,size=64m".into())],
@@ -350,7 +360,7 @@ pub enum Sweep<'a> {
 pub async fn sweep(engine: &Engine, what: Sweep<'_>) -> Result<usize, EngineError> {
     let (label, value) = match what {
         Sweep::Leftovers { pool } => {
-            sweep_socket_dirs();
+            sweep_channel_dirs();
             (labels::POOL, pool)
         }
         Sweep::Instance { instance } => (labels::INSTANCE, instance),
@@ -429,8 +439,8 @@ struct ContainerHost {
     pid: OnceLock<u32>,
     /// Set by the exit watch before it publishes the exit: the kernel killed it for memory.
     oom_killed: AtomicBool,
-    /// The per-worker socket directory, removed on release.
-    socket_dir: Option<PathBuf>,
+    /// The per-launch channel directory (socket or FIFOs), removed on release.
+    channel_dir: Option<PathBuf>,
     released: AtomicBool,
 }
 
@@ -467,7 +477,7 @@ impl Host for ContainerHost {
         if self.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Some(dir) = &self.socket_dir {
+        if let Some(dir) = &self.channel_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
         let (docker, id) = (self.engine.docker().clone(), self.id.clone());
@@ -500,12 +510,13 @@ fn force_remove() -> RemoveContainerOptions {
     }
 }
 
-/// The root of the per-worker socket directories.
+/// The root of the per-launch channel directories (a socket or two FIFOs each).
 ///
-/// Mode 0700: no other user of this machine may reach a worker's socket (the engine mounts the
-/// per-launch directory as root; the container never passes through this one). Under the
-/// temp dir, unless that path is too long for a socket address (108 bytes); `/tmp` then.
-fn socket_root() -> PathBuf {
+/// Mode 0700: no other user of this machine may reach a worker's socket or FIFOs (the engine
+/// mounts the per-launch directory as root; the container never passes through this one).
+/// Under the temp dir, unless that path is too long for a socket address (108 bytes); `/tmp`
+/// then.
+fn channel_root() -> PathBuf {
     let name = format!("wharf-{}", owner());
     let tmp = std::env::temp_dir();
     // Room for "/<launch>/s" under the root.
@@ -516,8 +527,8 @@ fn socket_root() -> PathBuf {
     }
 }
 
-/// The roots under which runtimes make socket directories.
-fn socket_bases() -> Vec<PathBuf> {
+/// The roots under which runtimes make channel directories.
+fn channel_bases() -> Vec<PathBuf> {
     let mut bases = vec![std::env::temp_dir()];
     if !bases.contains(&PathBuf::from("/tmp")) {
         bases.push(PathBuf::from("/tmp"));
@@ -525,9 +536,9 @@ fn socket_bases() -> Vec<PathBuf> {
     bases
 }
 
-/// Removes the socket directories of runtimes of this machine that are gone.
-fn sweep_socket_dirs() {
-    for base in socket_bases() {
+/// Removes the channel directories of runtimes of this machine that are gone.
+fn sweep_channel_dirs() {
+    for base in channel_bases() {
         let Ok(entries) = std::fs::read_dir(&base) else {
             continue;
         };
@@ -571,28 +582,40 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("WHARF_MAX_FRAME={}", spec.max_frame));
     env.push(format!("WHARF_WORKER_ID={}", spec.worker_id));
-    // This launch's number in the runtime: container names and socket directories are unique
+    // This launch's number in the runtime: container names and channel directories are unique
     // per launch, even for a worker name used again before its old container is removed.
     static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let launch = LAUNCHES.fetch_add(1, Ordering::Relaxed);
     let mut binds: Vec<String> = spec.mounts.iter().map(Mount::bind).collect();
-    let mut socket = None;
-    match spec.transport {
-        Transport::Attach => env.push("WHARF_CHANNEL=stdio".into()),
-        Transport::Socket => {
-            // A short, unique directory per launch: socket paths must stay under 108 bytes.
-            let dir = socket_root().join(launch.to_string());
-            let listener = listen(&dir).map_err(|e| {
-                failed(
-                    spec,
-                    format!("cannot listen on a socket in {}: {e}", dir.display()),
-                )
-            })?;
-            binds.push(format!("{}:/run/wharf:rw", dir.display()));
-            env.push("WHARF_CHANNEL=socket".into());
-            env.push("WHARF_SOCKET=/run/wharf/s".into());
-            socket = Some((dir, listener));
+    // A short, unique directory per launch (socket paths must stay under 108 bytes), mounted
+    // at /run/wharf; none for attach.
+    let dir = channel_root().join(launch.to_string());
+    let cannot = |what: &str, e: std::io::Error| {
+        failed(spec, format!("cannot {what} in {}: {e}", dir.display()))
+    };
+    let (local, dir) = match spec.transport {
+        Transport::Attach => {
+            env.push("WHARF_CHANNEL=stdio".into());
+            (Local::Attach, None)
         }
+        Transport::Socket => {
+            let listener =
+                in_channel_dir(&dir, listen).map_err(|e| cannot("listen on a socket", e))?;
+            env.push("WHARF_CHANNEL=socket".into());
+            env.push(format!("WHARF_SOCKET={CHANNEL_DIR}/s"));
+            (Local::Socket(listener), Some(dir.clone()))
+        }
+        Transport::Fifo => {
+            let fifos =
+                in_channel_dir(&dir, Fifos::make).map_err(|e| cannot("make the FIFOs", e))?;
+            env.push("WHARF_CHANNEL=fifo".into());
+            env.push(format!("WHARF_FIFO_IN={CHANNEL_DIR}/{FIFO_IN}"));
+            env.push(format!("WHARF_FIFO_OUT={CHANNEL_DIR}/{FIFO_OUT}"));
+            (Local::Fifo(fifos), Some(dir.clone()))
+        }
+    };
+    if let Some(dir) = &dir {
+        binds.push(format!("{}:{CHANNEL_DIR}:rw", dir.display()));
     }
     let mut labels: HashMap<String, String> = spec.labels.iter().cloned().collect();
     let instance = if spec.instance.is_empty() {
@@ -645,11 +668,11 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
     };
     let name = container_name(&spec.worker_id, instance, launch);
     // From here until the launch succeeds, however it ends (an error, a timeout, the caller
-    // giving up at any await), the container (by name) and the socket directory are removed.
+    // giving up at any await), the container (by name) and the channel directory are removed.
     let mut guard = LaunchGuard {
         engine: engine.clone(),
         name: Some(name.clone()),
-        dir: socket.as_ref().map(|(dir, _)| dir.clone()),
+        dir: dir.clone(),
     };
     let options = CreateContainerOptions {
         name: Some(name),
@@ -661,23 +684,23 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
     )
     .await
     .map_err(|e| failed(spec, format!("create: {e}")))?;
-    // From here on, a failure removes the container (and the socket directory).
+    // From here on, a failure removes the container (and the channel directory).
     let host = Arc::new(ContainerHost {
         engine: engine.clone(),
         id: created.id,
         pid: OnceLock::new(),
         oom_killed: AtomicBool::new(false),
-        socket_dir: socket.as_ref().map(|(dir, _)| dir.clone()),
+        channel_dir: dir,
         released: AtomicBool::new(false),
     });
-    let router = start(spec, &host, socket.map(|(_, listener)| listener)).await?;
+    let router = start(spec, &host, local).await?;
     guard.name = None;
     guard.dir = None;
     Ok(router)
 }
 
 /// Undoes a launch that did not finish: removes its container (by name, so even one whose
-/// create was under way) and its socket directory.
+/// create was under way) and its channel directory.
 struct LaunchGuard {
     engine: Engine,
     name: Option<String>,
@@ -728,7 +751,7 @@ async fn within<T>(
 async fn start(
     spec: &ContainerSpec,
     host: &Arc<ContainerHost>,
-    listener: Option<tokio::net::UnixListener>,
+    local: Local,
 ) -> Result<Arc<Router>, PortError> {
     let docker = host.engine.docker();
     let id = host.id.as_str();
@@ -749,8 +772,8 @@ async fn start(
     .await
     .map_err(|e| failed(spec, format!("attach: {e}")))?;
     let stderr_tail = Tail::default();
-    // Demultiplex the attach stream: stdout is the channel (attach) or a log (socket); stderr
-    // is a log. Each goes through an in-memory pipe, so a slow reader pushes back.
+    // Demultiplex the attach stream: stdout is the channel (attach) or a log (socket, FIFOs);
+    // stderr is a log. Each goes through an in-memory pipe, so a slow reader pushes back.
     let (stdout_rx, stdout_tx) = tokio::io::simplex(64 * 1024);
     let (stderr_rx, stderr_tx) = tokio::io::simplex(64 * 1024);
     tokio::spawn(demux(attached.output, stdout_tx, stderr_tx));
@@ -788,19 +811,22 @@ async fn start(
     tokio::spawn(watch_exit(host.clone(), exit_tx, open.clone()));
 
     let stdout: Box<dyn AsyncRead + Send + Unpin> = Box::new(stdout_rx);
+    // stdout is a log unless it is the channel.
+    let log_stdout = |stdout| {
+        let id = spec.worker_id.clone();
+        tokio::spawn(logs::forward(stdout, id, Stream::Stdout, None));
+    };
     let (input, output): (
         Box<dyn AsyncRead + Send + Unpin>,
         Box<dyn AsyncWrite + Send + Unpin>,
-    ) = match listener {
-        None => (stdout, Box::new(attached.input)),
-        Some(listener) => {
-            // stdout is a log in socket mode.
-            tokio::spawn(logs::forward(
-                stdout,
-                spec.worker_id.clone(),
-                Stream::Stdout,
-                None,
-            ));
+    ) = match local {
+        Local::Attach => (stdout, Box::new(attached.input)),
+        Local::Fifo(fifos) => {
+            log_stdout(stdout);
+            fifos.into_channel(exit_rx.clone())
+        }
+        Local::Socket(listener) => {
+            log_stdout(stdout);
             let mut exited = exit_rx.clone();
             let ended = async move {
                 let _ = exited.wait_for(Option::is_some).await;
@@ -915,17 +941,46 @@ where
     let _ = stderr.shutdown().await;
 }
 
-/// Makes a per-worker socket directory and listens in it, on a socket any user may connect to
-/// (a worker running as another user than the runtime must be able to).
+/// Where the per-launch channel directory is mounted in the container.
+const CHANNEL_DIR: &str = "/run/wharf";
+
+/// The channel a launch prepared on this machine before the container runs.
+enum Local {
+    /// None: the channel is the attach stream.
+    Attach,
+    /// The socket the worker connects to.
+    Socket(tokio::net::UnixListener),
+    /// The FIFO pair, both ends already open on the runtime's side.
+    Fifo(Fifos),
+}
+
+/// Makes the per-launch channel directory `dir` (under the private root, see
+/// [`channel_root`]) and `make`s the channel in it; removes the directory if that fails.
+fn in_channel_dir<T>(
+    dir: &Path,
+    make: impl FnOnce(&Path) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    use std::os::unix::fs::PermissionsExt;
+    let made = (|| {
+        if let Some(root) = dir.parent() {
+            std::fs::create_dir_all(root)?;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        make(dir)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    made
+}
+
+/// Listens on a socket in `dir` that any user may connect to (a worker running as another
+/// user than the runtime must be able to).
 fn listen(dir: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    if let Some(root) = dir.parent() {
-        std::fs::create_dir_all(root)?;
-        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     let path = dir.join("s");
     let listener = tokio::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;

@@ -6,6 +6,8 @@
 //! - [`router`] (crate-private): the protocol channel, shared by every kind of worker — the one
 //!   writer, the reader task that routes replies by request id, the requests in flight;
 //! - [`process`]: a worker OS process in its own process group, with its watchdog and reaper;
+//! - [`container`]: a worker in a Docker container, over FIFOs, a unix socket or attach;
+//! - `fifo` (crate-private): the FIFO pair a container worker's channel can be;
 //! - [`logs`]: a worker's log lines into `tracing`.
 //!
 //! Stopping, in one vocabulary for the whole runtime:
@@ -18,6 +20,7 @@
 //! Dropping a port kills its worker.
 
 pub mod container;
+mod fifo;
 pub mod logs;
 pub mod process;
 pub(crate) mod router;

@@ -1,5 +1,5 @@
-"""The runtime's side of a worker, for the tests: spawn a worker process on a channel (fds 3/4 or
-stdin/stdout) and speak frames to it. Every wait has a deadline, and a watchdog kills a worker
+"""The runtime's side of a worker, for the tests: spawn a worker process on a channel (fds 3/4,
+stdin/stdout or a FIFO pair) and speak frames to it. Every wait has a deadline, and a watchdog kills a worker
 that outlives its test, so no test can hang."""
 
 import fcntl
@@ -51,6 +51,40 @@ def high_pipe():
     return ends
 
 
+class Fifos:
+    """A FIFO pair in a fresh directory with the runtime's ends open, as the runtime makes it:
+    the request FIFO ``in`` opened for writing and the reply FIFO ``out`` for reading, plus the
+    far end of each (the keepers), so that the worker's opens never block and a worker that
+    has not opened its end yet is not seen as EOF. ``release()`` closes the keepers."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="wharf-fifo-")
+        self.path_in = os.path.join(self.dir, "in")
+        self.path_out = os.path.join(self.dir, "out")
+        os.mkfifo(self.path_in, 0o600)
+        os.mkfifo(self.path_out, 0o600)
+        nb = os.O_NONBLOCK
+        self.keepers = [os.open(self.path_in, os.O_RDONLY | nb)]
+        self.to_w = os.open(self.path_in, os.O_WRONLY | nb)
+        self.from_r = os.open(self.path_out, os.O_RDONLY | nb)
+        self.keepers.append(os.open(self.path_out, os.O_WRONLY | nb))
+        os.set_blocking(self.to_w, True)
+
+    def env(self):
+        return {"WHARF_FIFO_IN": self.path_in, "WHARF_FIFO_OUT": self.path_out}
+
+    def release(self):
+        for fd in self.keepers:
+            os.close(fd)
+        self.keepers = []
+
+    def remove(self):
+        self.release()
+        for path in (self.path_in, self.path_out):
+            os.unlink(path)
+        os.rmdir(self.dir)
+
+
 def write_script(directory, name, code):
     path = os.path.join(directory, name)
     with open(path, "w") as f:
@@ -65,8 +99,11 @@ class Peer:
         self.channel = channel
         self.stdout_file = tempfile.TemporaryFile()
         self.stderr_file = tempfile.TemporaryFile()
+        self.fifos = Fifos() if channel == "fifo" else None
+        if self.fifos is not None:
+            env = dict(self.fifos.env(), **env)
         environ = child_env(channel, **env)
-        if channel == "fds":
+        if channel in ("fds", "fifo"):
             to_r, self.to_w = high_pipe()
             self.from_r, from_w = high_pipe()
 
@@ -74,6 +111,12 @@ class Peer:
                 os.dup2(to_r, 3)
                 os.dup2(from_w, 4)
 
+            if self.fifos is not None:
+                # The FIFOs are the channel: nothing on fds 3/4.
+                os.close(self.to_w)
+                os.close(self.from_r)
+                self.to_w, self.from_r = self.fifos.to_w, self.fifos.from_r
+                place_channel = None
             self.proc = subprocess.Popen(
                 argv,
                 env=environ,
@@ -112,7 +155,7 @@ class Peer:
         self.send_raw(frame(msg))
 
     def close_input(self):
-        if self.channel == "fds":
+        if self.channel in ("fds", "fifo"):
             if self.to_w is not None:
                 os.close(self.to_w)
                 self.to_w = None
@@ -125,10 +168,19 @@ class Peer:
         """n bytes, or fewer if the worker closed its output first."""
         while len(self._buf) < n:
             left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.from_r], [], [], max(left, 0))
+            held = self.fifos is not None and self.fifos.keepers
+            if held and self.proc.poll() is not None:
+                # The worker ended before its first byte: its end is EOF, as for the runtime.
+                self.fifos.release()
+                held = False
+            ready, _, _ = select.select([self.from_r], [], [], min(max(left, 0), 0.05 if held else left))
             if not ready:
+                if time.monotonic() < deadline:
+                    continue
                 raise AssertionError("no reply from the worker within %s s" % TIMEOUT)
             chunk = os.read(self.from_r, 1 << 20)
+            if chunk and held:
+                self.fifos.release()  # the worker has opened both ends
             if not chunk:
                 break
             self._buf += chunk
@@ -212,7 +264,9 @@ class Peer:
         for f in (self.proc.stdin, self.proc.stdout, self.stdout_file, self.stderr_file):
             if f is not None:
                 f.close()
-        if self.channel == "fds":
+        if self.channel in ("fds", "fifo"):
             for fd in (self.to_w, self.from_r):
                 if fd is not None:
                     os.close(fd)
+        if self.fifos is not None:
+            self.fifos.remove()

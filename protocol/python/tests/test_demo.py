@@ -1,4 +1,4 @@
-"""The demo worker as a real subprocess, on fds 3/4 and on stdin/stdout."""
+"""The demo worker as a real subprocess, on fds 3/4, on stdin/stdout and on a FIFO pair."""
 
 import math
 import os
@@ -397,6 +397,10 @@ class DemoStdioTests(DemoTests):
     channel = "stdio"
 
 
+class DemoFifoTests(DemoTests):
+    channel = "fifo"
+
+
 class ChannelConfigTests(unittest.TestCase):
     def test_fds_mode_without_the_fds_exits_2(self):
         import subprocess
@@ -410,6 +414,44 @@ class ChannelConfigTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 2)
         self.assertEqual(proc.stdout, b"")
         self.assertIn(b"WHARF_CHANNEL=stdio", proc.stderr)
+
+    def run_fifo_mode(self, **env):
+        import subprocess
+
+        from .support import child_env
+
+        return subprocess.run(
+            DEMO, env=child_env("fifo", **env),
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
+        )
+
+    def test_fifo_mode_without_its_paths_exits_2(self):
+        proc = self.run_fifo_mode(WHARF_FIFO_IN="/nonexistent/in")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn(b"WHARF_FIFO_OUT", proc.stderr)
+
+    def test_fifo_mode_with_nobody_reading_the_reply_fifo_exits_2_at_once(self):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path_in, path_out = os.path.join(d, "in"), os.path.join(d, "out")
+            os.mkfifo(path_in)
+            os.mkfifo(path_out)
+            started = time.monotonic()
+            proc = self.run_fifo_mode(WHARF_FIFO_IN=path_in, WHARF_FIFO_OUT=path_out)
+            self.assertLess(time.monotonic() - started, TIMEOUT / 2, "an open blocked")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn(b"nobody reads it", proc.stderr)
+
+    def test_fifo_mode_on_files_that_are_not_fifos_exits_2(self):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "plain")
+            open(path, "w").close()
+            proc = self.run_fifo_mode(WHARF_FIFO_IN=path, WHARF_FIFO_OUT=path)
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn(b"not a FIFO", proc.stderr)
 
 
 if __name__ == "__main__":

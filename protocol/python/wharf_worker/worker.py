@@ -2,10 +2,12 @@
 
 import asyncio
 import collections
+import errno
 import inspect
 import logging
 import os
 import socket
+import stat
 import sys
 import time
 import types
@@ -247,9 +249,10 @@ class Worker:
 
     def serve_env(self, environ=None):
         """Serves on the channel named by ``environ`` (default ``os.environ``): ``WHARF_CHANNEL``
-        (``fds``, the default, ``stdio`` or ``socket``), ``WHARF_FD_IN``/``WHARF_FD_OUT`` (3 and
-        4), ``WHARF_SOCKET`` (the unix socket to connect to) and ``WHARF_MAX_FRAME``. Returns
-        the exit status instead of exiting."""
+        (``fds``, the default, ``stdio``, ``socket`` or ``fifo``), ``WHARF_FD_IN``/``WHARF_FD_OUT``
+        (3 and 4), ``WHARF_SOCKET`` (the unix socket to connect to), ``WHARF_FIFO_IN``/
+        ``WHARF_FIFO_OUT`` (the FIFOs to read requests from and write replies to) and
+        ``WHARF_MAX_FRAME``. Returns the exit status instead of exiting."""
         env = os.environ if environ is None else environ
         try:
             max_frame = int(env.get("WHARF_MAX_FRAME") or DEFAULT_MAX_FRAME)
@@ -291,8 +294,13 @@ class Worker:
             # One fd both ways; processes this worker starts must not hold it open.
             fd_in = fd_out = sock.detach()
             os.set_inheritable(fd_in, False)
+        elif channel == "fifo":
+            fds = _open_fifos(env.get("WHARF_FIFO_IN"), env.get("WHARF_FIFO_OUT"))
+            if fds is None:
+                return 2
+            fd_in, fd_out = fds
         else:
-            log.error("WHARF_CHANNEL=%r: expected fds, stdio or socket", channel)
+            log.error("WHARF_CHANNEL=%r: expected fds, stdio, socket or fifo", channel)
             return 2
         return self.serve(fd_in, fd_out, max_frame)
 
@@ -601,6 +609,31 @@ def _about(msg, why):
 def _short(value, limit=200):
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _open_fifos(path_in, path_out):
+    """Opens the FIFO channel: ``path_in`` to read requests from, ``path_out`` to write replies
+    to. Both opens are non-blocking, so neither waits for the runtime: the runtime holds its
+    ends open before the worker starts, and a reply FIFO that nobody reads (ENXIO) means the
+    runtime is gone. The fds are then made blocking (``serve`` does) and are not inherited.
+    Returns ``(fd_in, fd_out)``, or None after logging why not."""
+    if not path_in or not path_out:
+        log.error("WHARF_CHANNEL=fifo needs WHARF_FIFO_IN and WHARF_FIFO_OUT, the FIFOs' paths")
+        return None
+    opened = []
+    try:
+        for path, flags in ((path_in, os.O_RDONLY), (path_out, os.O_WRONLY)):
+            fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+            opened.append(fd)
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a FIFO", path)
+    except OSError as e:
+        for fd in opened:
+            os.close(fd)
+        why = "nobody reads it (is the runtime gone?)" if e.errno == errno.ENXIO else e
+        log.error("cannot open the FIFO %r: %s", e.filename or path_out, why)
+        return None
+    return opened[0], opened[1]
 
 
 def _take_stdio():
