@@ -8,7 +8,7 @@ import unittest
 import msgpack
 
 from . import support  # noqa: F401  (puts the source tree on sys.path)
-from wharf_worker import MAX_DEPTH, FrameError, Worker
+from wharf_worker import MAX_DEPTH, Context, FrameError, Worker
 from wharf_worker.framing import FrameReader, decode, encode, nests_deeper_than
 
 # docs/protocol.md, section 7.
@@ -124,7 +124,7 @@ class RegistrationTests(unittest.TestCase):
         def z(body):
             return body
 
-        @w.method()
+        @w.method(context=True)
         def alpha(body, ctx):
             return ctx
 
@@ -184,7 +184,7 @@ class ServeInProcessTests(unittest.TestCase):
         w.on_reset(lambda: resets.append(1))
 
         @w.method()
-        def echo(body, ctx):
+        def echo(body, ctx: Context):
             return [body, ctx.request_id, ctx.method, ctx.session, ctx.deadline_ms]
 
         msgs = [

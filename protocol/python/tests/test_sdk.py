@@ -35,7 +35,7 @@ def same_loop(_body):
     return len(loops) >= 3 and all(loop is loops[0] for loop in loops) and not loops[0].is_closed()
 
 
-@w.method()
+@w.method(context=True)
 async def count(n, ctx):
     for i in range(n):
         await asyncio.sleep(0)
@@ -49,7 +49,7 @@ async def count_then_fail(n):
     raise KeyError("gone")
 
 
-@w.method()
+@w.method(context=True)
 def context(body, ctx):
     return {"id": ctx.request_id, "method": ctx.method, "session": ctx.session,
             "deadline_ms": ctx.deadline_ms}
@@ -60,14 +60,14 @@ def bare(body):
     return "bare"
 
 
-@w.method()
+@w.method(context=True)
 def spin(_body, ctx):
     while not ctx.cancelled():  # polls the channel: a cancel is seen while the call runs
         pass
     return "stopped"
 
 
-@w.method()
+@w.method(context=True)
 def ticks(_body, ctx):
     i = 0
     while True:

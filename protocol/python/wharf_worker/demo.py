@@ -9,12 +9,12 @@ import subprocess
 import sys
 import time
 
-from . import Worker
+from . import Context, Worker
 
 worker = Worker()
 options = argparse.Namespace(init_delay_ms=0, init_fail=None, exit_after_ready=False)
-state = {}  # per-session state, dropped by reset
-held = []  # memory kept by alloc
+state: "dict[str, object]" = {}  # per-session state, dropped by reset
+held: "list[bytearray]" = []  # memory kept by alloc
 
 
 @worker.on_init
@@ -48,7 +48,7 @@ def sleep(ms):
 
 
 @worker.method()
-def wait(body, ctx):
+def wait(body, ctx: Context):
     """The conformance method for cancel and deadline_ms (docs/protocol.md, section 6): runs up
     to body["ms"] ms, ending early with error kind cancelled or deadline_exceeded."""
     ms = body["ms"]

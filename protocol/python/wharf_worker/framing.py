@@ -4,6 +4,7 @@ MessagePack map (docs/protocol.md, section 1)."""
 import os
 import select
 import struct
+from typing import Any, Mapping, Optional, Union
 
 import msgpack
 
@@ -26,7 +27,7 @@ class FrameError(Exception):
     """The peer broke the protocol: bad framing, or a payload that is not a message."""
 
 
-def nests_deeper_than(value, limit):
+def nests_deeper_than(value: Any, limit: int) -> bool:
     """True if arrays and maps in ``value`` nest more than ``limit`` levels (``value`` itself
     being level 1). Walks one level at a time, so it needs no recursion."""
     level = [value]
@@ -35,7 +36,7 @@ def nests_deeper_than(value, limit):
         depth += 1
         if depth > limit:
             return True
-        below = []
+        below: "list[Any]" = []
         push = below.append
         for container in level:
             if isinstance(container, dict):
@@ -52,7 +53,7 @@ def nests_deeper_than(value, limit):
     return False
 
 
-def decode(payload):
+def decode(payload: "Union[bytes, bytearray, memoryview]") -> "dict[str, Any]":
     """The message (a dict) in one frame's payload; FrameError if it is anything else."""
     try:
         msg = _unpackb(payload, raw=False, strict_map_key=False)
@@ -73,7 +74,7 @@ def decode(payload):
     return msg
 
 
-def encode(msg):
+def encode(msg: "Mapping[str, Any]") -> bytes:
     """One whole frame, header and payload, as one bytes object."""
     payload = _packb(msg, use_bin_type=True)
     return HEADER.pack(len(payload)) + payload
@@ -89,21 +90,21 @@ class FrameReader:
 
     __slots__ = ("fd", "max_frame", "_buf", "_pos", "_spare")
 
-    def __init__(self, fd, max_frame=DEFAULT_MAX_FRAME):
+    def __init__(self, fd: int, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.fd = fd
         self.max_frame = max_frame
         self._buf = b""
         self._pos = 0
         self._spare = bytearray(READ_SIZE)
 
-    def read(self):
+    def read(self) -> "Optional[dict[str, Any]]":
         """The next message (a dict), or None on a clean EOF."""
         payload = self.read_payload()
         if payload is None:
             return None
         return decode(payload)
 
-    def buffered(self):
+    def buffered(self) -> "Optional[dict[str, Any]]":
         """The next message if a whole frame of it is already buffered, else None. Never
         reads; a header is still checked as soon as its 4 bytes are here."""
         buf = self._buf
@@ -118,7 +119,7 @@ class FrameReader:
         self._pos = stop
         return decode(memoryview(buf)[pos + HEADER_LEN : stop])
 
-    def fill(self, timeout):
+    def fill(self, timeout: float) -> bool:
         """Waits up to ``timeout`` seconds for input and buffers what has arrived, without
         blocking longer (for reading while a call runs; see :meth:`buffered`). Returns False
         at a clean EOF; raises FrameError at an EOF inside a frame."""
@@ -135,7 +136,7 @@ class FrameReader:
         self._pos = 0
         return True
 
-    def read_payload(self):
+    def read_payload(self) -> "Optional[Union[bytes, bytearray, memoryview]]":
         """The next frame's payload (bytes-like), or None on a clean EOF."""
         buf = self._buf
         pos = self._pos
@@ -195,7 +196,7 @@ def _check_header(n, max_frame):
         )
 
 
-def write_all(fd, data):
+def write_all(fd: int, data: bytes) -> None:
     """Writes all of ``data`` to ``fd``, looping on partial writes."""
     n = os.write(fd, data)
     if n == len(data):

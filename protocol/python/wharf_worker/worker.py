@@ -6,11 +6,14 @@ import errno
 import inspect
 import logging
 import os
+import signal
 import socket
 import stat
 import sys
+import threading
 import time
 import types
+from typing import Any, Callable, Mapping, NoReturn, Optional, TypeVar, Union
 
 import msgpack
 
@@ -26,6 +29,8 @@ from .framing import (
 )
 
 PROTOCOL_VERSION = 1
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 log = logging.getLogger("wharf_worker")
 
@@ -63,7 +68,14 @@ class Context:
 
     __slots__ = ("request_id", "method", "session", "deadline_ms", "_worker", "_start", "_cancelled")
 
-    def __init__(self, request_id, method, session=None, deadline_ms=None, _worker=None):
+    def __init__(
+        self,
+        request_id: int,
+        method: str,
+        session: Optional[str] = None,
+        deadline_ms: Optional[int] = None,
+        _worker: "Optional[Worker]" = None,
+    ) -> None:
         self.request_id = request_id  #: the call's id
         self.method = method  #: the method name called
         self.session = session  #: the session the call belongs to (str), or None
@@ -77,30 +89,30 @@ class Context:
             self.request_id, self.method, self.session, self.deadline_ms,
         )
 
-    def cancelled(self):
+    def cancelled(self) -> bool:
         """True once the runtime has cancelled this call (or closed the channel, or asked the
         worker to shut down). Reads what the runtime has sent so far, without waiting."""
         if not self._cancelled and self._worker is not None:
             self._worker._pump(0)
         return self._cancelled
 
-    def remaining(self):
+    def remaining(self) -> Optional[float]:
         """Seconds left before ``deadline_ms`` runs out (0 once it has), or None without one."""
         if self.deadline_ms is None:
             return None
         return max(0.0, self.deadline_ms / 1000 - (time.monotonic() - self._start))
 
-    def check(self):
+    def check(self) -> None:
         """Raises :class:`Cancelled` if the call was cancelled, :class:`DeadlineExceeded` if
         its deadline has run out; else returns None."""
         if self.cancelled():
             raise Cancelled("call %d was cancelled" % self.request_id)
         if self.remaining() == 0:
             raise DeadlineExceeded(
-                "call %d ran out of its deadline_ms (%d)" % (self.request_id, self.deadline_ms)
+                "call %d ran out of its deadline_ms (%s)" % (self.request_id, self.deadline_ms)
             )
 
-    def sleep(self, seconds):
+    def sleep(self, seconds: float) -> None:
         """Sleeps up to ``seconds`` while watching the channel: raises :class:`Cancelled` or
         :class:`DeadlineExceeded` as soon as the call is cancelled or out of time."""
         end = time.monotonic() + max(seconds, 0)
@@ -140,18 +152,45 @@ class _Refused(Exception):
         self.message = message
 
 
-def _wants_ctx(fn):
+def _is_context_annotation(annotation: Any) -> bool:
+    if annotation is Context:
+        return True
+    # ``from __future__ import annotations`` leaves the annotation as text.
+    return isinstance(annotation, str) and (
+        annotation == "Context" or annotation.endswith(".Context")
+    )
+
+
+def _wants_ctx(name: str, fn: Callable[..., Any], context: Optional[bool]) -> bool:
+    """Whether ``fn`` receives the call's :class:`Context` as its second argument: if
+    ``context`` says so, or (``context`` left out) if that parameter is annotated ``Context``.
+    A second parameter that is required but not marked either way is a mistake caught now,
+    not a ``Context`` passed silently where the handler expects something else."""
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
+        return bool(context)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var_positional = any(p.kind == p.VAR_POSITIONAL for p in params)
+    if context is True:
+        if len(positional) < 2 and not var_positional:
+            raise TypeError(
+                "method %r: context=True, but %s takes no second positional parameter to "
+                "receive the Context" % (name, getattr(fn, "__qualname__", fn))
+            )
+        return True
+    if context is False or len(positional) < 2:
         return False
-    positional = 0
-    for p in params:
-        if p.kind == p.VAR_POSITIONAL:
-            return True
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            positional += 1
-    return positional >= 2
+    second = positional[1]
+    if _is_context_annotation(second.annotation):
+        return True
+    if second.default is inspect.Parameter.empty:
+        raise TypeError(
+            "method %r: %s takes a second required parameter %r; a handler receives the "
+            "call's Context only if it asks: annotate it (%s: Context) or register with "
+            "context=True" % (name, getattr(fn, "__qualname__", fn), second.name, second.name)
+        )
+    return False
 
 
 def _text(e):
@@ -164,24 +203,26 @@ def _text(e):
 class Worker:
     """A set of methods served over the wharf packet protocol.
 
-    Handlers are ``def f(body)`` or ``def f(body, ctx)`` (ctx: :class:`Context`). ``async def``
+    Handlers are ``def f(body)``, or ``def f(body, ctx: Context)`` to receive the call's
+    :class:`Context` (or register with ``context=True``). ``async def``
     handlers run on one event loop owned by the worker. Generator handlers (sync or async)
     stream: each yielded value is sent as a chunk; a sync generator's ``return`` value is the
     final result (an async generator's is None). A handler that raises produces an error reply
     whose kind is the exception's type name; the worker keeps serving.
     """
 
-    def __init__(self):
-        self._handlers = {}  # name -> (fn, wants_ctx)
-        self._init_hooks = []
-        self._ready_hooks = []
-        self._reset_hooks = []
+    def __init__(self) -> None:
+        self._handlers: "dict[str, tuple[Callable[..., Any], bool]]" = {}  # name -> (fn, ctx?)
+        self._init_hooks: "list[Callable[[], Any]]" = []
+        self._ready_hooks: "list[Callable[[], Any]]" = []
+        self._reset_hooks: "list[Callable[[], Any]]" = []
         self._initialised = False
-        self._loop = None
-        self._fd_out = None
-        self._reader = None
-        self._current = None  # the Context of the call running, if any
-        self._pending = collections.deque()  # messages read while a call ran, in order
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._fd_out: Optional[int] = None
+        self._reader: Optional[FrameReader] = None
+        self._current: Optional[Context] = None  # the Context of the call running, if any
+        # Messages read while a call ran, in order.
+        self._pending: "collections.deque[dict[str, Any]]" = collections.deque()
         self._input_closed = False
         self._max_frame = DEFAULT_MAX_FRAME
         # One packer for every reply (packb would build a new one per call); it resets itself
@@ -190,64 +231,70 @@ class Worker:
 
     # -- registration ------------------------------------------------------------------------
 
-    def method(self, name=None):
+    def method(
+        self, name: Union[str, Callable[..., Any], None] = None, *, context: Optional[bool] = None
+    ) -> Any:
         """Decorator registering a handler as method ``name`` (default: the function's name).
 
-        ``@w.method("echo")``, ``@w.method()`` and ``@w.method`` all work.
+        ``@w.method("echo")``, ``@w.method()`` and ``@w.method`` all work. The handler gets the
+        call's :class:`Context` as its second argument only if it asks: ``context=True``, or
+        the parameter annotated ``ctx: Context``.
         """
         if callable(name):  # bare @w.method
-            return self.method()(name)
+            return self.method(context=context)(name)
 
-        def register(fn):
-            self.add_method(name or fn.__name__, fn)
+        def register(fn: F) -> F:
+            self.add_method(name or fn.__name__, fn, context=context)
             return fn
 
         return register
 
-    def add_method(self, name, fn):
-        """Registers ``fn`` as method ``name`` (the non-decorator form)."""
+    def add_method(
+        self, name: str, fn: Callable[..., Any], *, context: Optional[bool] = None
+    ) -> None:
+        """Registers ``fn`` as method ``name`` (the non-decorator form); ``context`` as for
+        :meth:`method`."""
         if not isinstance(name, str) or not name:
             raise ValueError("a method name must be a non-empty str, not %r" % (name,))
-        self._handlers[name] = (fn, _wants_ctx(fn))
+        self._handlers[name] = (fn, _wants_ctx(name, fn, context))
 
-    def on_init(self, fn):
+    def on_init(self, fn: F) -> F:
         """Decorator: ``fn()`` runs when ``init`` arrives, before ``init_pong`` is sent; heavy
         imports and loading go here. If it raises, the pong says ``status: "error"`` and the
         worker exits with status 1."""
         self._init_hooks.append(fn)
         return fn
 
-    def on_ready(self, fn):
+    def on_ready(self, fn: F) -> F:
         """Decorator: ``fn()`` runs right after a good ``init_pong`` has been sent."""
         self._ready_hooks.append(fn)
         return fn
 
-    def on_reset(self, fn):
+    def on_reset(self, fn: F) -> F:
         """Decorator: ``fn()`` runs on ``reset`` and must drop all per-session state."""
         self._reset_hooks.append(fn)
         return fn
 
     @property
-    def methods(self):
+    def methods(self) -> "list[str]":
         """The registered method names, sorted."""
         return sorted(self._handlers)
 
     # -- running -----------------------------------------------------------------------------
 
-    def run(self):
+    def run(self) -> NoReturn:
         """Serves on the channel the environment names until EOF or ``shutdown``, then exits
         the process: status 0 on EOF or shutdown, 1 if initialisation failed, 2 on a protocol
-        violation or a bad channel configuration. Never returns."""
-        _configure_logging()
-        status = self.serve_env()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except Exception:
-                pass
-        os._exit(status)
+        violation or a bad channel configuration. Never returns.
 
-    def serve_env(self, environ=None):
+        It exits as a Python program ends (``SystemExit``), so the application's ``finally``
+        blocks and ``atexit`` handlers run — also when the runtime stops the worker with
+        SIGTERM (unless the application installed its own SIGTERM handler)."""
+        _configure_logging()
+        _exit_on_sigterm()
+        sys.exit(self.serve_env())
+
+    def serve_env(self, environ: "Optional[Mapping[str, str]]" = None) -> int:
         """Serves on the channel named by ``environ`` (default ``os.environ``): ``WHARF_CHANNEL``
         (``fds``, the default, ``stdio``, ``socket`` or ``fifo``), ``WHARF_FD_IN``/``WHARF_FD_OUT``
         (3 and 4), ``WHARF_SOCKET`` (the unix socket to connect to), ``WHARF_FIFO_IN``/
@@ -304,7 +351,7 @@ class Worker:
             return 2
         return self.serve(fd_in, fd_out, max_frame)
 
-    def serve(self, fd_in, fd_out, max_frame=DEFAULT_MAX_FRAME):
+    def serve(self, fd_in: int, fd_out: int, max_frame: int = DEFAULT_MAX_FRAME) -> int:
         """Serves frames read from ``fd_in``, replying on ``fd_out``. Returns the exit status:
         0 on EOF or ``shutdown``, 1 if initialisation failed, 2 on a protocol violation."""
         for fd in (fd_in, fd_out):
@@ -653,6 +700,20 @@ def _take_stdio():
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return fd_in, fd_out
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends the worker with ``SystemExit`` (status 143) instead of the default abrupt
+    death, so ``finally`` blocks and ``atexit`` handlers run."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # the application's own
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
 
 
 def _configure_logging():
