@@ -142,7 +142,7 @@ async fn temporary_workers_never_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_at_start_escalates_to_pool_failed_within_the_window_without_spinning() {
     init_logs();
-    let pool = Pool::builder(python_spec(
+    let builder = Pool::builder(python_spec(
         "import sys; sys.stderr.write('boom at start\\n'); sys.exit(3)",
     ))
     .size(2)
@@ -152,13 +152,21 @@ async fn crash_at_start_escalates_to_pool_failed_within_the_window_without_spinn
         jitter: 0.0,
         ..Backoff::default()
     })
-    .checkout_timeout(Duration::from_secs(20))
-    .build()
-    .await
-    .unwrap();
+    .checkout_timeout(Duration::from_secs(20));
+    let pool = builder.build().await.unwrap();
+    let mut events = pool.events();
     let started = Instant::now();
     let err = pool.call::<Value>("echo", &1).await.unwrap_err();
     let took = started.elapsed();
+    // Subscribers are told once, with the reason the callers get.
+    let mut failed = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let wharf::PoolEvent::PoolFailed { reason, .. } = event {
+            failed.push(reason);
+        }
+    }
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(err.to_string().contains(&failed[0]), "{err} / {failed:?}");
     match &err {
         Error::PoolFailed { last_errors, .. } => {
             assert!(!last_errors.is_empty());

@@ -110,7 +110,21 @@ impl Inner {
         }
     }
 
+    /// Leaves `Running` for `status`, once: later changes are ignored (the first cause wins),
+    /// and so is the event telling subscribers.
     fn set_status(&self, status: Status) {
+        let pool = self.config.name.clone();
+        let event = match &status {
+            Status::Failed { reason, .. } => Some(PoolEvent::PoolFailed {
+                pool,
+                reason: reason.clone(),
+            }),
+            Status::NoWorkers(last_exit) => Some(PoolEvent::NoWorkers {
+                pool,
+                last_exit: last_exit.clone(),
+            }),
+            Status::Running | Status::ShutDown => None,
+        };
         {
             let mut current = lock(&self.status);
             if !matches!(*current, Status::Running) {
@@ -118,6 +132,9 @@ impl Inner {
             }
             *current = status;
             self.running.store(false, Ordering::Release);
+        }
+        if let Some(event) = event {
+            self.events.emit(|| event);
         }
         // Closing the semaphore wakes every waiting caller, who then reads the status.
         self.permits.close();
@@ -274,10 +291,6 @@ impl Inner {
     /// Fails the pool for good: callers get [`Error::PoolFailed`] with `reason` from now on,
     /// and idle workers are killed.
     fn fail(&self, reason: String, errors: Vec<PortError>) {
-        self.events.emit(|| PoolEvent::PoolFailed {
-            pool: self.config.name.clone(),
-            reason: reason.clone(),
-        });
         self.set_status(Status::Failed { reason, errors });
         for h in lock(&self.idle).drain(..) {
             h.kill(ExitKind::Stopped);
@@ -533,10 +546,6 @@ impl PoolEvents for SupervisorView {
 
     fn exhausted(&self, last_exit: String) {
         if let Some(pool) = self.0.upgrade() {
-            pool.events.emit(|| PoolEvent::NoWorkers {
-                pool: pool.config.name.clone(),
-                last_exit: last_exit.clone(),
-            });
             pool.set_status(Status::NoWorkers(last_exit));
         }
     }
