@@ -125,8 +125,39 @@ pub(crate) enum Holder<'a> {
 /// [`StreamItem`]s that ends after [`StreamItem::Done`] or an error.
 ///
 /// The deadline (the pool's call timeout unless the call set its own) bounds the whole
-/// stream. Dropped before its end, the stream tells the worker to cancel at once; the worker
-/// goes back to its pool only after it has finished the call.
+/// stream. The stream holds its worker until it is dropped, even after its last item: drop it
+/// (or let it go out of scope) to give the worker back. Dropped before its end, the stream
+/// tells the worker to cancel at once; the worker goes back to its pool only after it has
+/// finished the call.
+///
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), wharf::Error> {
+/// use futures::StreamExt;
+/// use serde_json::json;
+/// use wharf::{Pool, ProcessSpec, StreamItem};
+///
+/// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
+/// let pool = Pool::builder(spec).size(1).build().await?;
+///
+/// let mut stream = pool.call_stream("stream", &json!({"n": 3})).await?;
+/// let mut chunks = Vec::new();
+/// while let Some(item) = stream.next().await {
+///     match item? {
+///         StreamItem::Chunk(v) => chunks.push(v.as_u64().unwrap()),
+///         StreamItem::Done(total) => assert_eq!(total.as_u64(), Some(3)),
+///     }
+/// }
+/// assert_eq!(chunks, [0, 1, 2]);
+/// drop(stream); // the worker returns to the pool when the stream is dropped, not before
+///
+/// // A futures::Stream: combinators work; dropping it early cancels the call.
+/// let stream = pool.call_stream("stream", &json!({"n": 1000})).await?;
+/// let first: Vec<_> = stream.take(2).collect().await;
+/// assert_eq!(first.len(), 2);
+/// # pool.shutdown().await;
+/// # Ok(()) }
+/// ```
 pub struct CallStream<'a> {
     holder: Holder<'a>,
     handle: WorkerHandle,

@@ -92,7 +92,42 @@ pub struct PoolConfig {
     pub retry: Retry,
 }
 
-/// Builds a [`Pool`]: `Pool::builder(spec).size(4).build().await`.
+/// Builds a [`Pool`]: `Pool::builder(spec).size(4).build().await`. Every setting has a
+/// default (listed with its configuration-file key in `docs/configuration.md`);
+/// [`PoolBuilder::build`] validates them before anything starts.
+///
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), wharf::Error> {
+/// use std::time::Duration;
+/// use wharf::{Backoff, Error, Pool, ProcessSpec, RestartType};
+///
+/// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
+/// let builder = Pool::builder(spec)
+///     .name("ml")
+///     .size(1)
+///     .max_overflow(1) // one more worker while callers wait
+///     .lazy() // no worker until the first call
+///     .call_timeout(Duration::from_secs(5))
+///     .max_waiting(16) // a 17th waiting caller fails at once with Overloaded
+///     .restart_type(RestartType::Transient)
+///     .backoff(Backoff {
+///         initial: Duration::from_millis(100),
+///         ..Backoff::default()
+///     })
+///     .max_calls(10_000); // retire a worker after 10,000 calls
+/// assert_eq!(builder.config().max_overflow, 1);
+///
+/// // Settings that cannot work are refused before anything starts.
+/// let none = builder.clone().size(0).max_overflow(0).build().await;
+/// assert!(matches!(none, Err(Error::Config { field: "size", .. })));
+///
+/// let pool = builder.build().await?;
+/// let slept: u64 = pool.call("sleep", &1).await?; // the first call starts a worker
+/// assert_eq!(slept, 1);
+/// pool.shutdown().await;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct PoolBuilder {
     config: PoolConfig,

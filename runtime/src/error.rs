@@ -33,7 +33,34 @@ impl std::fmt::Display for PoolState {
     }
 }
 
-/// Everything a call, a checkout or a session can fail with.
+/// Everything a call, a checkout or a session can fail with. Each variant says who should act;
+/// `docs/operations.md` lists them all with what to do.
+///
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), wharf::Error> {
+/// use std::time::Duration;
+/// use wharf::{CallOptions, Error, Pool, ProcessSpec};
+///
+/// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
+/// let pool = Pool::builder(spec).size(1).build().await?;
+///
+/// // The handler raised: the worker keeps serving.
+/// match pool.call::<()>("fail", "no such user").await {
+///     Err(Error::Remote { kind, message }) => {
+///         assert_eq!((kind.as_str(), message.as_str()), ("RuntimeError", "no such user"));
+///     }
+///     other => panic!("{other:?}"),
+/// }
+///
+/// // The call overran its deadline: its worker was killed and is being replaced.
+/// let options = CallOptions::new().deadline(Duration::from_millis(100));
+/// let err = pool.call_with::<u64>("sleep", &5_000, options).await.unwrap_err();
+/// assert!(matches!(err, Error::DeadlineExceeded { .. }));
+/// assert_eq!(err.kind(), "deadline_exceeded"); // a stable name for logs and metrics
+/// # pool.shutdown().await;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -14,6 +14,32 @@ pub use wharf_actors::worker::ExitKind;
 pub const EVENT_BUFFER: usize = 1024;
 
 /// Something that happened in a pool's life.
+///
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), wharf::Error> {
+/// use wharf::{ExitKind, Pool, PoolEvent, ProcessSpec};
+///
+/// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
+/// let pool = Pool::builder(spec).name("demo").size(1).lazy().build().await?;
+/// let mut events = pool.events(); // what happens from now on
+///
+/// let _ = pool.call::<()>("crash", &1).await; // the worker exits with status 1 mid-call
+/// loop {
+///     match events.recv().await.expect("the pool is running") {
+///         PoolEvent::WorkerReady { worker, pid, .. } => println!("{worker} ready, pid {pid}"),
+///         PoolEvent::WorkerExited { worker, cause, .. } => {
+///             println!("{worker}: {cause}");
+///             assert!(matches!(cause, ExitKind::Crashed(_)));
+///             assert_eq!(cause.label(), "crashed"); // the metrics' `cause` label
+///             break;
+///         }
+///         _ => {}
+///     }
+/// }
+/// pool.shutdown().await;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum PoolEvent {

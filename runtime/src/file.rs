@@ -132,11 +132,40 @@ impl ConfigFileError {
 /// A loaded, validated configuration file: named pool configurations and the runtime's
 /// settings.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// let file = wharf::ConfigFile::load("wharf.toml")?;
-/// let pool = file.builder("ml").expect("a pool named ml").build().await?;
-/// # Ok(()) }
+/// [`ConfigFile::load`] reads a file; [`ConfigFile::parse`] takes the text:
+///
+/// ```
+/// use std::time::Duration;
+/// use wharf::ConfigFile;
+///
+/// let file = ConfigFile::parse(
+///     r#"
+///     [runtime]
+///     idle_timeout = "10m"
+///
+///     [pools.ml]
+///     size = 2
+///     call_timeout = "5s"
+///
+///     [pools.ml.process]
+///     command = ["python3", "-m", "wharf_worker.demo"]
+///     "#,
+///     "wharf.toml",
+/// )?;
+/// assert_eq!(file.runtime().idle_timeout, Some(Duration::from_secs(600)));
+/// let ml = file.config("ml").expect("a pool named ml");
+/// assert_eq!((ml.size, ml.call_timeout), (2, Duration::from_secs(5)));
+/// // Start it with `Runtime::from_file(&file)`, or adjust it in code first:
+/// let builder = file.builder("ml").unwrap().size(8); // then .build().await
+/// assert_eq!(builder.config().size, 8);
+///
+/// // Every mistake comes with its file, line and key.
+/// let err = ConfigFile::parse("[pools.ml]\nsise = 2\n", "wharf.toml").unwrap_err();
+/// assert_eq!(
+///     err.issues()[0].to_string(),
+///     "pools.ml.sise: unknown key `sise` (did you mean `size`?) at wharf.toml:2"
+/// );
+/// # Ok::<(), wharf::ConfigFileError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigFile {

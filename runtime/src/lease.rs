@@ -22,6 +22,24 @@ use crate::pool::{to_value, ActiveCall, Inner};
 /// A lease that holds a session's worker is dirty until the session's reset succeeded: dropped
 /// before that (whatever the reason: a cancelled end, a runtime shutting down), it retires its
 /// worker instead of returning it, so session state never reaches another caller.
+///
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), wharf::Error> {
+/// use wharf::{Pool, ProcessSpec};
+///
+/// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
+/// let pool = Pool::builder(spec).size(2).build().await?;
+///
+/// let mut lease = pool.checkout().await?; // waits up to the pool's checkout timeout
+/// let first: u32 = lease.call("pid", &()).await?;
+/// let second: u32 = lease.call("pid", &()).await?;
+/// assert_eq!(first, second); // every call goes to the same worker
+/// assert_eq!(first, lease.pid());
+/// drop(lease); // the worker goes back to the pool
+/// # pool.shutdown().await;
+/// # Ok(()) }
+/// ```
 pub struct Lease {
     pool: Arc<Inner>,
     handle: Option<WorkerHandle>,

@@ -587,13 +587,23 @@ pub struct WorkerInfo {
 
 /// A supervised pool of external workers. Cheap to clone; every clone is the same pool.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), wharf::Error> {
-/// use wharf::{Pool, ProcessSpec};
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), wharf::Error> {
+/// use std::time::Duration;
+/// use wharf::{Error, Pool, ProcessSpec};
+///
 /// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
-/// let pool = Pool::builder(spec).size(4).build().await?;
-/// let reply: String = pool.call("echo", "hello").await?;
-/// pool.shutdown().await;
+/// let pool = Pool::builder(spec).name("demo").size(2).build().await?;
+/// pool.wait_ready(2, Duration::from_secs(30)).await?;
+///
+/// let reply: String = pool.call("echo", "hello").await?; // any free worker, typed reply
+/// assert_eq!(reply, "hello");
+/// assert_eq!(pool.stats().ok, 1);
+///
+/// pool.shutdown().await; // calls in flight finish, then every worker is stopped and reaped
+/// let late = pool.call::<String>("echo", "late").await;
+/// assert!(matches!(late, Err(Error::ShutDown(_))));
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
@@ -836,7 +846,7 @@ impl Pool {
     }
 
     /// Calls a streaming method on any free worker: its chunks, then its result. The worker
-    /// stays checked out until the stream ends or is dropped.
+    /// stays checked out until the stream is dropped (even after its last item).
     pub async fn call_stream(
         &self,
         method: &str,

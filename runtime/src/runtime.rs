@@ -216,17 +216,32 @@ impl Core {
 /// Several named pools under one owner: started by configuration, shared by name, watched,
 /// stopped when idle, shut down together. Cheap to clone; every clone is the same runtime.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), wharf::Error> {
 /// use std::time::Duration;
-/// use wharf::{Pool, ProcessSpec, Runtime, RuntimeSettings};
+/// use wharf::{Error, Pool, ProcessSpec, Runtime, RuntimeSettings};
 ///
 /// let runtime = Runtime::new(RuntimeSettings::default().idle_timeout(Duration::from_secs(600)));
 /// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
-/// // Every request for this configuration gets the same pool, started once.
-/// let pool = runtime.get_or_start(Pool::builder(spec).name("demo").size(2)).await?;
-/// pool.call("echo", "hi").await?;
-/// runtime.run_until_signal().await?; // SIGTERM or SIGINT: every pool shuts down
+/// let demo = Pool::builder(spec).name("demo").size(1);
+///
+/// // Every request for an equal configuration gets the same pool, started once.
+/// let pool = runtime.get_or_start(demo.clone()).await?;
+/// let same = runtime.get_or_start(demo.clone()).await?;
+/// let reply: String = same.call("echo", "hi").await?;
+/// assert_eq!(reply, "hi");
+/// // The same name with another configuration is refused, naming what differs.
+/// match runtime.get_or_start(demo.size(3)).await {
+///     Err(Error::PoolConflict { differs, .. }) => assert_eq!(differs, ["size"]),
+///     other => panic!("{other:?}"),
+/// }
+/// assert!(runtime.stats().healthy());
+///
+/// // In a service's main: runtime.run_until_signal().await (SIGTERM or SIGINT), which
+/// // ends with this.
+/// runtime.shutdown().await;
+/// assert!(matches!(pool.failure(), Some(Error::ShutDown(_))));
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]

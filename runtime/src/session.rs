@@ -90,7 +90,35 @@ impl SessionInner {
 }
 
 /// A strict session: a handle to one pinned worker. Clones share the same session; it ends
-/// when [`Session::end`] is called or the last clone drops.
+/// when [`Session::end`] is called, the last clone drops, or it stays unused for the pool's
+/// session idle timeout.
+///
+/// ```
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), wharf::Error> {
+/// use serde_json::json;
+/// use wharf::{Error, Pool, ProcessSpec};
+///
+/// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
+/// let pool = Pool::builder(spec).size(2).build().await?;
+///
+/// let alice = pool.session("alice").await?;
+/// alice.call::<()>("state_set", &json!({"key": "cart", "value": 3})).await?;
+/// let cart: u32 = alice.call("state_get", &json!({"key": "cart"})).await?;
+/// assert_eq!(cart, 3);
+/// // One open session per id: share this handle (it is Clone) instead.
+/// assert!(matches!(pool.session("alice").await, Err(Error::SessionInUse(_))));
+///
+/// alice.end().await?; // the worker is reset before anyone else gets it
+/// let ended = alice.call::<()>("state_get", &json!({"key": "cart"})).await;
+/// assert!(matches!(ended, Err(Error::SessionEnded { .. })));
+///
+/// let bob = pool.session("bob").await?;
+/// let cart: Option<u32> = bob.call("state_get", &json!({"key": "cart"})).await?;
+/// assert_eq!(cart, None); // nothing crosses sessions
+/// # pool.shutdown().await;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Session {
     inner: Arc<SessionInner>,
@@ -196,7 +224,7 @@ impl Session {
     }
 
     /// Calls a streaming method on the pinned worker. The session's other calls wait until
-    /// the stream ends or is dropped.
+    /// the stream is dropped (even after its last item).
     pub async fn call_stream(
         &self,
         method: &str,

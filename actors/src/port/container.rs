@@ -1,8 +1,8 @@
 //! The container host: one worker in one Docker container, reached over a pair of FIFOs, a unix
 //! socket or Docker's attach stream.
 //!
-//! [`launch`] creates the container (labelled `wharf.pool`, `wharf.owner`, `wharf.worker`),
-//! connects the channel, starts it, and hands the channel to a [`Router`]; the port then does
+//! `launch` creates the container (labelled `wharf.pool`, `wharf.owner`, `wharf.worker`),
+//! connects the channel, starts it, and hands the channel to a `Router`; the port then does
 //! the init-ping handshake as for any worker. The container is watched from two sides: the
 //! channel's EOF (the router) and the engine's `wait` (a task of ours), because an attach
 //! stream can stay open after the container has exited. How it ended — its exit code, and

@@ -3,7 +3,7 @@
 //! A [`Port`] starts its worker from a [`WorkerSpec`], performs the init-ping handshake under
 //! the spec's init timeout, and then carries requests to it and replies back. The parts:
 //!
-//! - [`router`] (crate-private): the protocol channel, shared by every kind of worker — the one
+//! - `router` (crate-private): the protocol channel, shared by every kind of worker — the one
 //!   writer, the reader task that routes replies by request id, the requests in flight;
 //! - [`process`]: a worker OS process in its own process group, with its watchdog and reaper;
 //! - [`container`]: a worker in a Docker container, over FIFOs, a unix socket or attach;

@@ -1,9 +1,9 @@
 //! The process host: one worker OS process, its process group, its logs and its death.
 //!
-//! [`launch`] starts the command with an explicit environment, the protocol channel (fds 3/4,
+//! `launch` starts the command with an explicit environment, the protocol channel (fds 3/4,
 //! or stdin/stdout), its own process group and a parent-death signal, and a watchdog in the
-//! group; it hands the channel to a [`Router`]. A reaper task always collects the exit status.
-//! The group is killed by signal, never after its id could have been reused (see [`Group`]).
+//! group; it hands the channel to a `Router`. A reaper task always collects the exit status.
+//! The group is killed by signal, never after its id could have been reused (see `Group`).
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
