@@ -376,6 +376,9 @@ fn failure(e: &Error) -> Response {
         Error::Body(_) => StatusCode::BAD_REQUEST,
         Error::SessionInUse(_) | Error::PoolConflict { .. } => StatusCode::CONFLICT,
         Error::SessionLost { .. } | Error::SessionEnded { .. } => StatusCode::GONE,
+        // The worker saw the deadline run out first and said so: the same answer as when the
+        // runtime enforces it.
+        Error::Remote { kind, .. } if kind == "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
         Error::Remote { .. } => StatusCode::UNPROCESSABLE_ENTITY,
         Error::WorkerDied { .. } | Error::ProtocolViolation { .. } | Error::Reply { .. } => {
             StatusCode::BAD_GATEWAY
@@ -389,7 +392,11 @@ fn failure(e: &Error) -> Response {
         }
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    let mut body = json!({"error": e.kind(), "message": e.to_string()});
+    let kind = match e {
+        Error::Remote { kind, .. } if kind == "deadline_exceeded" => "deadline_exceeded",
+        e => e.kind(),
+    };
+    let mut body = json!({"error": kind, "message": e.to_string()});
     if let Error::Remote { kind, message } = e {
         body["worker_error"] = json!({"kind": kind, "message": message});
     }

@@ -53,7 +53,7 @@ fn the_example_file_parses_and_its_demo_pool_has_the_builders_defaults() {
         ["/usr/bin/python3", "-m", "wharf_worker.demo"],
     )
     .env("PYTHONPATH", "/opt/wharf")
-    .transport(Transport::Socket)
+    .transport(Transport::Fifo)
     .memory(512 * 1024 * 1024)
     .cpus(1.5)
     .pids_limit(64);

@@ -165,6 +165,15 @@ async fn the_service_serves_calls_sessions_and_errors_and_survives_kills() {
         (504, Some("deadline_exceeded")),
         "{err}"
     );
+    // A worker that watches its deadline and gives up first gets the same answer.
+    let (code, err) = svc
+        .json("POST", "/call/demo/wait?deadline_ms=300", r#"{"ms": 5000}"#)
+        .await;
+    assert_eq!(
+        (code, err["error"].as_str()),
+        (504, Some("deadline_exceeded")),
+        "{err}"
+    );
     assert_eq!(
         svc.json("POST", "/call/demo/echo", "7").await,
         (200, json!(7))
@@ -285,7 +294,8 @@ async fn the_service_serves_calls_sessions_and_errors_and_survives_kills() {
         r#"wharf_calls_total{pool="demo",method="sleep",outcome="ok"} 11"#,
         r#"wharf_calls_total{pool="demo",method="fail",outcome="remote"} 1"#,
         r#"wharf_worker_exits_total{pool="demo",cause="crashed"} 1"#,
-        r#"wharf_replacements_total{pool="demo",cause="deadline"} 1"#,
+        // One, or two if the runtime also won the race of the worker that watches its deadline.
+        r#"wharf_replacements_total{pool="demo",cause="deadline"} "#,
         r#"wharf_pool_status{pool="demo",status="running"} 1"#,
         "wharf_call_duration_seconds",
         "wharf_checkout_wait_seconds",

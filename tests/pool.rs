@@ -735,6 +735,14 @@ async fn calls_are_typed_on_pools_leases_and_sessions() {
     // A struct goes in and comes back out, through the pool, a lease and a session.
     let back: Point = pool.call("echo", &p).await.unwrap();
     assert_eq!(back, p);
+    // It goes as a map keyed by field name, as a Python handler reads it (body["key"]).
+    #[derive(serde::Serialize)]
+    struct Set<'a> {
+        key: &'a str,
+        value: i32,
+    }
+    let raw: Value = pool.call("echo", &p).await.unwrap();
+    assert_eq!(raw["label"], Value::from("a"), "{raw}");
     let mut lease = pool.checkout().await.unwrap();
     let n: u64 = lease.call("echo", &7).await.unwrap();
     assert_eq!(n, 7);
@@ -747,6 +755,15 @@ async fn calls_are_typed_on_pools_leases_and_sessions() {
         )
         .await
         .unwrap();
+    session
+        .call::<()>("state_set", &Set { key: "s", value: 7 })
+        .await
+        .unwrap();
+    let s: i32 = session
+        .call("state_get", &serde_json::json!({"key": "s"}))
+        .await
+        .unwrap();
+    assert_eq!(s, 7);
     let v: Vec<u8> = session
         .call("state_get", &serde_json::json!({"key": "k"}))
         .await
@@ -835,6 +852,19 @@ async fn streams_from_a_pool_and_a_session_are_futures_streams() {
             wharf::StreamItem::Done(Value::from(3)),
         ]
     );
+    // Read to its end, a stream gives its worker back at once, while it is still alive.
+    let mut stream = pool
+        .call_stream("stream", &serde_json::json!({"n": 2}))
+        .await
+        .unwrap();
+    while stream.next().await.is_some() {}
+    assert_eq!(
+        pool.state().idle,
+        1,
+        "the worker waits for the stream's drop"
+    );
+    assert_eq!(pool.try_call::<u64>("echo", &8).await.unwrap(), 8);
+    drop(stream);
     // Dropped halfway, the worker is cancelled and comes back, clean, for the next caller.
     let mut stream = pool
         .call_stream("stream", &serde_json::json!({"n": 100_000}))
@@ -870,8 +900,9 @@ async fn streams_from_a_pool_and_a_session_are_futures_streams() {
         n += 1;
     }
     assert_eq!(n, 3);
-    drop(stream);
+    // Its end frees the session for the call that waited, with the stream still alive.
     assert_eq!(waiting.await.unwrap().unwrap(), 1);
+    drop(stream);
     session.end().await.unwrap();
     pool.shutdown().await;
 }

@@ -125,10 +125,10 @@ pub(crate) enum Holder<'a> {
 /// [`StreamItem`]s that ends after [`StreamItem::Done`] or an error.
 ///
 /// The deadline (the pool's call timeout unless the call set its own) bounds the whole
-/// stream. The stream holds its worker until it is dropped, even after its last item: drop it
-/// (or let it go out of scope) to give the worker back. Dropped before its end, the stream
-/// tells the worker to cancel at once; the worker goes back to its pool only after it has
-/// finished the call.
+/// stream. The stream holds its worker until its final item (the result or an error) has been
+/// read: then the worker goes back to its pool, or its session is free for the next call.
+/// Dropped before its end, the stream tells the worker to cancel at once; the worker goes back
+/// to its pool only after it has finished the call.
 ///
 /// ```
 /// # #[tokio::main]
@@ -149,7 +149,8 @@ pub(crate) enum Holder<'a> {
 ///     }
 /// }
 /// assert_eq!(chunks, [0, 1, 2]);
-/// drop(stream); // the worker returns to the pool when the stream is dropped, not before
+/// // The final result has been read: the worker is back in the pool.
+/// assert_eq!(pool.state().idle, 1);
 ///
 /// // A futures::Stream: combinators work; dropping it early cancels the call.
 /// let stream = pool.call_stream("stream", &json!({"n": 1000})).await?;
@@ -159,12 +160,14 @@ pub(crate) enum Holder<'a> {
 /// # Ok(()) }
 /// ```
 pub struct CallStream<'a> {
-    holder: Holder<'a>,
+    /// Until the stream's end: then the worker goes back (a pool's stream) or the session is
+    /// free for its next call.
+    holder: Option<Holder<'a>>,
     handle: WorkerHandle,
     pool: Arc<Inner>,
     rx: StreamReceiver,
-    /// The call counts as under way until the stream is dropped.
-    _active: ActiveCall,
+    /// The call counts as under way until its end (or until the stream is dropped).
+    active: Option<ActiveCall>,
     /// `None`: no limit.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     deadline: Duration,
@@ -199,11 +202,11 @@ impl<'a> CallStream<'a> {
             .checked_add(opened.deadline)
             .map(|at| Box::pin(tokio::time::sleep_until(at)));
         Self {
-            holder,
+            holder: Some(holder),
             handle: opened.handle,
             pool,
             rx: opened.rx,
-            _active: opened.active,
+            active: Some(opened.active),
             timer,
             deadline: opened.deadline,
             method: opened.method,
@@ -259,9 +262,12 @@ impl<'a> CallStream<'a> {
         self.pool
             .account(&self.method, &item, self.started.elapsed());
         let item = match (item, &mut self.holder) {
-            (Err(e), Holder::Session(hold)) => Err(hold.failed(e)),
+            (Err(e), Some(Holder::Session(hold))) => Err(hold.failed(e)),
             (item, _) => item,
         };
+        // The call is over: its worker is free now, not when the stream is dropped.
+        self.holder = None;
+        self.active = None;
         Poll::Ready(Some(item))
     }
 }

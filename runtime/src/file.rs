@@ -591,7 +591,7 @@ choice!(RawStrategy => Strategy { OneForOne, OneForAll, RestForOne });
 choice!(RawRestartType => RestartType { Permanent, Transient, Temporary });
 choice!(RawSessionEnd => SessionEnd { Reset, Recycle });
 choice!(RawChannel => Channel { Fds, Stdio });
-choice!(RawTransport => Transport { Socket, Attach });
+choice!(RawTransport => Transport { Fifo, Socket, Attach });
 
 /// A problem found while applying a pool's table: the key (relative to the pool) and what is
 /// wrong with it.

@@ -846,7 +846,7 @@ impl Pool {
     }
 
     /// Calls a streaming method on any free worker: its chunks, then its result. The worker
-    /// stays checked out until the stream is dropped (even after its last item).
+    /// stays checked out until the result has been read (or the stream is dropped).
     pub async fn call_stream(
         &self,
         method: &str,
@@ -1096,8 +1096,11 @@ pub(crate) async fn until<F: std::future::Future>(
 }
 
 /// Converts a serialisable body to a MessagePack value.
+/// Structs become maps keyed by field name (what a Python handler reads as `body["field"]`),
+/// not arrays of their fields.
 pub fn to_value<B: Serialize + ?Sized>(body: &B) -> Result<Value> {
-    rmpv::ext::to_value(body).map_err(|e| Error::Body(e.to_string()))
+    let bytes = rmp_serde::to_vec_named(body).map_err(|e| Error::Body(e.to_string()))?;
+    rmpv::decode::read_value(&mut bytes.as_slice()).map_err(|e| Error::Body(e.to_string()))
 }
 
 /// Converts a MessagePack value to a deserialisable type.
