@@ -879,14 +879,21 @@ impl Pool {
     /// `ProcessPoolExecutor.map` is in Python. A failed item yields its error in its place and
     /// the others go on.
     ///
-    /// ```no_run
-    /// # async fn demo(pool: wharf::Pool) -> wharf::Result<()> {
+    /// ```
+    /// # #[tokio::main]
+    /// # async fn main() -> wharf::Result<()> {
     /// use futures::StreamExt;
-    /// let squares: Vec<u64> = pool
-    ///     .map("square", 0..1000u64)
-    ///     .map(|r| r.unwrap())
+    /// use wharf::{Pool, ProcessSpec};
+    ///
+    /// let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"]).unwrap();
+    /// let pool = Pool::builder(spec).size(2).build().await?;
+    /// let echoed: Vec<u64> = pool
+    ///     .map::<_, u64>("echo", 0..100u64)
+    ///     .map(|reply| reply.unwrap())
     ///     .collect()
     ///     .await;
+    /// assert_eq!(echoed, (0..100).collect::<Vec<_>>());
+    /// # pool.shutdown().await;
     /// # Ok(()) }
     /// ```
     pub fn map<B, R>(
