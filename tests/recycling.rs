@@ -454,6 +454,8 @@ async fn rolling_restart_replaces_every_worker_under_load_without_a_failed_call(
     let after: HashSet<u32> = pool.worker_pids().into_iter().collect();
     assert_eq!(after.len(), 4, "{:?}", pool.worker_info());
     assert!(after.is_disjoint(&before), "{before:?} {after:?}");
+    // A process is reaped a moment before its exit is reported.
+    assert!(eventually(SETTLE, || recorder.recycled() == 4).await);
     let events = recorder.events();
     assert_eq!(
         assert_replaced_before_exit(&earlier, &events),

@@ -464,10 +464,13 @@ impl Supervisor {
         if st.retiring.values().any(is) {
             return answer(reply, ReplaceOutcome::Replaced);
         }
-        if s.status != SlotStatus::Running || !s.worker.as_ref().is_some_and(is) {
-            return answer(reply, ReplaceOutcome::Gone);
-        }
-        let Some(handle) = s.worker.take() else {
+        let Some(handle) = s
+            .worker
+            .take_if(|w| s.status == SlotStatus::Running && is(w))
+        else {
+            // Not (or no longer) in service in its slot: a later request may be made if it
+            // ever is.
+            worker.clear_replacement_request();
             return answer(reply, ReplaceOutcome::Gone);
         };
         worker.request_replacement();

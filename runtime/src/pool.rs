@@ -322,7 +322,14 @@ impl Inner {
 
     /// Asks the supervisor for more workers if the pool may grow (lazy or overflow workers).
     fn demand(&self) {
-        let running = lock(&self.workers).len();
+        // Workers on their way out (superseded, stopping) will not serve: they do not count.
+        let running = lock(&self.workers)
+            .values()
+            .filter(|w| {
+                w.superseded().is_none()
+                    && !matches!(w.lifecycle(), Lifecycle::Stopping | Lifecycle::Dead)
+            })
+            .count();
         if running < self.size() + self.config.max_overflow {
             if let Some(sup) = self.supervisor.get() {
                 let waiting = self.waiting.load(Ordering::Relaxed);
@@ -1190,7 +1197,8 @@ async fn sample(pool: Weak<Inner>) {
             };
             w.set_rss(rss);
             total += rss;
-            if pool.config.max_rss.is_some_and(|max| rss > max) {
+            let serving = matches!(w.lifecycle(), Lifecycle::Idle | Lifecycle::Held);
+            if serving && pool.config.max_rss.is_some_and(|max| rss > max) {
                 // Replaced make before break, idle or busy: it serves (last in line) until its
                 // successor is ready, then is retired as soon as it is free.
                 pool.request_replacement(w, "max_rss exceeded");
