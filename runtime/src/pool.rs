@@ -817,7 +817,8 @@ impl Pool {
         &self.inner.config.name
     }
 
-    /// The pool's configuration.
+    /// The pool's configuration, as it was built (a [`Pool::resize`] shows in
+    /// [`PoolStats::size`], not here).
     pub fn config(&self) -> &PoolConfig {
         &self.inner.config
     }
