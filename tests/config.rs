@@ -212,6 +212,10 @@ fn validation_failures_point_at_the_key_or_its_table() {
         "pools.ml.max_rss: not for container workers (the host process the engine reports is \
          the container's init): set the container's memory limit instead at wharf.toml:2"
     );
+    assert_eq!(
+        rejected(&with_keys("recycle_jitter = 1.5")),
+        "pools.ml.recycle_jitter: 1.5 must be a fraction between 0 and 1 at wharf.toml:2"
+    );
 }
 
 #[test]
@@ -258,7 +262,7 @@ fn keys_set_every_option() {
          startup_concurrency = 2\ninit_timeout = \"20s\"\ncall_timeout = \"250ms\"\n\
          checkout_timeout = \"1s\"\nmax_waiting = 0\nstrategy = \"rest_for_one\"\n\
          restart_type = \"transient\"\nmax_start_failures = 2\nmax_calls = 100\n\
-         max_lifetime = \"1h 30m\"\nmax_rss = \"512MiB\"\nsample_interval = \"250ms\"\nmax_frame = 65536\n\
+         max_lifetime = \"1h 30m\"\nrecycle_jitter = 0.25\nmax_rss = \"512MiB\"\nsample_interval = \"250ms\"\nmax_frame = 65536\n\
          session_end = \"recycle\"\nsession_idle_timeout = \"2m\"\nshutdown_grace = \"3s\"\n\
          drain_timeout = \"4s\"\nsession_reset_timeout = \"6s\"\n\
          intensity = { max_restarts = 0, within = \"1s\" }\n\
@@ -285,6 +289,7 @@ fn keys_set_every_option() {
         .max_start_failures(2)
         .max_calls(100)
         .max_lifetime(Duration::from_secs(5400))
+        .recycle_jitter(0.25)
         .max_rss(512 * 1024 * 1024)
         .sample_interval(Duration::from_millis(250))
         .session_end(wharf::SessionEnd::Recycle)

@@ -210,6 +210,9 @@ async fn impossible_recycling_limits_are_refused_at_build() {
         (builder(1).max_calls(0), "max_calls"),
         (builder(1).max_lifetime(Duration::ZERO), "max_lifetime"),
         (builder(1).max_rss(0), "max_rss"),
+        (builder(1).recycle_jitter(-0.1), "recycle_jitter"),
+        (builder(1).recycle_jitter(1.5), "recycle_jitter"),
+        (builder(1).recycle_jitter(f64::NAN), "recycle_jitter"),
     ];
     for (b, field) in cases {
         let err = b.build().await.unwrap_err();

@@ -345,16 +345,26 @@ async fn overflow_workers_start_under_load_and_stop_when_idle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_are_recycled_after_max_calls() {
-    let pool = ready(builder(1).max_calls(3), 1).await;
+    // Make before break: a worker at its limit serves on until its successor is ready, so
+    // each round lets the old worker go before calling again; then every worker serves
+    // exactly its 3 calls (no jitter).
+    let pool = ready(builder(1).max_calls(3).recycle_jitter(0.0), 1).await;
     let mut seen: Vec<u32> = Vec::new();
-    for _ in 0..9 {
-        seen.push(pid_of_some_worker(&pool).await);
+    for _ in 0..3 {
+        let mut round = Vec::new();
+        for _ in 0..3 {
+            round.push(pid_of_some_worker(&pool).await);
+        }
+        assert!(round.iter().all(|p| *p == round[0]), "{seen:?} {round:?}");
+        seen.push(round[0]);
+        assert!(
+            eventually(SETTLE, || !pid_exists(round[0])).await,
+            "the worker that served 3 calls was recycled"
+        );
     }
     let distinct: HashSet<_> = seen.iter().collect();
     assert_eq!(distinct.len(), 3, "a new worker every 3 calls: {seen:?}");
-    for chunk in seen.chunks(3) {
-        assert!(chunk.iter().all(|p| *p == chunk[0]), "{seen:?}");
-    }
+    assert!(eventually(SETTLE, || pool.stats().replacements == 3).await);
     assert_eq!(pool.stats().restarts, 0);
     pool.shutdown().await;
 }

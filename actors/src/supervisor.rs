@@ -6,6 +6,12 @@
 //! init ping), which reports back with a `Started` message. Restarts after a backoff are timer
 //! messages. Whoever embeds the supervisor learns of ready and exited workers through
 //! [`PoolEvents`]; the supervisor itself knows nothing of checkout.
+//!
+//! Replacements on purpose (recycling limits, rolling restarts) are *make before break*
+//! ([`SupervisorMsg::Replace`]): the slot's worker becomes *outgoing* and keeps serving while a
+//! successor launches in its slot; once the successor is ready the outgoing worker is
+//! *superseded* ([`PoolEvents::worker_superseded`]) and retired as soon as nobody holds it.
+//! The number of core slots can change at run time ([`SupervisorMsg::Resize`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -18,7 +24,8 @@ use ractor::{
 use crate::port::{PortError, WorkerSpec};
 use crate::restart::{IntensityTracker, RestartPolicy, Strategy};
 use crate::worker::{
-    ExitKind, HealthCheck, Lifecycle, WorkerActor, WorkerArgs, WorkerHandle, WorkerShared,
+    ExitKind, HealthCheck, Lifecycle, RecycleLimits, WorkerActor, WorkerArgs, WorkerHandle,
+    WorkerShared,
 };
 
 /// How many recent start errors a failed pool reports.
@@ -43,6 +50,29 @@ pub trait PoolEvents: Send + Sync + 'static {
     /// No worker is running or starting, and none will be started; `last_exit` says how the
     /// last one ended.
     fn exhausted(&self, last_exit: String);
+    /// `worker` must serve no new caller: its successor is ready (a replacement), or its slot
+    /// was removed (the pool shrank). Retire it ([`WorkerHandle::retire`]) as soon as nobody
+    /// holds it — now if it is idle, when its holder gives it back otherwise. `reason` says why
+    /// (it becomes the worker's [`ExitKind::Recycled`]). Its exit is reported later, through
+    /// [`PoolEvents::worker_exited`], when it has ended.
+    fn worker_superseded(&self, worker: &WorkerHandle, reason: &str);
+}
+
+/// How a replacement asked for with [`SupervisorMsg::Replace`] ended.
+#[derive(Debug, Clone)]
+pub enum ReplaceOutcome {
+    /// The successor is ready and the old worker superseded: it serves no new caller and is
+    /// retired once free.
+    Replaced,
+    /// The worker was no longer in service in its slot (it exited, or its slot was removed):
+    /// there was nothing to replace.
+    Gone,
+    /// The successor failed to start (or died at once); how it ended. With
+    /// `give_up_on_failure` the old worker keeps serving as if nothing had been asked;
+    /// otherwise the supervisor keeps trying under the restart policy.
+    Failed(ExitKind),
+    /// The pool has failed or is shutting down.
+    Stopped,
 }
 
 /// Everything a supervisor needs to run a pool's workers.
@@ -67,8 +97,15 @@ pub struct SupervisorArgs {
     pub health: HealthCheck,
     /// Grace period when stopping a worker.
     pub shutdown_grace: Duration,
-    /// Idle workers up longer than this are retired (checked at health ticks).
+    /// Replace each worker after this many calls (the embedder counts calls and asks with
+    /// [`SupervisorMsg::Replace`]); drawn per worker with `recycle_jitter`.
+    pub max_calls: Option<u64>,
+    /// Replace each worker after this long in service (its actor asks, at health ticks, when
+    /// it is idle); drawn per worker with `recycle_jitter`.
     pub max_lifetime: Option<Duration>,
+    /// Fraction (0 to 1) of `max_calls` and `max_lifetime` randomised away, per worker
+    /// ([`RecycleLimits::jittered`]).
+    pub recycle_jitter: f64,
     /// Where lifecycle events go.
     pub events: Arc<dyn PoolEvents>,
 }
@@ -100,6 +137,31 @@ pub enum SupervisorMsg {
     },
     /// Periodic housekeeping (idle overflow workers).
     Tick,
+    /// Replace `worker`, make before break: a successor is launched in its slot while it keeps
+    /// serving, and it is superseded once the successor is ready. An overflow worker is
+    /// superseded at once (demand starts new overflow workers). A request for a worker already
+    /// being replaced joins that replacement.
+    Replace {
+        /// The worker to replace.
+        worker: Arc<WorkerShared>,
+        /// Why (the old worker's [`ExitKind::Recycled`] reason).
+        reason: String,
+        /// If the successor fails to start: give up and keep the old worker (`true`), or keep
+        /// launching successors under the restart policy (`false`: intensity, backoff and
+        /// `max_start_failures` apply, and the old worker serves meanwhile).
+        give_up_on_failure: bool,
+        /// Told how it ended.
+        reply: Option<RpcReplyPort<ReplaceOutcome>>,
+    },
+    /// Sets the number of core slots. Growing starts new workers (eager pools) or lets demand
+    /// start them (lazy ones); shrinking removes slots without a ready worker first, then
+    /// those whose worker is idle, then busy ones, whose workers are retired when free.
+    Resize {
+        /// The new number of core slots.
+        size: usize,
+        /// Told once the change is made (not when workers have started or stopped).
+        reply: RpcReplyPort<()>,
+    },
     /// Stop every worker gracefully, then reply.
     Shutdown(RpcReplyPort<()>),
 }
@@ -118,6 +180,16 @@ enum SlotStatus {
     Backoff,
     /// Will not be started again.
     Stopped,
+    /// Removed by a resize; may be reused by a later one.
+    Removed,
+}
+
+/// A slot's worker being replaced: it serves while its successor launches.
+struct Outgoing {
+    worker: WorkerHandle,
+    reason: String,
+    give_up_on_failure: bool,
+    waiters: Vec<RpcReplyPort<ReplaceOutcome>>,
 }
 
 struct Slot {
@@ -131,6 +203,8 @@ struct Slot {
     /// Consecutive failed launches since a worker of this slot was last ready.
     start_failures: u32,
     worker: Option<WorkerHandle>,
+    /// The previous worker, serving while `worker`'s launch (its successor) is under way.
+    outgoing: Option<Outgoing>,
     overflow: bool,
 }
 
@@ -143,6 +217,7 @@ impl Slot {
             failures: 0,
             start_failures: 0,
             worker: None,
+            outgoing: None,
             overflow,
         }
     }
@@ -153,6 +228,8 @@ pub struct SupervisorState {
     args: SupervisorArgs,
     slots: Vec<Slot>,
     actors: HashMap<ActorId, (usize, u64)>,
+    /// Superseded workers, out of their slots, until they have ended.
+    retiring: HashMap<ActorId, WorkerHandle>,
     queue: VecDeque<usize>,
     launching: usize,
     intensity: IntensityTracker,
@@ -207,7 +284,12 @@ impl Supervisor {
         s.launches += 1;
         let token = s.token;
         let id = format!("{}-{}.{}", st.args.name, slot, s.launches);
-        let shared = Arc::new(WorkerShared::new(id.clone(), slot));
+        let limits = RecycleLimits {
+            max_calls: st.args.max_calls,
+            max_lifetime: st.args.max_lifetime,
+        }
+        .jittered(st.args.recycle_jitter);
+        let shared = Arc::new(WorkerShared::new(id.clone(), slot).with_limits(limits));
         st.args.events.worker_starting(&shared);
         st.launching += 1;
         let args = WorkerArgs {
@@ -215,7 +297,7 @@ impl Supervisor {
             shared: shared.clone(),
             health: st.args.health,
             shutdown_grace: st.args.shutdown_grace,
-            max_lifetime: st.args.max_lifetime,
+            supervisor: myself.clone(),
         };
         let me = myself.clone();
         let program = st.args.spec.describe();
@@ -261,15 +343,7 @@ impl Supervisor {
             // Overflow workers are not restarted (demand starts new ones), but their failures
             // count: a crash or unfit loop fed by demand must fail the pool like any other.
             st.slots[slot].status = SlotStatus::Unstarted;
-            if kind.is_abnormal() && !st.intensity.record(Instant::now()) {
-                let limit = st.args.policy.intensity;
-                let reason = format!(
-                    "restart intensity exceeded (more than {} failures within {:?}); last exit: \
-                     overflow worker in slot {slot} {kind}",
-                    limit.max_restarts, limit.within
-                );
-                Self::escalate(st, reason);
-            }
+            Self::count_failure(st, &format!("overflow worker in slot {slot}"), &kind);
             return;
         }
         if kind.is_replacement() {
@@ -303,10 +377,14 @@ impl Supervisor {
         }
         s.failures += 1;
         let delay = policy.backoff.delay(s.failures);
+        let core = |i: &usize| {
+            let o = &st.slots[*i];
+            !o.overflow && o.status != SlotStatus::Removed
+        };
         let group: Vec<usize> = match policy.strategy {
             Strategy::OneForOne => vec![slot],
-            Strategy::OneForAll => (0..st.args.size).collect(),
-            Strategy::RestForOne => (slot..st.args.size).collect(),
+            Strategy::OneForAll => (0..st.slots.len()).filter(core).collect(),
+            Strategy::RestForOne => (slot..st.slots.len()).filter(core).collect(),
         };
         for &other in &group {
             let o = &mut st.slots[other];
@@ -314,16 +392,210 @@ impl Supervisor {
                 if o.status == SlotStatus::Stopped {
                     continue;
                 }
+                let outgoing = o.outgoing.take();
                 if let Some(worker) = o.worker.take() {
                     worker.kill(ExitKind::Stopped);
                     st.args
                         .events
                         .worker_exited(&worker.shared, &ExitKind::Stopped);
                 }
+                if let Some(out) = outgoing {
+                    out.worker.kill(ExitKind::Stopped);
+                    st.args
+                        .events
+                        .worker_exited(&out.worker.shared, &ExitKind::Stopped);
+                    reply_all(out.waiters, &ReplaceOutcome::Gone);
+                }
             }
             st.args.events.restarting(other, delay);
             Self::schedule(myself, st, other, delay);
         }
+    }
+
+    /// Counts an abnormal exit of a worker that needs no restart of its own (an overflow
+    /// worker, an outgoing or superseded one) toward the intensity, so that a crash loop still
+    /// fails the pool; `who` names it in the reason.
+    fn count_failure(st: &mut SupervisorState, who: &str, kind: &ExitKind) {
+        if st.failed || st.shutdown.is_some() || !kind.is_abnormal() {
+            return;
+        }
+        if !st.intensity.record(Instant::now()) {
+            let limit = st.args.policy.intensity;
+            let reason = format!(
+                "restart intensity exceeded (more than {} failures within {:?}); last exit: \
+                 {who} {kind}",
+                limit.max_restarts, limit.within
+            );
+            Self::escalate(st, reason);
+        }
+    }
+
+    /// Hands `worker` over to retirement, out of its slot: it serves no new caller and is
+    /// retired as soon as it is free; its exit is reported when it has ended.
+    fn supersede(st: &mut SupervisorState, worker: WorkerHandle, reason: &str) {
+        tracing::debug!(pool = %st.args.name, worker = %worker.shared.id, reason, "worker superseded");
+        st.args.events.worker_superseded(&worker, reason);
+        st.retiring.insert(worker.actor.get_id(), worker);
+    }
+
+    /// Starts replacing `worker` (make before break), or joins the replacement under way.
+    fn replace(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        worker: &Arc<WorkerShared>,
+        reason: String,
+        give_up_on_failure: bool,
+        reply: Option<RpcReplyPort<ReplaceOutcome>>,
+    ) {
+        let answer = |reply: Option<RpcReplyPort<ReplaceOutcome>>, outcome: ReplaceOutcome| {
+            reply_all(reply.into_iter().collect(), &outcome);
+        };
+        if st.failed || st.shutdown.is_some() {
+            return answer(reply, ReplaceOutcome::Stopped);
+        }
+        let is = |h: &WorkerHandle| Arc::ptr_eq(&h.shared, worker);
+        let Some(s) = st.slots.get_mut(worker.slot) else {
+            return answer(reply, ReplaceOutcome::Gone);
+        };
+        if let Some(out) = s.outgoing.as_mut().filter(|o| is(&o.worker)) {
+            out.waiters.extend(reply);
+            return;
+        }
+        if st.retiring.values().any(is) {
+            return answer(reply, ReplaceOutcome::Replaced);
+        }
+        let Some(handle) = s
+            .worker
+            .take_if(|w| s.status == SlotStatus::Running && is(w))
+        else {
+            // Not (or no longer) in service in its slot: a later request may be made if it
+            // ever is.
+            worker.clear_replacement_request();
+            return answer(reply, ReplaceOutcome::Gone);
+        };
+        worker.request_replacement();
+        if s.overflow {
+            // Not restarted: the slot is free for demand at once, and the worker goes when free.
+            s.status = SlotStatus::Unstarted;
+            s.token += 1;
+            Self::supersede(st, handle, &reason);
+            return answer(reply, ReplaceOutcome::Replaced);
+        }
+        tracing::debug!(pool = %st.args.name, worker = %worker.id, reason, "replacing a worker: its successor starts first");
+        s.outgoing = Some(Outgoing {
+            worker: handle,
+            reason,
+            give_up_on_failure,
+            waiters: reply.into_iter().collect(),
+        });
+        Self::schedule(myself, st, worker.slot, Duration::ZERO);
+    }
+
+    /// The successor launched for `slot`'s outgoing worker failed to start (or died before it
+    /// could serve): `kind` says how. Either the replacement is given up (the outgoing worker
+    /// is the slot's worker again) or the launch is retried under the restart policy while the
+    /// outgoing worker keeps serving — bounded by `max_start_failures` and the intensity like
+    /// any restart, which fail the pool (and so end the outgoing worker too).
+    fn successor_failed(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        slot: usize,
+        kind: ExitKind,
+    ) {
+        let Some(mut out) = st.slots[slot].outgoing.take() else {
+            return;
+        };
+        reply_all(
+            std::mem::take(&mut out.waiters),
+            &ReplaceOutcome::Failed(kind.clone()),
+        );
+        if out.give_up_on_failure {
+            tracing::warn!(pool = %st.args.name, worker = %out.worker.shared.id, %kind, "the replacement failed to start; the worker keeps serving");
+            out.worker.shared.clear_replacement_request();
+            let s = &mut st.slots[slot];
+            // Its exit is this slot's business again, under the slot's current plan.
+            st.actors.insert(out.worker.actor.get_id(), (slot, s.token));
+            s.worker = Some(out.worker);
+            s.status = SlotStatus::Running;
+            s.start_failures = 0;
+            return;
+        }
+        st.slots[slot].outgoing = Some(out);
+        let policy = st.args.policy;
+        let s = &mut st.slots[slot];
+        s.start_failures += 1;
+        if s.start_failures >= policy.max_start_failures.max(1) {
+            let reason = format!(
+                "the worker in slot {slot} failed to start {} times in a row",
+                s.start_failures
+            );
+            return Self::escalate(st, reason);
+        }
+        if !st.intensity.record(Instant::now()) {
+            let reason = format!(
+                "restart intensity exceeded (more than {} restarts within {:?}); last exit: \
+                 the successor of the worker in slot {slot} {kind}",
+                policy.intensity.max_restarts, policy.intensity.within
+            );
+            return Self::escalate(st, reason);
+        }
+        let s = &mut st.slots[slot];
+        s.failures += 1;
+        let delay = policy.backoff.delay(s.failures);
+        st.args.events.restarting(slot, delay);
+        Self::schedule(myself, st, slot, delay);
+    }
+
+    /// Sets the number of core slots to `size`.
+    fn resize(myself: &ActorRef<SupervisorMsg>, st: &mut SupervisorState, size: usize) {
+        let core: Vec<usize> = (0..st.slots.len())
+            .filter(|&i| !st.slots[i].overflow && st.slots[i].status != SlotStatus::Removed)
+            .collect();
+        if size > core.len() {
+            let mut more = size - core.len();
+            let removed: Vec<usize> = (0..st.slots.len())
+                .filter(|&i| !st.slots[i].overflow && st.slots[i].status == SlotStatus::Removed)
+                .take(more)
+                .collect();
+            more -= removed.len();
+            let added = st.slots.len()..st.slots.len() + more;
+            st.slots.extend(added.clone().map(|_| Slot::new(false)));
+            for slot in removed.into_iter().chain(added) {
+                let s = &mut st.slots[slot];
+                s.status = SlotStatus::Unstarted;
+                s.token += 1;
+                s.failures = 0;
+                s.start_failures = 0;
+                if st.args.eager {
+                    Self::enqueue(myself, st, slot);
+                }
+            }
+        } else {
+            // Cheapest first: no worker yet, then a launch under way, then an idle worker,
+            // then a busy one; the newest slots first among equals.
+            let cost = |s: &Slot| match (&s.worker, s.status) {
+                (_, SlotStatus::Starting) => 1,
+                (None, _) => 0,
+                (Some(w), _) if w.shared.lifecycle() == Lifecycle::Idle => 2,
+                (Some(_), _) => 3,
+            };
+            let mut ranked = core.clone();
+            ranked.sort_by_key(|&i| (cost(&st.slots[i]), std::cmp::Reverse(i)));
+            for slot in ranked.into_iter().take(core.len() - size) {
+                let s = &mut st.slots[slot];
+                s.token += 1;
+                s.status = SlotStatus::Removed;
+                let (worker, outgoing) = (s.worker.take(), s.outgoing.take());
+                if let Some(worker) = worker {
+                    Self::supersede(st, worker, "pool resized");
+                }
+                if let Some(out) = outgoing {
+                    reply_all(out.waiters, &ReplaceOutcome::Gone);
+                    Self::supersede(st, out.worker, "pool resized");
+                }
+            }
+        }
+        st.args.size = size;
     }
 
     fn escalate(st: &mut SupervisorState, reason: String) {
@@ -337,7 +609,18 @@ impl Supervisor {
                     .events
                     .worker_exited(&worker.shared, &ExitKind::Stopped);
             }
+            if let Some(out) = s.outgoing.take() {
+                out.worker.kill(ExitKind::Stopped);
+                st.args
+                    .events
+                    .worker_exited(&out.worker.shared, &ExitKind::Stopped);
+                reply_all(out.waiters, &ReplaceOutcome::Stopped);
+            }
             s.status = SlotStatus::Stopped;
+        }
+        // Their ends are reported as they come (see `handle_supervisor_evt`).
+        for worker in st.retiring.values() {
+            worker.kill(ExitKind::Stopped);
         }
         let errors: Vec<PortError> = st.last_errors.iter().cloned().collect();
         tracing::error!(pool = %st.args.name, reason, errors = ?errors, "pool failed");
@@ -346,7 +629,7 @@ impl Supervisor {
 
     fn check_exhausted(st: &mut SupervisorState, last: &ExitKind) {
         let any = st.slots.iter().any(|s| {
-            (!s.overflow && s.status != SlotStatus::Stopped)
+            (!s.overflow && !matches!(s.status, SlotStatus::Stopped | SlotStatus::Removed))
                 || (s.overflow && s.status != SlotStatus::Unstarted)
         });
         if !any {
@@ -358,7 +641,12 @@ impl Supervisor {
         if st.shutdown.is_none() {
             return;
         }
-        let busy = st.launching > 0 || st.slots.iter().any(|s| s.worker.is_some());
+        let busy = st.launching > 0
+            || !st.retiring.is_empty()
+            || st
+                .slots
+                .iter()
+                .any(|s| s.worker.is_some() || s.outgoing.is_some());
         if !busy {
             if let Some(reply) = st.shutdown.take() {
                 let _ = reply.send(());
@@ -391,6 +679,7 @@ impl Actor for Supervisor {
             args,
             slots,
             actors: HashMap::new(),
+            retiring: HashMap::new(),
             queue: VecDeque::new(),
             launching: 0,
             last_errors: VecDeque::new(),
@@ -449,20 +738,35 @@ impl Actor for Supervisor {
                             // to see yet, so handle the exit here.
                             let kind = shared.exit_kind().unwrap_or(ExitKind::Normal);
                             st.args.events.worker_exited(&shared, &kind);
-                            Self::on_exit(&myself, st, slot, kind, shared.age());
+                            if st.slots[slot].outgoing.is_some() {
+                                Self::successor_failed(&myself, st, slot, kind);
+                            } else {
+                                Self::on_exit(&myself, st, slot, kind, shared.age());
+                            }
                         } else {
                             st.actors.insert(handle.actor.get_id(), (slot, token));
-                            st.slots[slot].start_failures = 0;
-                            st.slots[slot].status = SlotStatus::Running;
-                            st.slots[slot].worker = Some(handle.clone());
+                            let s = &mut st.slots[slot];
+                            s.start_failures = 0;
+                            s.status = SlotStatus::Running;
+                            s.worker = Some(handle.clone());
+                            let outgoing = s.outgoing.take();
+                            // The successor serves first; only then does the old worker stop
+                            // taking callers.
                             st.args.events.worker_ready(handle);
+                            if let Some(out) = outgoing {
+                                Self::supersede(st, out.worker, &out.reason);
+                                reply_all(out.waiters, &ReplaceOutcome::Replaced);
+                            }
                         }
                     }
                     Err(error) => {
                         tracing::warn!(worker = %shared.id, %error, "worker failed to start");
                         st.args.events.start_failed(&shared, &error);
                         Self::remember_error(st, error.clone());
-                        if current {
+                        if current && st.slots[slot].outgoing.is_some() {
+                            let kind = ExitKind::Crashed(error);
+                            Self::successor_failed(&myself, st, slot, kind);
+                        } else if current {
                             let s = &mut st.slots[slot];
                             s.start_failures += 1;
                             if s.start_failures >= st.args.policy.max_start_failures.max(1) {
@@ -518,18 +822,40 @@ impl Actor for Supervisor {
                     }
                 }
             }
+            SupervisorMsg::Replace {
+                worker,
+                reason,
+                give_up_on_failure,
+                reply,
+            } => {
+                Self::replace(&myself, st, &worker, reason, give_up_on_failure, reply);
+            }
+            SupervisorMsg::Resize { size, reply } => {
+                if !st.failed && st.shutdown.is_none() {
+                    Self::resize(&myself, st, size);
+                }
+                let _ = reply.send(());
+            }
             SupervisorMsg::Shutdown(reply) => {
                 st.shutdown = Some(reply);
                 st.queue.clear();
+                let stop = |worker: &WorkerHandle| {
+                    worker.shared.record_exit(ExitKind::Stopped);
+                    let _ = worker.actor.cast(crate::worker::WorkerMsg::Retire);
+                };
                 for s in &mut st.slots {
                     s.token += 1;
+                    if let Some(out) = &mut s.outgoing {
+                        stop(&out.worker);
+                        reply_all(std::mem::take(&mut out.waiters), &ReplaceOutcome::Stopped);
+                    }
                     if let Some(worker) = &s.worker {
-                        worker.shared.record_exit(ExitKind::Stopped);
-                        let _ = worker.actor.cast(crate::worker::WorkerMsg::Retire);
+                        stop(worker);
                     } else if s.status != SlotStatus::Starting {
                         s.status = SlotStatus::Stopped;
                     }
                 }
+                st.retiring.values().for_each(stop);
                 Self::maybe_finish_shutdown(st);
             }
         }
@@ -547,27 +873,54 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
             _ => return Ok(()),
         };
-        let Some((slot, token)) = st.actors.remove(&cell.get_id()) else {
+        let id = cell.get_id();
+        let Some((slot, token)) = st.actors.remove(&id) else {
             return Ok(());
         };
-        let Some(worker) = st.slots[slot]
-            .worker
-            .clone()
-            .filter(|w| w.actor.get_id() == cell.get_id())
-        else {
+        let ended = |worker: &WorkerHandle| {
+            if let Some(reason) = &panic {
+                worker
+                    .shared
+                    .record_exit(ExitKind::Crashed(PortError::ProtocolViolation {
+                        reason: format!("worker actor failed: {reason}"),
+                    }));
+            }
+            worker.shared.set_lifecycle(Lifecycle::Dead);
+            worker.port.kill(PortError::Closed);
+            worker.shared.exit_kind().unwrap_or(ExitKind::Normal)
+        };
+        if let Some(worker) = st.retiring.remove(&id) {
+            // A superseded worker has ended (retired, or dead on its way out).
+            let kind = ended(&worker);
+            st.args.events.worker_exited(&worker.shared, &kind);
+            Self::count_failure(
+                st,
+                &format!("superseded worker {}", worker.shared.id),
+                &kind,
+            );
+            Self::maybe_finish_shutdown(st);
+            return Ok(());
+        }
+        let s = &mut st.slots[slot];
+        if let Some(out) = s.outgoing.take_if(|o| o.worker.actor.get_id() == id) {
+            // It ended while its successor was launching: nothing to restart, the successor is
+            // on its way.
+            let kind = ended(&out.worker);
+            st.args.events.worker_exited(&out.worker.shared, &kind);
+            reply_all(out.waiters, &ReplaceOutcome::Gone);
+            Self::count_failure(
+                st,
+                &format!("outgoing worker {}", out.worker.shared.id),
+                &kind,
+            );
+            Self::maybe_finish_shutdown(st);
+            return Ok(());
+        }
+        let Some(worker) = s.worker.clone().filter(|w| w.actor.get_id() == id) else {
             // A worker we already replaced (killed by a strategy or by escalation).
             return Ok(());
         };
-        if let Some(reason) = panic {
-            worker
-                .shared
-                .record_exit(ExitKind::Crashed(PortError::ProtocolViolation {
-                    reason: format!("worker actor failed: {reason}"),
-                }));
-        }
-        worker.shared.set_lifecycle(Lifecycle::Dead);
-        worker.port.kill(PortError::Closed);
-        let kind = worker.shared.exit_kind().unwrap_or(ExitKind::Normal);
+        let kind = ended(&worker);
         st.args.events.worker_exited(&worker.shared, &kind);
         if st.slots[slot].token == token {
             Self::on_exit(&myself, st, slot, kind, worker.shared.age());
@@ -587,7 +940,20 @@ impl Actor for Supervisor {
             if let Some(worker) = s.worker.take() {
                 worker.kill(ExitKind::Stopped);
             }
+            if let Some(out) = s.outgoing.take() {
+                out.worker.kill(ExitKind::Stopped);
+            }
+        }
+        for (_, worker) in st.retiring.drain() {
+            worker.kill(ExitKind::Stopped);
         }
         Ok(())
+    }
+}
+
+/// Answers every waiter of a replacement.
+fn reply_all(waiters: Vec<RpcReplyPort<ReplaceOutcome>>, outcome: &ReplaceOutcome) {
+    for waiter in waiters {
+        let _ = waiter.send(outcome.clone());
     }
 }

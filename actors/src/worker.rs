@@ -9,13 +9,15 @@
 //! holds the worker (one caller at a time, by the pool's checkout), and the actor stays on the
 //! lifecycle path only.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::RngExt;
 
 use crate::port::{Port, PortError, WorkerSpec};
+use crate::supervisor::SupervisorMsg;
 
 /// How long an exited worker's actor waits for the port's reader to report the last bytes.
 const READER_GRACE: Duration = Duration::from_secs(1);
@@ -121,6 +123,49 @@ impl ExitKind {
     }
 }
 
+/// One worker's recycling limits: when it should be replaced. Drawn once per worker, at its
+/// launch, from the pool's limits and its jitter ([`RecycleLimits::jittered`]), so that workers
+/// started together do not all retire together.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RecycleLimits {
+    /// Replace the worker after this many calls.
+    pub max_calls: Option<u64>,
+    /// Replace the worker after it has been in service this long.
+    pub max_lifetime: Option<Duration>,
+}
+
+impl RecycleLimits {
+    /// These limits with `jitter` applied: each drawn uniformly in
+    /// `[limit × (1 − jitter), limit]`, so a limit is never raised. `jitter` is clamped to
+    /// `0..=1` (NaN counts as 0); a call limit stays at least 1.
+    pub fn jittered(self, jitter: f64) -> Self {
+        let jitter = if jitter.is_nan() {
+            0.0
+        } else {
+            jitter.clamp(0.0, 1.0)
+        };
+        if jitter == 0.0 {
+            return self;
+        }
+        let mut rng = rand::rng();
+        let max_calls = self.max_calls.map(|max| {
+            // `as` saturates; the lower bound is at least 1 and at most the limit.
+            let low = ((max as f64) * (1.0 - jitter)).ceil() as u64;
+            let low = low.max(1).min(max);
+            rng.random_range(low..=max)
+        });
+        let max_lifetime = self.max_lifetime.map(|max| {
+            let factor = 1.0 - rng.random_range(0.0..=jitter);
+            // Saturates (a limit of `Duration::MAX` stays itself) and never exceeds the limit.
+            Duration::try_from_secs_f64(max.as_secs_f64() * factor).map_or(max, |d| d.min(max))
+        });
+        Self {
+            max_calls,
+            max_lifetime,
+        }
+    }
+}
+
 /// What a worker's actor and its holders share: its state, counters and how it ended.
 #[derive(Debug)]
 pub struct WorkerShared {
@@ -137,10 +182,16 @@ pub struct WorkerShared {
     ready_at: OnceLock<Instant>,
     /// Resident memory at the last sample, in bytes (0: not sampled yet).
     rss: AtomicU64,
+    /// This worker's own recycling limits.
+    limits: RecycleLimits,
+    /// A replacement has been asked for (it may be starting).
+    replacing: AtomicBool,
+    /// Its successor is ready (or its slot was removed): it serves no new caller; the reason.
+    superseded: OnceLock<String>,
 }
 
 impl WorkerShared {
-    /// A worker in the `Starting` state.
+    /// A worker in the `Starting` state, with no recycling limits.
     pub fn new(id: String, slot: usize) -> Self {
         Self {
             id,
@@ -153,7 +204,50 @@ impl WorkerShared {
             port: OnceLock::new(),
             ready_at: OnceLock::new(),
             rss: AtomicU64::new(0),
+            limits: RecycleLimits::default(),
+            replacing: AtomicBool::new(false),
+            superseded: OnceLock::new(),
         }
+    }
+
+    /// The same worker with its own recycling limits.
+    #[must_use]
+    pub fn with_limits(mut self, limits: RecycleLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// This worker's own recycling limits (jitter already applied).
+    pub fn limits(&self) -> RecycleLimits {
+        self.limits
+    }
+
+    /// Notes that a replacement is wanted; `true` only for the first caller, who should ask the
+    /// supervisor ([`SupervisorMsg::Replace`]).
+    pub fn request_replacement(&self) -> bool {
+        !self.replacing.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a replacement has been asked for and not given up.
+    pub fn replacement_requested(&self) -> bool {
+        self.replacing.load(Ordering::Acquire)
+    }
+
+    /// Forgets a replacement request that was given up (its successor failed to start), so a
+    /// later one may be made.
+    pub fn clear_replacement_request(&self) {
+        self.replacing.store(false, Ordering::Release);
+    }
+
+    /// Marks the worker as superseded: it must serve no new caller and be retired once free.
+    /// The first reason given is kept.
+    pub fn mark_superseded(&self, reason: &str) {
+        let _ = self.superseded.set(reason.to_owned());
+    }
+
+    /// Why the worker was superseded, if it was: it must serve no new caller.
+    pub fn superseded(&self) -> Option<&str> {
+        self.superseded.get().map(String::as_str)
     }
 
     /// Where the worker is in its life.
@@ -343,8 +437,9 @@ pub struct WorkerArgs {
     pub health: HealthCheck,
     /// Grace period for a graceful stop.
     pub shutdown_grace: Duration,
-    /// An idle worker up longer than this is retired at its next health tick.
-    pub max_lifetime: Option<Duration>,
+    /// The supervisor, asked for a replacement when the worker outlives its `max_lifetime`
+    /// (from [`WorkerShared::limits`]) while idle.
+    pub supervisor: ActorRef<SupervisorMsg>,
 }
 
 /// The worker actor.
@@ -357,7 +452,7 @@ pub struct WorkerActorState {
     shared: Arc<WorkerShared>,
     health: HealthCheck,
     shutdown_grace: Duration,
-    max_lifetime: Option<Duration>,
+    supervisor: ActorRef<SupervisorMsg>,
     missed: u32,
     /// A health ping is under way.
     pinging: bool,
@@ -413,7 +508,7 @@ impl Actor for WorkerActor {
             shared: args.shared,
             health: args.health,
             shutdown_grace: args.shutdown_grace,
-            max_lifetime: args.max_lifetime,
+            supervisor: args.supervisor,
             missed: 0,
             pinging: false,
         })
@@ -442,22 +537,28 @@ impl Actor for WorkerActor {
                 myself.stop(None);
             }
             WorkerMsg::HealthTick => {
-                if state.shared.lifecycle() != Lifecycle::Idle {
-                    state.missed = 0;
-                    return Ok(());
-                }
+                let lifecycle = state.shared.lifecycle();
                 let expired = state
+                    .shared
+                    .limits()
                     .max_lifetime
                     .is_some_and(|max| state.shared.service_age() >= max);
+                // Make before break: the supervisor starts a successor, and this worker keeps
+                // serving until the successor is ready. A held worker is asked for too, so its
+                // successor is starting while its caller finishes.
                 if expired
-                    && state
-                        .shared
-                        .transition(Lifecycle::Idle, Lifecycle::Stopping)
+                    && matches!(lifecycle, Lifecycle::Idle | Lifecycle::Held)
+                    && state.shared.request_replacement()
                 {
-                    state
-                        .shared
-                        .record_exit(ExitKind::Recycled("max_lifetime reached".into()));
-                    myself.cast(WorkerMsg::Retire)?;
+                    let _ = state.supervisor.cast(SupervisorMsg::Replace {
+                        worker: state.shared.clone(),
+                        reason: "max_lifetime reached".into(),
+                        give_up_on_failure: false,
+                        reply: None,
+                    });
+                }
+                if lifecycle != Lifecycle::Idle {
+                    state.missed = 0;
                     return Ok(());
                 }
                 if state.pinging {
@@ -523,5 +624,49 @@ impl Actor for WorkerActor {
             state.port.stop(state.shutdown_grace).await;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jittered_limits_stay_within_bounds_and_differ() {
+        let limits = RecycleLimits {
+            max_calls: Some(1000),
+            max_lifetime: Some(Duration::from_secs(3600)),
+        };
+        assert_eq!(limits.jittered(0.0), limits, "no jitter: the exact limits");
+        assert_eq!(limits.jittered(f64::NAN), limits, "NaN counts as no jitter");
+        let draws: Vec<RecycleLimits> = (0..200).map(|_| limits.jittered(0.1)).collect();
+        for d in &draws {
+            let calls = d.max_calls.unwrap();
+            let life = d.max_lifetime.unwrap();
+            assert!((900..=1000).contains(&calls), "{d:?}");
+            assert!(
+                life >= Duration::from_secs(3240) && life <= Duration::from_secs(3600),
+                "{d:?}"
+            );
+        }
+        let calls: std::collections::HashSet<u64> =
+            draws.iter().filter_map(|d| d.max_calls).collect();
+        let lives: std::collections::HashSet<Duration> =
+            draws.iter().filter_map(|d| d.max_lifetime).collect();
+        assert!(calls.len() > 10 && lives.len() > 10, "{calls:?}");
+        // A limit is never raised, a call limit never drops to 0, and nothing overflows.
+        let small = RecycleLimits {
+            max_calls: Some(1),
+            max_lifetime: Some(Duration::MAX),
+        };
+        for _ in 0..100 {
+            let d = small.jittered(1.0);
+            assert_eq!(d.max_calls, Some(1));
+            assert!(d.max_lifetime.unwrap() <= Duration::MAX);
+            let d = small.jittered(1e-17);
+            assert_eq!(d.max_calls, Some(1));
+        }
+        let none = RecycleLimits::default();
+        assert_eq!(none.jittered(0.5), none);
     }
 }

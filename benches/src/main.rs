@@ -8,6 +8,7 @@
 
 mod containers;
 mod floor;
+mod rolling;
 mod scenarios;
 mod single_actor;
 
@@ -30,7 +31,7 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these scenarios (roundtrip, throughput, checkout, warm_vs_cold, recovery,
-    /// payload, containers); all by default. `containers` needs a Docker engine and is
+    /// payload, rolling, containers); all by default. `containers` needs a Docker engine and is
     /// skipped, with a message, when none answers.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -220,6 +221,10 @@ async fn main() -> anyhow::Result<()> {
     if wanted("payload") {
         eprintln!("== payload");
         record("payload", scenarios::payload(&env, scale).await?);
+    }
+    if wanted("rolling") {
+        eprintln!("== rolling");
+        record("rolling", rolling::rolling(&env, scale).await?);
     }
     if wanted("containers") {
         eprintln!("== containers");

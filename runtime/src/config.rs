@@ -72,6 +72,10 @@ pub struct PoolConfig {
     pub max_calls: Option<u64>,
     /// Retire a worker after it has been in service (since its init pong) this long.
     pub max_lifetime: Option<Duration>,
+    /// Fraction (0 to 1) of `max_calls` and `max_lifetime` randomised away, drawn once per
+    /// worker: each worker's limits are uniform in `[limit × (1 − jitter), limit]`, so workers
+    /// started together do not retire together.
+    pub recycle_jitter: f64,
     /// Retire a worker whose process's resident memory exceeds this many bytes (sampled every
     /// `sample_interval`, never on a call's path).
     pub max_rss: Option<u64>,
@@ -151,6 +155,7 @@ impl PoolBuilder {
                 health: HealthCheck::default(),
                 max_calls: None,
                 max_lifetime: None,
+                recycle_jitter: 0.1,
                 max_rss: None,
                 sample_interval: Duration::from_secs(1),
                 session_end: SessionEnd::Reset,
@@ -264,16 +269,28 @@ impl PoolBuilder {
         self.config.health = h;
         self
     }
-    /// Retire each worker after `n` calls.
+    /// Replace each worker after `n` calls (less with [`recycle_jitter`](Self::recycle_jitter)).
+    /// The replacement starts first; the worker keeps serving until it is ready.
     #[must_use]
     pub fn max_calls(mut self, n: u64) -> Self {
         self.config.max_calls = Some(n);
         self
     }
-    /// Retire each worker after it has been in service (since its init pong) for `d`.
+    /// Replace each worker after it has been in service (since its init pong) for `d` (less
+    /// with [`recycle_jitter`](Self::recycle_jitter)). The replacement starts first; the worker
+    /// keeps serving until it is ready.
     #[must_use]
     pub fn max_lifetime(mut self, d: Duration) -> Self {
         self.config.max_lifetime = Some(d);
+        self
+    }
+    /// Spreads recycling out (default 0.1): each worker's own `max_calls` and `max_lifetime`
+    /// are drawn once, uniformly in `[limit × (1 − jitter), limit]`, so workers started
+    /// together are not all replaced at once. 0 gives every worker the exact limits; the
+    /// fraction must be between 0 and 1.
+    #[must_use]
+    pub fn recycle_jitter(mut self, jitter: f64) -> Self {
+        self.config.recycle_jitter = jitter;
         self
     }
     /// Retire a worker whose resident memory exceeds `bytes`: an idle one at the next sample,
@@ -510,6 +527,12 @@ impl PoolConfig {
         }
         if let Some(d) = self.max_lifetime {
             nonzero("max_lifetime", d)?;
+        }
+        if !(0.0..=1.0).contains(&self.recycle_jitter) {
+            return bad(
+                "recycle_jitter",
+                format!("{} must be a fraction between 0 and 1", self.recycle_jitter),
+            );
         }
         if self.max_rss == Some(0) {
             return bad("max_rss", "0 bytes: every worker would exceed it at once");

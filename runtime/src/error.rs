@@ -4,12 +4,13 @@ use std::time::Duration;
 
 use thiserror::Error;
 use wharf_actors::port::PortError;
+use wharf_actors::worker::ExitKind;
 
 /// A pool's occupancy at the moment an error was raised.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct PoolState {
-    /// Core workers configured.
+    /// Core workers: the configured size, or the last [`Pool::resize`](crate::Pool::resize).
     pub size: usize,
     /// Workers running or starting (core and overflow).
     pub workers: usize,
@@ -184,6 +185,19 @@ pub enum Error {
         /// The settings that differ (`size`, `spec`, ... as in [`PoolConfig`](crate::PoolConfig)).
         differs: Vec<&'static str>,
     },
+    /// A new worker started by [`Pool::rolling_restart`](crate::Pool::rolling_restart) failed to
+    /// start (or died at once). The worker it was to replace keeps serving, and the rolling
+    /// restart stopped there; workers already replaced stay replaced. Look at `cause` (a
+    /// broken deployment of the worker's code, usually), fix it and restart again.
+    #[error("pool {pool}: the replacement for worker {worker} {cause}; the worker keeps serving and the rolling restart stopped")]
+    ReplacementFailed {
+        /// The pool's name.
+        pool: String,
+        /// The worker that was to be replaced (it keeps serving).
+        worker: String,
+        /// How the new worker ended.
+        cause: ExitKind,
+    },
     /// The pool's configuration is invalid: `field` names the setting (as in the builder, e.g.
     /// `backoff.jitter`), `reason` says what is wrong with its value.
     #[error("invalid pool configuration: {field}: {reason}")]
@@ -226,6 +240,7 @@ impl Error {
             Error::Reply { .. } => "reply",
             Error::Config { .. } => "config",
             Error::PoolConflict { .. } => "pool_conflict",
+            Error::ReplacementFailed { .. } => "replacement_failed",
         }
     }
 

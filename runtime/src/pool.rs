@@ -17,7 +17,9 @@ use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use wharf_actors::port::container::{self, Sweep};
 use wharf_actors::port::{PortError, WorkerSpec};
-use wharf_actors::supervisor::{PoolEvents, Supervisor, SupervisorArgs, SupervisorMsg};
+use wharf_actors::supervisor::{
+    PoolEvents, ReplaceOutcome, Supervisor, SupervisorArgs, SupervisorMsg,
+};
 use wharf_actors::worker::{ExitKind, Lifecycle, WorkerHandle, WorkerShared};
 use wharf_protocol::Value;
 
@@ -61,6 +63,8 @@ pub(crate) struct Counters {
 /// The pool's shared core. Leases and sessions hold it; the supervisor reaches it weakly.
 pub(crate) struct Inner {
     pub config: PoolConfig,
+    /// Core workers now: `config.size` until [`Pool::resize`] changes it.
+    size: AtomicUsize,
     idle: Mutex<Vec<WorkerHandle>>,
     permits: Semaphore,
     waiting: AtomicUsize,
@@ -70,6 +74,8 @@ pub(crate) struct Inner {
     running: AtomicBool,
     pub counters: Counters,
     supervisor: OnceLock<ActorRef<SupervisorMsg>>,
+    /// Taken while a resize is sent, so the supervisor and `size` see resizes in one order.
+    resizing: Mutex<()>,
     pub sessions: Mutex<HashSet<String>>,
     /// Workers finishing an abandoned call before they can be handed out again.
     draining: Mutex<HashSet<String>>,
@@ -89,6 +95,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Inner {
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Core workers now.
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
     }
 
     fn status_error(&self) -> Option<Error> {
@@ -141,6 +152,16 @@ impl Inner {
         self.changed.notify_waiters();
     }
 
+    /// The error for a pool whose supervisor stopped answering: its status if it has one
+    /// already (it is set before the supervisor stops on purpose).
+    fn supervisor_gone(&self) -> Error {
+        self.status_error().unwrap_or_else(|| Error::PoolFailed {
+            pool: self.config.name.clone(),
+            reason: "the supervisor stopped unexpectedly".into(),
+            last_errors: Vec::new(),
+        })
+    }
+
     pub fn is_failed(&self) -> bool {
         matches!(*lock(&self.status), Status::Failed { .. })
     }
@@ -158,7 +179,7 @@ impl Inner {
     pub fn state(&self) -> PoolState {
         let workers = lock(&self.workers);
         let mut state = PoolState {
-            size: self.config.size,
+            size: self.size(),
             workers: workers.len(),
             waiting: self.waiting.load(Ordering::Relaxed),
             ..PoolState::default()
@@ -271,6 +292,11 @@ impl Inner {
                 continue;
             };
             if handle.port.is_open() && handle.shared.try_hold() {
+                if let Some(reason) = handle.shared.superseded() {
+                    // Its successor is ready: it was popped just before it could be retired.
+                    handle.retire(reason);
+                    continue;
+                }
                 let waited = started.map_or(Duration::ZERO, |t| t.elapsed());
                 self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
                 self.telemetry.checkout(waited);
@@ -309,8 +335,15 @@ impl Inner {
 
     /// Asks the supervisor for more workers if the pool may grow (lazy or overflow workers).
     fn demand(&self) {
-        let running = lock(&self.workers).len();
-        if running < self.config.size + self.config.max_overflow {
+        // Workers on their way out (superseded, stopping) will not serve: they do not count.
+        let running = lock(&self.workers)
+            .values()
+            .filter(|w| {
+                w.superseded().is_none()
+                    && !matches!(w.lifecycle(), Lifecycle::Stopping | Lifecycle::Dead)
+            })
+            .count();
+        if running < self.size() + self.config.max_overflow {
             if let Some(sup) = self.supervisor.get() {
                 let waiting = self.waiting.load(Ordering::Relaxed);
                 let _ = sup.cast(SupervisorMsg::Demand { waiting });
@@ -354,39 +387,81 @@ impl Inner {
         self.release(handle);
     }
 
-    /// Puts a clean worker back, unless a recycling limit says it should go.
+    /// Puts a clean worker back, unless it has been superseded (its successor is ready: it is
+    /// retired). A worker over a recycling limit is replaced make before break: its
+    /// replacement is asked for, and it keeps serving until the replacement is ready — from
+    /// the bottom of the idle stack, so it is handed out only when no other worker is free.
     fn release(self: &Arc<Self>, handle: WorkerHandle) {
         if !handle.is_alive() {
             return;
         }
-        if let Some(reason) = self.recycle_reason(&handle) {
-            tracing::debug!(worker = %handle.shared.id, reason, "recycling worker");
+        let over = self.recycle_reason(&handle);
+        if let Some(reason) = over {
+            self.request_replacement(&handle.shared, reason);
+        }
+        handle.shared.touch();
+        let mut idle = lock(&self.idle);
+        // Under the stack's lock, like `worker_superseded`: either it sees this worker in the
+        // stack, or this sees the mark.
+        if let Some(reason) = handle.shared.superseded() {
+            drop(idle);
+            tracing::debug!(worker = %handle.shared.id, reason, "retiring a superseded worker");
             handle.retire(reason);
             return;
         }
-        handle.shared.touch();
         handle.shared.unhold();
         if self.running.load(Ordering::Acquire) {
-            lock(&self.idle).push(handle);
+            if over.is_some() {
+                idle.insert(0, handle);
+            } else {
+                idle.push(handle);
+            }
+            drop(idle);
             self.permits.add_permits(1);
         }
     }
 
+    /// The recycling limit `handle` has reached, if any: its own `max_calls` and
+    /// `max_lifetime` (jittered), or the pool's `max_rss`.
     fn recycle_reason(&self, handle: &WorkerHandle) -> Option<&'static str> {
-        let c = &self.config;
-        if c.max_calls.is_some_and(|max| handle.shared.calls() >= max) {
+        let limits = handle.shared.limits();
+        if limits
+            .max_calls
+            .is_some_and(|max| handle.shared.calls() >= max)
+        {
             return Some("max_calls reached");
         }
-        if c.max_lifetime
+        if limits
+            .max_lifetime
             .is_some_and(|max| handle.shared.service_age() >= max)
         {
             return Some("max_lifetime reached");
         }
         // The last sample, taken off the hot path (see `sample`).
-        if c.max_rss.is_some_and(|max| handle.shared.rss() > max) {
+        if self
+            .config
+            .max_rss
+            .is_some_and(|max| handle.shared.rss() > max)
+        {
             return Some("max_rss exceeded");
         }
         None
+    }
+
+    /// Asks the supervisor, once per worker, to replace `worker` make before break.
+    fn request_replacement(&self, worker: &Arc<WorkerShared>, reason: &str) {
+        if !worker.request_replacement() {
+            return;
+        }
+        tracing::debug!(worker = %worker.id, reason, "replacing a worker over a recycling limit");
+        if let Some(sup) = self.supervisor.get() {
+            let _ = sup.cast(SupervisorMsg::Replace {
+                worker: worker.clone(),
+                reason: reason.to_owned(),
+                give_up_on_failure: false,
+                reply: None,
+            });
+        }
     }
 }
 
@@ -549,6 +624,22 @@ impl PoolEvents for SupervisorView {
             pool.set_status(Status::NoWorkers(last_exit));
         }
     }
+
+    fn worker_superseded(&self, worker: &WorkerHandle, reason: &str) {
+        let Some(pool) = self.0.upgrade() else {
+            worker.kill(ExitKind::Stopped);
+            return;
+        };
+        // Under the stack's lock, like `release`: an idle worker is in the stack and is taken
+        // now (whoever pops it later discards it); a held one is retired when it comes back.
+        let idle = lock(&pool.idle);
+        worker.shared.mark_superseded(reason);
+        let in_stack = idle.iter().any(|h| Arc::ptr_eq(&h.shared, &worker.shared));
+        if in_stack && worker.shared.try_hold() {
+            drop(idle);
+            worker.retire(reason);
+        }
+    }
 }
 
 /// A worker's state, as the pool sees it.
@@ -575,7 +666,8 @@ pub enum WorkerState {
 pub struct WorkerInfo {
     /// The worker's name: `pool-slot.launch`.
     pub id: String,
-    /// Its supervisor slot (core slots first, then overflow slots).
+    /// Its supervisor slot (core slots first, then overflow slots; slots a
+    /// [`Pool::resize`] adds come after both).
     pub slot: usize,
     /// Its OS process id.
     pub pid: u32,
@@ -583,6 +675,10 @@ pub struct WorkerInfo {
     pub state: WorkerState,
     /// Calls it has served.
     pub calls: u64,
+    /// Its own `max_calls`: the pool's, less its share of `recycle_jitter`.
+    pub max_calls: Option<u64>,
+    /// Its own `max_lifetime`: the pool's, less its share of `recycle_jitter`.
+    pub max_lifetime: Option<Duration>,
 }
 
 /// A supervised pool of external workers. Cheap to clone; every clone is the same pool.
@@ -643,6 +739,7 @@ impl Pool {
             }
         }
         let inner = Arc::new(Inner {
+            size: AtomicUsize::new(config.size),
             permits: Semaphore::new(0),
             idle: Mutex::new(Vec::with_capacity(config.size + config.max_overflow)),
             waiting: AtomicUsize::new(0),
@@ -651,6 +748,7 @@ impl Pool {
             running: AtomicBool::new(true),
             counters: Counters::default(),
             supervisor: OnceLock::new(),
+            resizing: Mutex::new(()),
             sessions: Mutex::new(HashSet::new()),
             draining: Mutex::new(HashSet::new()),
             changed: Notify::new(),
@@ -670,7 +768,9 @@ impl Pool {
             policy: c.restart,
             health: c.health,
             shutdown_grace: c.shutdown_grace,
+            max_calls: c.max_calls,
             max_lifetime: c.max_lifetime,
+            recycle_jitter: c.recycle_jitter,
             events: Arc::new(SupervisorView(Arc::downgrade(&inner))),
         };
         static SUPERVISORS: AtomicU64 = AtomicU64::new(0);
@@ -736,7 +836,8 @@ impl Pool {
         &self.inner.config.name
     }
 
-    /// The pool's configuration.
+    /// The pool's configuration, as it was built (a [`Pool::resize`] shows in
+    /// [`PoolStats::size`], not here).
     pub fn config(&self) -> &PoolConfig {
         &self.inner.config
     }
@@ -969,6 +1070,8 @@ impl Pool {
                     pid: port.pid(),
                     state: self.inner.worker_state(w),
                     calls: w.calls(),
+                    max_calls: w.limits().max_calls,
+                    max_lifetime: w.limits().max_lifetime,
                 })
             })
             .collect();
@@ -979,6 +1082,116 @@ impl Pool {
     /// The OS process ids of the workers that are running now.
     pub fn worker_pids(&self) -> Vec<u32> {
         self.worker_info().iter().map(|w| w.pid).collect()
+    }
+
+    /// Replaces every worker, `at_once` at a time (at least 1), make before break: a new worker
+    /// starts in the old one's slot while the old one keeps serving, and the old one takes no
+    /// new caller once the new one is ready — so the pool keeps its capacity and calls keep
+    /// being served throughout. Use it to pick up new worker code on disk, or to refresh every
+    /// worker.
+    ///
+    /// Returns how many workers were replaced, once each has a ready successor. An old worker
+    /// that is idle then is stopped at once; one still held by a caller (a lease, a session)
+    /// finishes that caller's work and is stopped when it comes back. Overflow workers are
+    /// retired as soon as they are free (demand starts new ones); workers that end meanwhile
+    /// are restarted as usual and are not counted.
+    ///
+    /// If a new worker fails to start, the old one keeps serving and this stops with
+    /// [`Error::ReplacementFailed`]; workers already replaced stay replaced. If the pool fails
+    /// or shuts down meanwhile, it stops with that error.
+    pub async fn rolling_restart(&self, at_once: usize) -> Result<usize> {
+        use futures::StreamExt;
+        let inner = &self.inner;
+        if let Some(e) = inner.status_error() {
+            return Err(e);
+        }
+        let Some(sup) = inner.supervisor.get() else {
+            return Err(inner.supervisor_gone());
+        };
+        let mut old: Vec<Arc<WorkerShared>> = lock(&inner.workers)
+            .values()
+            .filter(|w| {
+                matches!(w.lifecycle(), Lifecycle::Idle | Lifecycle::Held)
+                    && w.superseded().is_none()
+            })
+            .cloned()
+            .collect();
+        old.sort_by(|a, b| (a.slot, &a.id).cmp(&(b.slot, &b.id)));
+        let replace = |worker: Arc<WorkerShared>| async move {
+            let asked = sup
+                .call(
+                    |reply| SupervisorMsg::Replace {
+                        worker: worker.clone(),
+                        reason: "rolling restart".into(),
+                        give_up_on_failure: true,
+                        reply: Some(reply),
+                    },
+                    None,
+                )
+                .await;
+            (worker, asked)
+        };
+        let mut outcomes = futures::stream::iter(old)
+            .map(replace)
+            .buffer_unordered(at_once.max(1));
+        let mut replaced = 0;
+        while let Some((worker, asked)) = outcomes.next().await {
+            match asked {
+                Ok(ractor::rpc::CallResult::Success(ReplaceOutcome::Replaced)) => replaced += 1,
+                // It ended meanwhile: its slot is restarted (or was removed) anyway.
+                Ok(ractor::rpc::CallResult::Success(ReplaceOutcome::Gone)) => {}
+                Ok(ractor::rpc::CallResult::Success(ReplaceOutcome::Failed(cause))) => {
+                    return Err(Error::ReplacementFailed {
+                        pool: inner.config.name.clone(),
+                        worker: worker.id.clone(),
+                        cause,
+                    });
+                }
+                _ => return Err(inner.supervisor_gone()),
+            }
+        }
+        Ok(replaced)
+    }
+
+    /// Sets the number of core workers to `size` while the pool runs (`max_overflow` stays
+    /// as it is). Growing starts the new workers at once (on demand for a lazy pool).
+    /// Shrinking removes, in this order, slots with no ready worker (not started, restarting,
+    /// launching), then idle workers — stopped at once —, then busy ones, which finish their
+    /// caller's work (a call, a lease, a session) and are stopped when they come back.
+    ///
+    /// Returns once the change is made, not when workers have started or stopped
+    /// ([`Pool::wait_ready`] waits for them); [`PoolStats::size`] and [`PoolState::size`] say
+    /// the new size at once. A size of 0 needs `max_overflow` above 0 ([`Error::Config`]
+    /// otherwise: the pool could never run a worker).
+    pub async fn resize(&self, size: usize) -> Result<()> {
+        let inner = &self.inner;
+        if size == 0 && inner.config.max_overflow == 0 {
+            return Err(Error::Config {
+                field: "size",
+                reason: "size and max_overflow are both 0: the pool could never run a worker"
+                    .into(),
+            });
+        }
+        if let Some(e) = inner.status_error() {
+            return Err(e);
+        }
+        let Some(sup) = inner.supervisor.get() else {
+            return Err(inner.supervisor_gone());
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let _order = lock(&inner.resizing);
+            let reply = ractor::RpcReplyPort::from(tx);
+            if sup.cast(SupervisorMsg::Resize { size, reply }).is_err() {
+                return Err(inner.supervisor_gone());
+            }
+            inner.size.store(size, Ordering::Relaxed);
+        }
+        if rx.await.is_err() {
+            return Err(inner.supervisor_gone());
+        }
+        inner.changed.notify_waiters();
+        Ok(())
     }
 
     /// Stops the pool gracefully: refuses new checkouts at once, lets calls in flight finish
@@ -1067,17 +1280,11 @@ async fn sample(pool: Weak<Inner>) {
             };
             w.set_rss(rss);
             total += rss;
-            if pool.config.max_rss.is_some_and(|max| rss > max) {
-                // Idle in the stack: taken (under the stack's lock, so no caller is between
-                // popping it and holding it) and retired now; whoever pops it later discards
-                // it. A busy worker is retired when it comes back (`recycle_reason`).
-                let idle = lock(&pool.idle);
-                if let Some(handle) = idle.iter().find(|h| h.shared.id == w.id) {
-                    if handle.shared.try_hold() {
-                        tracing::debug!(worker = %w.id, rss, "recycling an idle worker over max_rss");
-                        handle.retire("max_rss exceeded");
-                    }
-                }
+            let serving = matches!(w.lifecycle(), Lifecycle::Idle | Lifecycle::Held);
+            if serving && pool.config.max_rss.is_some_and(|max| rss > max) {
+                // Replaced make before break, idle or busy: it serves (last in line) until its
+                // successor is ready, then is retired as soon as it is free.
+                pool.request_replacement(w, "max_rss exceeded");
             }
         }
         let sessions = lock(&pool.sessions).len();

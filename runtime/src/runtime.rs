@@ -514,6 +514,7 @@ fn differences(a: &PoolConfig, b: &PoolConfig) -> Vec<&'static str> {
         health,
         max_calls,
         max_lifetime,
+        recycle_jitter,
         max_rss,
         session_end,
         session_idle_timeout,

@@ -14,7 +14,7 @@ use crate::pool::Inner;
 pub struct PoolStats {
     /// The pool's name.
     pub name: String,
-    /// Core workers configured.
+    /// Core workers: the configured size, or the last [`Pool::resize`](crate::Pool::resize).
     pub size: usize,
     /// Overflow workers allowed.
     pub max_overflow: usize,
@@ -58,7 +58,7 @@ impl PoolStats {
         let wait_ns = c.checkout_wait_ns.load(Ordering::Relaxed);
         PoolStats {
             name: inner.name().to_owned(),
-            size: inner.config.size,
+            size: inner.size(),
             max_overflow: inner.config.max_overflow,
             starting: state.starting,
             idle: state.idle,
