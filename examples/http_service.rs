@@ -28,7 +28,7 @@
 //! overloaded or failed pool (with `Retry-After` when it is only busy), 504 a deadline overrun.
 //! SIGTERM or SIGINT: stop accepting, finish the requests under way, shut every pool down.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,8 +47,8 @@ use serde::Deserialize;
 use serde_json::{json, Value as JsonValue};
 use tokio::sync::Mutex;
 use wharf::{
-    CallOptions, ConfigFile, Error, Pool, PoolStatus, ProcessSpec, Runtime, RuntimeSettings,
-    Session,
+    CallOptions, ConfigFile, Error, Pool, PoolConfig, PoolStatus, ProcessSpec, Runtime,
+    RuntimeSettings, Session,
 };
 
 /// Serves wharf pools over HTTP.
@@ -73,9 +73,41 @@ struct Args {
 /// What every handler shares.
 struct App {
     runtime: Runtime,
+    /// Every pool the service serves, by name: a pool the runtime stopped as idle starts again
+    /// on its next request.
+    configs: BTreeMap<String, PoolConfig>,
     metrics: PrometheusHandle,
     session_pool: String,
-    sessions: Mutex<HashMap<String, Session>>,
+    /// Open sessions by client id; each id has its own lock, so concurrent first requests for
+    /// one id open one session, and different ids never wait for each other.
+    sessions: std::sync::Mutex<HashMap<String, Arc<Mutex<Option<Session>>>>>,
+}
+
+impl App {
+    /// The running pool `name`, started again if the runtime stopped it as idle; `None` if the
+    /// service has no such pool.
+    async fn pool(&self, name: &str) -> Option<Result<Pool, Error>> {
+        if let Some(pool) = self.runtime.pool(name) {
+            return Some(Ok(pool));
+        }
+        let config = self.configs.get(name)?.clone();
+        Some(self.runtime.get_or_start(config).await)
+    }
+
+    /// The slot of session `id`, made if it is new.
+    fn session_slot(&self, id: &str) -> Arc<Mutex<Option<Session>>> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.entry(id.to_owned()).or_default().clone()
+    }
+
+    /// Forgets sessions that have ended (expired, lost): their ids hold no memory.
+    fn prune_sessions(&self) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.retain(|_, slot| match slot.try_lock() {
+            Ok(session) => session.as_ref().is_some_and(Session::is_open),
+            Err(_) => true, // in use right now
+        });
+    }
 }
 
 #[tokio::main]
@@ -93,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the Prometheus recorder")?;
 
-    let (runtime, session_pool) = match &args.config {
+    let (runtime, configs, session_pool) = match &args.config {
         Some(path) => {
             let file = ConfigFile::load(path).map_err(|e| {
                 // Every mistake, with its file, line and key.
@@ -110,26 +142,48 @@ async fn main() -> anyhow::Result<()> {
             let runtime = Runtime::from_file(&file).await?;
             let first = file.pool_names().next().map(str::to_owned);
             let session_pool = args.session_pool.clone().or(first).unwrap_or_default();
-            (runtime, session_pool)
+            let configs = file
+                .configs()
+                .map(|c| (c.name.clone(), c.clone()))
+                .collect();
+            (runtime, configs, session_pool)
         }
         None => {
             let runtime = Runtime::new(RuntimeSettings::default());
             let spec = ProcessSpec::from_argv(["python3", "-m", "wharf_worker.demo"])
                 .context("the demo worker's command")?;
-            runtime
-                .get_or_start(Pool::builder(spec).name("demo").size(args.workers))
-                .await?;
+            let demo = Pool::builder(spec)
+                .name("demo")
+                .size(args.workers)
+                .into_config();
+            runtime.get_or_start(demo.clone()).await?;
             let session_pool = args.session_pool.clone().unwrap_or_else(|| "demo".into());
-            (runtime, session_pool)
+            (
+                runtime,
+                BTreeMap::from([("demo".to_owned(), demo)]),
+                session_pool,
+            )
         }
     };
 
     let app = Arc::new(App {
         runtime,
+        configs,
         metrics,
         session_pool,
-        sessions: Mutex::new(HashMap::new()),
+        sessions: std::sync::Mutex::new(HashMap::new()),
     });
+    let pruner = {
+        let app = Arc::downgrade(&app);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                ticks.tick().await;
+                let Some(app) = app.upgrade() else { return };
+                app.prune_sessions();
+            }
+        })
+    };
     let router = Router::new()
         .route("/call/{pool}/{method}", post(call))
         .route("/sessions/{id}/call/{method}", post(session_call))
@@ -151,8 +205,15 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
     // Every request has been answered: end the sessions, then stop every pool.
-    for (_, session) in app.sessions.lock().await.drain() {
-        let _ = session.end().await;
+    pruner.abort();
+    let slots: Vec<_> = {
+        let mut sessions = app.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.drain().map(|(_, slot)| slot).collect()
+    };
+    for slot in slots {
+        if let Some(session) = slot.lock().await.take() {
+            let _ = session.end().await;
+        }
     }
     app.runtime.shutdown().await;
     println!("shut down");
@@ -186,6 +247,29 @@ impl CallQuery {
 struct CallRequest {
     options: CallOptions,
     body: JsonValue,
+}
+
+impl CallRequest {
+    /// A client may shorten a call's deadline, not lengthen it past the pool's `call_timeout`
+    /// nor make it zero (which would only get healthy workers killed).
+    #[allow(clippy::result_large_err)]
+    fn check_deadline(&self, pool: &Pool) -> Result<(), Response> {
+        let Some(deadline) = self.options.deadline else {
+            return Ok(());
+        };
+        let limit = pool.config().call_timeout;
+        if deadline.is_zero() || deadline > limit {
+            return Err(problem(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!(
+                    "deadline_ms must be between 1 and the pool's call timeout ({} ms)",
+                    limit.as_millis()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl<S: Send + Sync> FromRequest<S> for CallRequest {
@@ -222,13 +306,20 @@ async fn call(
     Path((pool, method)): Path<(String, String)>,
     call: CallRequest,
 ) -> Response {
-    let Some(pool) = app.runtime.pool(&pool) else {
-        return problem(
-            StatusCode::NOT_FOUND,
-            "unknown_pool",
-            format!("no pool named {pool}"),
-        );
+    let pool = match app.pool(&pool).await {
+        Some(Ok(pool)) => pool,
+        Some(Err(e)) => return failure(&e),
+        None => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "unknown_pool",
+                format!("no pool named {pool}"),
+            )
+        }
     };
+    if let Err(bad) = call.check_deadline(&pool) {
+        return bad;
+    }
     match pool
         .call_with::<JsonValue>(&method, &call.body, call.options)
         .await
@@ -243,63 +334,67 @@ async fn session_call(
     Path((id, method)): Path<(String, String)>,
     call: CallRequest,
 ) -> Response {
-    let session = match session(&app, &id).await {
-        Ok(session) => session,
+    let (pool, session) = match session(&app, &id).await {
+        Ok(open) => open,
         Err(e) => return e,
     };
+    if let Err(bad) = call.check_deadline(&pool) {
+        return bad;
+    }
     let result = session
         .call_with::<JsonValue>(&method, &call.body, call.options)
         .await;
     match result {
         Ok(reply) => Json(reply).into_response(),
-        Err(e) => {
-            if matches!(e, Error::SessionLost { .. } | Error::SessionEnded { .. }) {
-                // Gone for good: the next call under this id opens a fresh session.
-                app.sessions.lock().await.remove(&id);
-            }
-            failure(&e)
-        }
+        // Lost or ended: the slot is cleared by the next call under this id, which opens a
+        // fresh session (a newer session under the id is never removed by mistake).
+        Err(e) => failure(&e),
     }
 }
 
-/// The open session `id`, opened now if it is not.
-async fn session(app: &App, id: &str) -> Result<Session, Response> {
-    if let Some(s) = app.sessions.lock().await.get(id) {
-        return Ok(s.clone());
-    }
-    let Some(pool) = app.runtime.pool(&app.session_pool) else {
-        return Err(problem(
-            StatusCode::NOT_FOUND,
-            "unknown_pool",
-            format!("no session pool named {}", app.session_pool),
-        ));
+/// The session pool and the open session `id`, opened now if it is not (or no longer) open.
+async fn session(app: &App, id: &str) -> Result<(Pool, Session), Response> {
+    let pool = match app.pool(&app.session_pool).await {
+        Some(Ok(pool)) => pool,
+        Some(Err(e)) => return Err(failure(&e)),
+        None => {
+            return Err(problem(
+                StatusCode::NOT_FOUND,
+                "unknown_pool",
+                format!("no session pool named {}", app.session_pool),
+            ))
+        }
     };
-    // Opened without the map's lock (it waits for a worker); a request that opened the same
-    // id meanwhile wins, and this one uses its session.
+    let slot = app.session_slot(id);
+    // Held while the session opens (it may wait for a worker): a concurrent first request for
+    // the same id waits here and then uses the session this one opened.
+    let mut slot = slot.lock().await;
+    if let Some(open) = slot.as_ref().filter(|s| s.is_open()) {
+        return Ok((pool, open.clone()));
+    }
     match pool.session(id).await {
         Ok(opened) => {
-            let mut sessions = app.sessions.lock().await;
-            Ok(sessions.entry(id.to_owned()).or_insert(opened).clone())
+            *slot = Some(opened.clone());
+            Ok((pool, opened))
         }
-        Err(Error::SessionInUse(_)) => match app.sessions.lock().await.get(id) {
-            Some(s) => Ok(s.clone()),
-            None => Err(failure(&Error::SessionInUse(id.to_owned()))),
-        },
         Err(e) => Err(failure(&e)),
     }
 }
 
 async fn end_session(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    let Some(session) = app.sessions.lock().await.remove(&id) else {
-        return problem(
+    let slot = app.session_slot(&id);
+    let session = slot.lock().await.take();
+    app.prune_sessions();
+    match session {
+        Some(session) if session.is_open() => match session.end().await {
+            Ok(()) => StatusCode::NO_CONTENT.into_response(),
+            Err(e) => failure(&e),
+        },
+        _ => problem(
             StatusCode::NOT_FOUND,
             "unknown_session",
             format!("no open session {id}"),
-        );
-    };
-    match session.end().await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => failure(&e),
+        ),
     }
 }
 
@@ -339,6 +434,15 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
             }
         };
         pools.insert(p.name, json!({"status": status, "reason": reason}));
+    }
+    for name in app.configs.keys() {
+        if !pools.contains_key(name) {
+            // Stopped by the runtime after being idle: it starts on its next request.
+            pools.insert(
+                name.clone(),
+                json!({"status": "idle", "reason": "stopped while idle; starts on its next request"}),
+            );
+        }
     }
     let (code, status) = match (failed, degraded) {
         (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "failed"),
@@ -380,9 +484,10 @@ fn failure(e: &Error) -> Response {
         // runtime enforces it.
         Error::Remote { kind, .. } if kind == "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
         Error::Remote { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        Error::WorkerDied { .. } | Error::ProtocolViolation { .. } | Error::Reply { .. } => {
-            StatusCode::BAD_GATEWAY
-        }
+        Error::WorkerDied { .. } | Error::ProtocolViolation { .. } => StatusCode::BAD_GATEWAY,
+        // The worker answered, with something JSON cannot say (a map with non-string keys,
+        // bytes): the service's limit, not the worker's fault.
+        Error::Reply { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         Error::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
         Error::Overloaded { .. } | Error::CheckoutTimeout { .. } => {
             let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, e.kind(), e.to_string());

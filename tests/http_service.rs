@@ -336,7 +336,7 @@ async fn the_service_runs_the_pools_of_a_configuration_file() {
     let good = dir.join("good.toml");
     std::fs::write(
         &good,
-        "[pools.ml]\nsize = 1\n[pools.ml.process]\ncommand = [\"python3\", \"-m\", \"wharf_worker.demo\"]\n\n\
+        "[runtime]\nidle_timeout = \"1s\"\n\n[pools.ml]\nsize = 1\n[pools.ml.process]\ncommand = [\"python3\", \"-m\", \"wharf_worker.demo\"]\n\n\
          [pools.other]\nsize = 1\n[pools.other.process]\ncommand = [\"python3\", \"-m\", \"wharf_worker.demo\"]\n",
     )
     .unwrap();
@@ -350,6 +350,25 @@ async fn the_service_runs_the_pools_of_a_configuration_file() {
         (200, json!(2))
     );
     assert_eq!(svc.json("POST", "/call/demo/echo", "3").await.0, 404);
+    // A client may shorten a deadline, not make it zero or longer than the pool's timeout.
+    for bad in ["0", "31000"] {
+        let (code, err) = svc
+            .json("POST", &format!("/call/ml/echo?deadline_ms={bad}"), "1")
+            .await;
+        assert_eq!(
+            (code, err["error"].as_str()),
+            (400, Some("bad_query")),
+            "{err}"
+        );
+    }
+    // A pool the runtime stopped as idle starts again on its next request.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        svc.json("POST", "/call/ml/echo", "5").await,
+        (200, json!(5))
+    );
+    let (code, health) = svc.json("GET", "/healthz", "").await;
+    assert_eq!(code, 200, "{health}");
     // Sessions run in the file's first pool.
     assert_eq!(
         svc.json("POST", "/sessions/s/call/echo", "4").await,

@@ -1124,3 +1124,77 @@ async fn max_waiting_sheds_load_and_try_call_never_waits() {
     assert_eq!(pool.stats().errors.get("overloaded"), Some(&2));
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deadline_holds_for_a_slow_consumer_and_an_idle_one() {
+    use wharf::StreamItem;
+    let pool = ready(builder(2), 2).await;
+    let short = CallOptions::new().deadline(Duration::from_millis(200));
+    // A consumer slower than its worker always finds a chunk waiting: the deadline still ends
+    // the stream.
+    let mut stream = pool
+        .call_stream_with("stream", &serde_json::json!({"n": 100_000}), short)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let ended = loop {
+        match stream.next().await {
+            Some(Ok(StreamItem::Chunk(_))) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                assert!(
+                    started.elapsed() < SETTLE,
+                    "the deadline never ended the stream"
+                );
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(ended, Some(Err(Error::DeadlineExceeded { .. }))),
+        "{ended:?}"
+    );
+    // A stream nobody polls still has its worker killed at the deadline.
+    let stream = pool
+        .call_stream_with("stream", &serde_json::json!({"n": 100_000}), short)
+        .await
+        .unwrap();
+    let victim = stream.worker_id().to_owned();
+    assert!(
+        eventually(SETTLE, || !pool
+            .workers()
+            .iter()
+            .any(|(id, _)| *id == victim))
+        .await,
+        "the unpolled stream's worker outlived its deadline"
+    );
+    drop(stream);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_call_after_a_dropped_stream_waits_for_it_to_end() {
+    use wharf::StreamItem;
+    let pool = ready(builder(1), 1).await;
+    let session = pool.session("s").await.unwrap();
+    {
+        let mut stream = session
+            .call_stream("stream", &serde_json::json!({"n": 3_000_000}))
+            .await
+            .unwrap();
+        assert!(matches!(
+            stream.next().await,
+            Some(Ok(StreamItem::Chunk(_)))
+        ));
+    }
+    // The abandoned stream is cancelled and ends before the next call starts its clock.
+    let reply = session
+        .call_with::<String>(
+            "echo",
+            "hi",
+            CallOptions::new().deadline(Duration::from_millis(500)),
+        )
+        .await;
+    assert_eq!(reply.unwrap(), "hi");
+    session.end().await.unwrap();
+    pool.shutdown().await;
+}

@@ -3,7 +3,6 @@
 //! [`futures::Stream`].
 
 use std::any::Any;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -168,8 +167,11 @@ pub struct CallStream<'a> {
     rx: StreamReceiver,
     /// The call counts as under way until its end (or until the stream is dropped).
     active: Option<ActiveCall>,
-    /// `None`: no limit.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the deadline runs out (`None`: no limit).
+    expires: Option<tokio::time::Instant>,
+    /// Kills the worker when the deadline runs out, whether or not anyone polls the stream;
+    /// aborted at the stream's end or drop.
+    watchdog: Option<Watchdog>,
     deadline: Duration,
     method: String,
     started: Instant,
@@ -198,16 +200,25 @@ pub(crate) struct Opened {
 
 impl<'a> CallStream<'a> {
     pub(crate) fn new(pool: Arc<Inner>, opened: Opened, holder: Holder<'a>) -> Self {
-        let timer = tokio::time::Instant::now()
-            .checked_add(opened.deadline)
-            .map(|at| Box::pin(tokio::time::sleep_until(at)));
+        let expires = tokio::time::Instant::now().checked_add(opened.deadline);
+        let watchdog = expires
+            .map(|at| {
+                let handle = opened.handle.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    handle.kill(ExitKind::DeadlineKilled);
+                })
+                .abort_handle()
+            })
+            .map(Watchdog);
         Self {
             holder: Some(holder),
             handle: opened.handle,
             pool,
             rx: opened.rx,
             active: Some(opened.active),
-            timer,
+            expires,
+            watchdog,
             deadline: opened.deadline,
             method: opened.method,
             started: opened.started,
@@ -231,25 +242,43 @@ impl<'a> CallStream<'a> {
             return Poll::Ready(None);
         }
         let id = &self.handle.shared.id;
-        let item = match self.rx.poll_recv(cx) {
+        // The deadline first: a consumer slower than its worker always finds a chunk waiting.
+        let expired = self
+            .expires
+            .is_some_and(|at| tokio::time::Instant::now() >= at);
+        let polled = if expired {
+            Poll::Pending
+        } else {
+            self.rx.poll_recv(cx)
+        };
+        let item = match polled {
             Poll::Ready(Some(StreamEvent::Chunk { body, .. })) => {
                 return Poll::Ready(Some(Ok(StreamItem::Chunk(body))))
             }
             Poll::Ready(Some(StreamEvent::End(Ok(body)))) => Ok(StreamItem::Done(body)),
+            // Killed by the watchdog: the deadline is why.
+            Poll::Ready(Some(StreamEvent::End(Err(_))) | None)
+                if self
+                    .expires
+                    .is_some_and(|at| tokio::time::Instant::now() >= at) =>
+            {
+                Err(Error::DeadlineExceeded {
+                    worker: id.clone(),
+                    method: self.method.clone(),
+                    deadline: self.deadline,
+                })
+            }
             Poll::Ready(Some(StreamEvent::End(Err(e)))) => Err(Error::from_port(id, e)),
             // The port closed with events it could not queue: it knows why.
             Poll::Ready(None) => Err(Error::from_port(
                 id,
                 self.handle.port.close_reason().unwrap_or(PortError::Closed),
             )),
+            Poll::Pending if !expired => {
+                // Woken by the next event, or by the watchdog's kill at the deadline.
+                return Poll::Pending;
+            }
             Poll::Pending => {
-                let expired = self
-                    .timer
-                    .as_mut()
-                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
-                if !expired {
-                    return Poll::Pending;
-                }
                 self.handle.kill(ExitKind::DeadlineKilled);
                 Err(Error::DeadlineExceeded {
                     worker: id.clone(),
@@ -266,9 +295,21 @@ impl<'a> CallStream<'a> {
             (item, _) => item,
         };
         // The call is over: its worker is free now, not when the stream is dropped.
+        self.watchdog = None;
         self.holder = None;
         self.active = None;
         Poll::Ready(Some(item))
+    }
+}
+
+/// The deadline's watchdog task, aborted when the stream ends or is dropped (dropped before its
+/// end, the call is cancelled: a pool's worker drains, a lease's or session's next call waits
+/// for it to settle — no kill).
+struct Watchdog(tokio::task::AbortHandle);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -130,6 +130,7 @@ impl Lease {
         options: CallOptions,
     ) -> Result<Value> {
         let handle = self.live_handle()?;
+        self.settle(&handle).await?;
         let deadline = options.deadline.unwrap_or(self.pool.config.call_timeout);
         let id = handle.port.next_request_id();
         handle.shared.count_call();
@@ -207,6 +208,7 @@ impl Lease {
         options: CallOptions,
     ) -> Result<Opened> {
         let handle = self.live_handle()?;
+        self.settle(&handle).await?;
         let deadline = options.deadline.unwrap_or(self.pool.config.call_timeout);
         let id = handle.port.next_request_id();
         handle.shared.count_call();
@@ -231,6 +233,29 @@ impl Lease {
             method: method.to_owned(),
             started: Instant::now(),
         })
+    }
+
+    /// Waits, up to the pool's `drain_timeout`, for a call abandoned on this worker (a stream
+    /// dropped before its end, a cancelled call) to end, so the next call does not queue
+    /// behind it and overrun its own deadline. A worker that does not settle is retired.
+    async fn settle(&self, handle: &WorkerHandle) -> Result<()> {
+        if handle.port.in_flight() == 0 {
+            return Ok(());
+        }
+        let limit = self.pool.config.drain_timeout;
+        if tokio::time::timeout(limit, handle.port.quiesce())
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        handle.kill(ExitKind::Recycled(
+            "an abandoned call did not finish".into(),
+        ));
+        Err(Error::from_port(
+            &handle.shared.id,
+            handle.port.close_reason().unwrap_or(PortError::Closed),
+        ))
     }
 
     fn live_handle(&self) -> Result<WorkerHandle> {

@@ -86,6 +86,8 @@ pub(crate) struct Inner {
     pub events: EventSender,
     /// Metrics, with the `metrics` feature.
     pub telemetry: Telemetry,
+    /// The workers' resident memory at the last sample, in bytes.
+    rss_total: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -147,6 +149,7 @@ impl Inner {
         if let Some(event) = event {
             self.events.emit(|| event);
         }
+        self.publish_gauges();
         // Closing the semaphore wakes every waiting caller, who then reads the status.
         self.permits.close();
         self.changed.notify_waiters();
@@ -164,6 +167,18 @@ impl Inner {
 
     pub fn is_failed(&self) -> bool {
         matches!(*lock(&self.status), Status::Failed { .. })
+    }
+
+    /// Publishes the pool's gauges (the `metrics` feature): from the sampler, and at once when
+    /// the status changes and at the end of a shutdown, so a pool dropped right after never
+    /// stays `running` in the metrics.
+    pub fn publish_gauges(&self) {
+        if Telemetry::ENABLED {
+            let sessions = lock(&self.sessions).len();
+            let rss = self.rss_total.load(Ordering::Relaxed);
+            self.telemetry
+                .gauges(&self.state(), sessions, rss, self.status_label());
+        }
     }
 
     /// The pool's status, as a label: `running`, `failed`, `no_workers` or `shut_down`.
@@ -754,6 +769,7 @@ impl Pool {
             changed: Notify::new(),
             events: EventSender::new(),
             telemetry: Telemetry::new(&config.name),
+            rss_total: AtomicU64::new(0),
             config,
         });
         let c = &inner.config;
@@ -1250,6 +1266,9 @@ impl Pool {
                 tracing::warn!(pool = %inner.config.name, error = %e, "cannot remove the pool's containers");
             }
         }
+        // Every worker is gone: the gauges say so now, not at a sample that may never come.
+        inner.rss_total.store(0, Ordering::Relaxed);
+        inner.publish_gauges();
     }
 }
 
@@ -1287,11 +1306,11 @@ async fn sample(pool: Weak<Inner>) {
                 pool.request_replacement(w, "max_rss exceeded");
             }
         }
-        let sessions = lock(&pool.sessions).len();
-        let status = pool.status_label();
-        pool.telemetry
-            .gauges(&pool.state(), sessions, total, status);
-        if status == "shut_down" {
+        pool.rss_total.store(total, Ordering::Relaxed);
+        pool.publish_gauges();
+        if !pool.running.load(Ordering::Acquire) {
+            // Failed, out of workers or shut down: no worker will start again; the last
+            // figures stay published.
             return;
         }
     }

@@ -170,6 +170,12 @@ impl Session {
         &self.inner.id
     }
 
+    /// Whether the session still holds its worker: false once it has ended (explicitly or by
+    /// expiry) or lost its worker, when its calls fail and a new session may take its id.
+    pub fn is_open(&self) -> bool {
+        self.inner.registered.load(Ordering::Acquire)
+    }
+
     /// The pinned worker's name, while the session is open.
     pub async fn worker_id(&self) -> Option<String> {
         match &*self.inner.pin.lock().await {
@@ -224,7 +230,8 @@ impl Session {
     }
 
     /// Calls a streaming method on the pinned worker. The session's other calls wait until
-    /// the stream is dropped (even after its last item).
+    /// the stream's final item has been read (or the stream is dropped, and its cancelled
+    /// call has ended).
     pub async fn call_stream(
         &self,
         method: &str,

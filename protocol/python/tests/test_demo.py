@@ -76,6 +76,21 @@ class DemoTests(unittest.TestCase):
         self.assertEqual(pong["methods"], DEMO_METHODS)
         self.assertNotIn("message", pong)  # optional fields that are None are omitted
 
+    def test_a_stream_is_stopped_by_a_cancel_at_its_next_chunk(self):
+        # The demo's stream handler is a plain generator that never asks for its Context.
+        self.ready()
+        rid = self.peer.request("call", method="stream", body={"n": 10_000_000})
+        first = self.peer.recv()
+        self.assertEqual((first["t"], first["id"]), ("chunk", rid))
+        self.peer.send({"t": "cancel", "id": rid})
+        while True:
+            msg = self.peer.recv(timeout=5)
+            self.assertIsNotNone(msg, "the worker ended instead of answering")
+            if msg["t"] != "chunk":
+                break
+        self.assertEqual((msg["t"], msg["id"], msg["kind"]), ("error", rid, "cancelled"))
+        self.assertEqual(self.peer.call("echo", "after")["body"], "after")
+
     def test_echo_nil_and_bool(self):
         self.ready()
         self.assert_echoes([None, True, False])

@@ -32,6 +32,14 @@ def slow(ms):
     return ms
 
 
+@w.method()
+def linger(_body):
+    # A thread that is not a daemon and never ends would hold the interpreter's exit forever.
+    import threading
+    threading.Thread(target=time.sleep, args=(3600,)).start()
+    return "lingering"
+
+
 def mark(what):
     with open(MARK, "a") as f:
         f.write(what + "\\n")
@@ -192,6 +200,19 @@ class ShutdownTests(unittest.TestCase):
         peer.close_input()
         self.assertEqual(peer.wait(), 0)
         self.assertEqual(self.marks(mark), ["finally", "atexit"])
+
+    def test_a_thread_left_running_does_not_keep_a_stopped_worker_alive(self):
+        for stop in ("shutdown", "eof"):
+            with self.subTest(stop=stop):
+                peer, mark = self.start()
+                self.assertEqual(peer.call("linger")["body"], "lingering")
+                if stop == "shutdown":
+                    peer.send({"t": "shutdown"})
+                else:
+                    peer.close_input()
+                self.assertEqual(peer.wait(timeout=10), 0, peer.stderr_text())
+                self.assertEqual(self.marks(mark), ["finally"])
+                self.assertIn("non-daemon threads still running", peer.stderr_text())
 
     def test_finally_and_atexit_run_on_sigterm_even_mid_call(self):
         peer, mark = self.start()

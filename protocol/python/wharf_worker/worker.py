@@ -57,7 +57,8 @@ class DeadlineExceeded(Exception):
 
 
 class Context:
-    """What a handler knows about its call; a handler taking two parameters receives it.
+    """What a handler knows about its call. A handler receives it if it asks: its second
+    parameter annotated ``ctx: Context``, or registered with ``context=True``.
 
     Cancellation is cooperative: the worker serves one call at a time on one thread, and reads
     what the runtime sends meanwhile (``cancel``, ``ping``, ...) only when the handler asks:
@@ -289,10 +290,17 @@ class Worker:
 
         It exits as a Python program ends (``SystemExit``), so the application's ``finally``
         blocks and ``atexit`` handlers run — also when the runtime stops the worker with
-        SIGTERM (unless the application installed its own SIGTERM handler)."""
+        SIGTERM (unless the application installed its own SIGTERM handler). Threads that are
+        not daemons and still run then get :data:`EXIT_GRACE` seconds before the process
+        exits regardless (the interpreter would otherwise wait for them forever)."""
         _configure_logging()
         _exit_on_sigterm()
-        sys.exit(self.serve_env())
+        try:
+            status = self.serve_env()
+        except SystemExit as e:  # SIGTERM while serving
+            status = e.code if isinstance(e.code, int) else 1
+        _bound_exit(status)
+        sys.exit(status)
 
     def serve_env(self, environ: "Optional[Mapping[str, str]]" = None) -> int:
         """Serves on the channel named by ``environ`` (default ``os.environ``): ``WHARF_CHANNEL``
@@ -494,9 +502,18 @@ class Worker:
             return self._event_loop().run_until_complete(_awaited(result))
         return result
 
+    def _stream_context(self, rid):
+        """The Context a stream watches between chunks: the handler's, or one of its own for a
+        handler that takes none. The runtime cancels a stream whose consumer went away; a
+        generator is stopped at its next chunk, even one that never asks its Context."""
+        if self._current is None:
+            self._current = Context(rid, "", _worker=self)
+        return self._current
+
     def _stream(self, rid, gen):
         seq = 0
         send_chunk = self._send_chunk
+        ctx = self._stream_context(rid)
         try:
             while True:
                 try:
@@ -505,15 +522,20 @@ class Worker:
                     return stop.value
                 send_chunk(rid, seq, body)
                 seq += 1
+                if ctx.cancelled():
+                    raise Cancelled("call %d was cancelled" % rid)
         finally:
             gen.close()
 
     async def _stream_async(self, rid, agen):
         seq = 0
+        ctx = self._stream_context(rid)
         try:
             async for body in agen:
                 self._send_chunk(rid, seq, body)
                 seq += 1
+                if ctx.cancelled():
+                    raise Cancelled("call %d was cancelled" % rid)
         finally:
             await agen.aclose()
         return None
@@ -700,6 +722,35 @@ def _take_stdio():
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return fd_in, fd_out
+
+
+#: Seconds a stopping worker waits for non-daemon threads still running before it exits anyway.
+EXIT_GRACE = 1.0
+
+
+def _bound_exit(status: int) -> None:
+    """Interpreter shutdown joins non-daemon threads (before ``atexit`` handlers run): one that a
+    handler left running would keep a stopped worker alive until the runtime kills it. If any
+    runs, a daemon thread ends the process after :data:`EXIT_GRACE` seconds."""
+    main = threading.main_thread()
+    stray = [t.name for t in threading.enumerate() if t is not main and not t.daemon]
+    if not stray:
+        return
+    log.warning(
+        "non-daemon threads still running (%s); exiting in %.1f s regardless",
+        ", ".join(stray), EXIT_GRACE,
+    )
+
+    def guard() -> None:
+        time.sleep(EXIT_GRACE)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(status)
+
+    threading.Thread(target=guard, name="wharf-exit-guard", daemon=True).start()
 
 
 def _exit_on_sigterm() -> None:
