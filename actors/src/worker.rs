@@ -121,6 +121,21 @@ impl ExitKind {
     }
 }
 
+/// How an embedder holds a worker that serves several calls at once (its init pong declared a
+/// `max_concurrency` above 1): calls share it, an exclusive holder gathers all its slots. The
+/// actor never reads it; the embedder keeps it under [`WorkerShared::shares`].
+#[derive(Debug, Default)]
+pub struct Shares {
+    /// Calls under way on the worker through shared holds.
+    pub calls: usize,
+    /// An exclusive holder is gathering the worker's slots (or has them all).
+    pub reserved: bool,
+    /// Slots the exclusive holder has gathered so far.
+    pub gathered: usize,
+    /// Wakes the exclusive holder once it has gathered every slot.
+    pub waiter: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 /// What a worker's actor and its holders share: its state, counters and how it ended.
 #[derive(Debug)]
 pub struct WorkerShared {
@@ -137,6 +152,7 @@ pub struct WorkerShared {
     ready_at: OnceLock<Instant>,
     /// Resident memory at the last sample, in bytes (0: not sampled yet).
     rss: AtomicU64,
+    shares: Mutex<Shares>,
 }
 
 impl WorkerShared {
@@ -153,7 +169,13 @@ impl WorkerShared {
             port: OnceLock::new(),
             ready_at: OnceLock::new(),
             rss: AtomicU64::new(0),
+            shares: Mutex::new(Shares::default()),
         }
+    }
+
+    /// The embedder's shared holds of a worker serving several calls at once (see [`Shares`]).
+    pub fn shares(&self) -> std::sync::MutexGuard<'_, Shares> {
+        self.shares.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Where the worker is in its life.
@@ -266,9 +288,19 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Kills the worker at once (its actor then stops, and its supervisor replaces it).
     pub fn kill(&self, kind: ExitKind) {
+        self.kill_because(kind, PortError::Closed);
+    }
+
+    /// Kills the worker at once; requests still in flight on it fail with `reason`.
+    pub fn kill_because(&self, kind: ExitKind, reason: PortError) {
         self.shared.record_exit(kind);
         self.shared.set_lifecycle(Lifecycle::Dead);
-        self.port.kill(PortError::Closed);
+        self.port.kill(reason);
+    }
+
+    /// How many calls the worker serves at once (its init pong's `max_concurrency`).
+    pub fn max_concurrency(&self) -> usize {
+        self.port.info().max_concurrency
     }
 
     /// Asks the actor to stop the worker gracefully and have it replaced.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use wharf_actors::port::{PortError, StreamEvent, StreamReceiver};
-use wharf_actors::worker::{ExitKind, WorkerHandle};
+use wharf_actors::worker::WorkerHandle;
 use wharf_protocol::Value;
 
 use crate::error::{Error, Result};
@@ -216,7 +216,7 @@ impl<'a> CallStream<'a> {
                 if !expired {
                     return Poll::Pending;
                 }
-                self.handle.kill(ExitKind::DeadlineKilled);
+                crate::lease::kill_for_deadline(&self.handle, &self.method, self.deadline);
                 Err(Error::DeadlineExceeded {
                     worker: id.clone(),
                     method: self.method.clone(),

@@ -1,6 +1,6 @@
 //! A lease: one worker, held by one caller, returned to the pool on drop.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,15 @@ pub struct Lease {
     handle: Option<WorkerHandle>,
     queue_wait: Duration,
     session: Option<String>,
+    /// One call slot of a worker that serves several calls at once (a pool's call), rather
+    /// than the whole worker.
+    shared: bool,
+    /// The id of the last call made through a shared lease (`NO_CALL`: none): dropped while it
+    /// is still in flight, the lease gives its slot back only once its reply has come.
+    call: AtomicU64,
 }
+
+const NO_CALL: u64 = u64::MAX;
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -45,7 +53,16 @@ impl Lease {
             handle: Some(handle),
             queue_wait,
             session: None,
+            shared: false,
+            call: AtomicU64::new(NO_CALL),
         }
+    }
+
+    /// A lease of one call slot of a worker that serves several calls at once.
+    pub(crate) fn shared(pool: Arc<Inner>, handle: WorkerHandle, queue_wait: Duration) -> Self {
+        let mut lease = Self::new(pool, handle, queue_wait);
+        lease.shared = true;
+        lease
     }
 
     pub(crate) fn set_session(&mut self, session: String) {
@@ -114,6 +131,9 @@ impl Lease {
         let handle = self.live_handle()?;
         let deadline = options.deadline.unwrap_or(self.pool.config.call_timeout);
         let id = handle.port.next_request_id();
+        if self.shared {
+            self.call.store(id, Ordering::Relaxed);
+        }
         handle.shared.count_call();
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
         let _active = ActiveCall::new(&self.pool);
@@ -143,7 +163,7 @@ impl Lease {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::from_port(&handle.shared.id, e)),
             Err(_) => {
-                handle.kill(ExitKind::DeadlineKilled);
+                kill_for_deadline(&handle, method, deadline);
                 Err(Error::DeadlineExceeded {
                     worker: handle.shared.id.clone(),
                     method: method.to_owned(),
@@ -191,6 +211,9 @@ impl Lease {
         let handle = self.live_handle()?;
         let deadline = options.deadline.unwrap_or(self.pool.config.call_timeout);
         let id = handle.port.next_request_id();
+        if self.shared {
+            self.call.store(id, Ordering::Relaxed);
+        }
         handle.shared.count_call();
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
         let active = ActiveCall::new(&self.pool);
@@ -238,6 +261,12 @@ impl Drop for Lease {
         let Some(handle) = self.handle.take() else {
             return;
         };
+        if self.shared {
+            let call = *self.call.get_mut();
+            self.pool
+                .return_slot(handle, (call != NO_CALL).then_some(call));
+            return;
+        }
         if self.session.is_some() {
             // Its session's state may still be in the worker: never hand it out again.
             if handle.is_alive() {
@@ -247,6 +276,20 @@ impl Drop for Lease {
             return;
         }
         self.pool.checkin(handle);
+    }
+}
+
+/// Kills a worker whose call overran its deadline. On a worker serving several calls at once
+/// the others in flight fail with [`PortError::KilledForDeadline`], which says why.
+pub(crate) fn kill_for_deadline(handle: &WorkerHandle, method: &str, deadline: Duration) {
+    if handle.max_concurrency() > 1 {
+        let reason = PortError::KilledForDeadline {
+            method: method.to_owned(),
+            deadline,
+        };
+        handle.kill_because(ExitKind::DeadlineKilled, reason);
+    } else {
+        handle.kill(ExitKind::DeadlineKilled);
     }
 }
 
