@@ -88,7 +88,13 @@ class ConcurrentTests(unittest.TestCase):
         self.assertEqual(peer.recv()["id"], call)
 
     def test_sync_handlers_errors_streams_and_reset_still_work(self):
-        peer, _ = self.start()
+        # The demo runs sync handlers in threads by default; --threads 0 runs them on the loop.
+        for argv in (CONCURRENT, CONCURRENT + ["--threads", "0"]):
+            with self.subTest(argv=argv):
+                self.sync_handlers_work(argv)
+
+    def sync_handlers_work(self, argv):
+        peer, _ = self.start(argv)
         self.assertEqual(peer.call("echo", {"a": [1, 2.5]})["body"], {"a": [1, 2.5]})
         self.assertEqual(peer.call("fail", "boom")["kind"], "RuntimeError")
         self.assertEqual(peer.call("nope")["kind"], "unknown_method")

@@ -15,7 +15,7 @@ from . import Context, Worker
 
 worker = Worker()
 options = argparse.Namespace(
-    init_delay_ms=0, init_fail=None, exit_after_ready=False, max_concurrency=1, threads=0
+    init_delay_ms=0, init_fail=None, exit_after_ready=False, max_concurrency=1, threads=None
 )
 state: "dict[str, object]" = {}  # per-session state, dropped by reset
 held: "list[bytearray]" = []  # memory kept by alloc
@@ -131,9 +131,12 @@ def main(argv=None):
                         help="exit 0 right after sending init_pong")
     parser.add_argument("--max-concurrency", type=int, default=1, metavar="N",
                         help="serve up to N calls at once (async handlers, e.g. io_wait)")
-    parser.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="with --max-concurrency: run sync handlers in N threads")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="with --max-concurrency: run sync handlers in N threads "
+                             "(default: as many as --max-concurrency)")
     parser.parse_args(argv, namespace=options)
+    if options.threads is None:
+        options.threads = options.max_concurrency if options.max_concurrency > 1 else 0
     if options.max_concurrency < 1 or options.threads < 0:
         parser.error("--max-concurrency must be >= 1 and --threads >= 0")
     worker.max_concurrency = options.max_concurrency
