@@ -247,3 +247,61 @@ async fn map_try_call_and_streams_use_a_multiplexed_workers_slots() {
     assert!(eventually(SETTLE, || pool.state().idle == 1).await);
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_multiplexed_call_keeps_its_slot_until_its_reply_has_come() {
+    init_logs();
+    let pool = ready(Pool::builder(fixture("stubborn_concurrent.py")).size(1), 1).await;
+    let pid = pool.worker_pids()[0];
+    // A call abandoned 100 ms in; the worker ignores the cancel and replies ~1.6 s later.
+    let abandoned = spawn_calls(&pool, 1, "stubborn", |_| Value::from(800)).remove(0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    // The second slot serves; with it busy, no slot is free: the abandoned call holds its own.
+    let busy = spawn_calls(&pool, 1, "io_wait", |_| Value::from(400)).remove(0);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = pool.try_call::<Value>("echo", &1).await.unwrap_err();
+    assert!(matches!(err, Error::Overloaded { .. }), "{err:?}");
+    assert_eq!(busy.await.unwrap().unwrap(), Value::from(400));
+    // Once the late reply has come, both slots are free again, on the same worker.
+    assert!(eventually(SETTLE, || pool.state().idle == 1).await);
+    let both = spawn_calls(&pool, 2, "io_wait", |_| Value::from(200));
+    for call in both {
+        assert_eq!(call.await.unwrap().unwrap(), Value::from(200));
+    }
+    assert_eq!(pool.worker_pids(), vec![pid], "drained, not killed");
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_waiting_for_a_multiplexed_workers_slots_are_served_first_come_first_served() {
+    let pool = ready(one_worker(2, &[]), 1).await;
+    let began = Instant::now();
+    let first = spawn_calls(&pool, 2, "io_wait", |_| Value::from(500));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Four callers queue up, in order, behind the two calls in flight.
+    let mut waiters = Vec::new();
+    for _ in 0..4 {
+        let pool = pool.clone();
+        waiters.push(tokio::spawn(async move {
+            pool.call::<Value>("io_wait", &400).await.unwrap();
+            began.elapsed()
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for call in first {
+        call.await.unwrap().unwrap();
+    }
+    let mut done = Vec::new();
+    for w in waiters {
+        done.push(w.await.unwrap());
+    }
+    // The first two waiters take the two slots as they come back (~0.5 s, done ~0.9 s); the
+    // last two get them only then (done ~1.3 s).
+    assert!(
+        done[0].max(done[1]) + Duration::from_millis(200) < done[2].min(done[3]),
+        "served out of order: {done:?}"
+    );
+    pool.shutdown().await;
+}
