@@ -210,7 +210,7 @@ async fn leases_and_sessions_hold_a_multiplexed_worker_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn map_try_call_and_streams_use_a_multiplexed_workers_slots() {
+async fn map_and_try_call_share_a_multiplexed_worker_and_streams_hold_it_alone() {
     let pool = ready(one_worker(16, &[]), 1).await;
     use futures::StreamExt;
     let started = Instant::now();
@@ -231,17 +231,22 @@ async fn map_try_call_and_streams_use_a_multiplexed_workers_slots() {
         pool.try_call::<Value>("echo", &1).await.unwrap(),
         Value::from(1)
     );
-    // A stream beside it too.
+    // A stream holds the worker alone (its backpressure would hold up the other calls'
+    // replies): it starts once the call in flight has ended.
     let mut stream = pool
         .call_stream("stream", &serde_json::json!({"n": 3}))
         .await
         .unwrap();
+    assert_eq!(
+        pool.stats().ok,
+        18,
+        "the stream began beside a call in flight"
+    );
     let mut items = Vec::new();
     while let Some(item) = stream.next().await {
         items.push(item.unwrap().into_value());
     }
     assert_eq!(items, vec![0.into(), 1.into(), 2.into(), 3.into()]);
-    assert!(!busy.is_finished());
     drop(stream);
     assert_eq!(busy.await.unwrap().unwrap(), Value::from(1000));
     assert!(eventually(SETTLE, || pool.state().idle == 1).await);

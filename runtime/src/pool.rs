@@ -1122,10 +1122,10 @@ impl Pool {
         options: CallOptions,
     ) -> Result<CallStream<'static>> {
         let body = to_value(body)?;
-        let lease = self
-            .inner
-            .checkout_as(Some(self.inner.config.checkout_timeout), Hold::Shared)
-            .await?;
+        // A stream holds its worker alone, also one that serves several calls at once: a
+        // consumer that stops reading stops the port's reader (backpressure), which would
+        // hold up the replies of every other call on that worker.
+        let lease = self.checkout().await?;
         let opened = lease.open_stream(method, body, options).await?;
         Ok(CallStream::new(
             self.inner.clone(),
