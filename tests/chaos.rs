@@ -28,6 +28,8 @@ const HANG: Duration = Duration::from_secs(15);
 struct Kill {
     at: Instant,
     pid: u32,
+    /// The worker's name, for calls that know only that (a pool's calls).
+    worker: String,
 }
 
 #[derive(Debug)]
@@ -35,6 +37,8 @@ struct Record {
     start: Instant,
     end: Instant,
     pid: u32,
+    /// The worker a failed pool call names in its error.
+    worker: Option<String>,
     outcome: Result<(), String>,
     hung: bool,
 }
@@ -55,6 +59,9 @@ enum Calls {
     Leased,
     /// Idempotent calls, with retries on worker death.
     Idempotent,
+    /// Pool calls sharing workers that serve several calls at once: failures are attributed
+    /// to the worker the error names.
+    Multiplexed,
 }
 
 fn fd_count() -> usize {
@@ -88,9 +95,9 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).is_ok()
 }
 
-async fn chaos_pool() -> Pool {
+async fn chaos_pool(args: &[&str]) -> Pool {
     init_logs();
-    let pool = Pool::builder(demo_spec(&[]))
+    let pool = Pool::builder(demo_spec(args))
         .name("chaos")
         .size(WORKERS)
         .intensity(200, Duration::from_secs(5))
@@ -135,15 +142,16 @@ async fn run_chaos(pool: &Pool, killer: Killer, calls: Calls) -> Outcome {
                     n += 1;
                     let body = Value::Array(vec![Value::from(c as u64), Value::from(n)]);
                     let start = Instant::now();
-                    let (pid, result) =
+                    let (pid, worker, result) =
                         match tokio::time::timeout(HANG, one_call(&pool, calls, body)).await {
-                            Ok((pid, r)) => (pid, Some(r)),
-                            Err(_) => (0, None),
+                            Ok((pid, worker, r)) => (pid, worker, Some(r)),
+                            Err(_) => (0, None, None),
                         };
                     records.lock().unwrap().push(Record {
                         start,
                         end: Instant::now(),
                         pid,
+                        worker,
                         hung: result.is_none(),
                         outcome: result.unwrap_or(Ok(())),
                     });
@@ -167,17 +175,18 @@ async fn run_chaos(pool: &Pool, killer: Killer, calls: Calls) -> Outcome {
                     Killer::StopOne => Duration::from_millis(50),
                 };
                 tokio::time::sleep(wait).await;
-                let pids = pool.worker_pids();
-                if pids.is_empty() {
+                let workers = pool.worker_info();
+                if workers.is_empty() {
                     continue;
                 }
-                let pid = pids[rand::rng().random_range(0..pids.len())];
+                let w = &workers[rand::rng().random_range(0..workers.len())];
+                let (pid, worker) = (w.pid, w.id.clone());
                 match killer {
                     Killer::StopOne => {
                         if !stopped_one && started.elapsed() > Duration::from_secs(1) {
                             let at = Instant::now();
                             if signal(pid, nix::sys::signal::Signal::SIGSTOP) {
-                                kills.lock().unwrap().push(Kill { at, pid });
+                                kills.lock().unwrap().push(Kill { at, pid, worker });
                             }
                             stopped_one = true;
                         }
@@ -186,7 +195,7 @@ async fn run_chaos(pool: &Pool, killer: Killer, calls: Calls) -> Outcome {
                         // Stamped before the signal: a call may fail before we get to record it.
                         let at = Instant::now();
                         if signal(pid, nix::sys::signal::Signal::SIGKILL) {
-                            kills.lock().unwrap().push(Kill { at, pid });
+                            kills.lock().unwrap().push(Kill { at, pid, worker });
                         }
                     }
                 }
@@ -214,36 +223,64 @@ async fn run_chaos(pool: &Pool, killer: Killer, calls: Calls) -> Outcome {
     }
 }
 
-async fn one_call(pool: &Pool, calls: Calls, body: Value) -> (u32, Result<(), String>) {
-    let check = |r: Result<Value, Error>| -> Result<(), String> {
+/// The worker a call's error names, if any.
+fn worker_of(e: &Error) -> Option<String> {
+    match e {
+        Error::WorkerDied { worker, .. }
+        | Error::DeadlineExceeded { worker, .. }
+        | Error::KilledForDeadline { worker, .. }
+        | Error::ProtocolViolation { worker, .. } => Some(worker.clone()),
+        _ => None,
+    }
+}
+
+async fn one_call(
+    pool: &Pool,
+    calls: Calls,
+    body: Value,
+) -> (u32, Option<String>, Result<(), String>) {
+    let check = |r: Result<Value, Error>| -> (Option<String>, Result<(), String>) {
         match r {
-            Ok(v) if v == body => Ok(()),
-            Ok(v) => Err(format!("wrong reply {v:?}")),
-            Err(e) => Err(format!("{}: {e}", e.kind())),
+            Ok(v) if v == body => (None, Ok(())),
+            Ok(v) => (None, Err(format!("wrong reply {v:?}"))),
+            Err(e) => (worker_of(&e), Err(format!("{}: {e}", e.kind()))),
         }
     };
+    // Every fourth call waits 5 ms, so that kills land mid-call too.
+    let slow = matches!(body.as_array().and_then(|a| a[1].as_u64()), Some(n) if n % 4 == 0);
     match calls {
-        Calls::Idempotent => (
-            0,
-            check(
+        Calls::Idempotent => {
+            let (_, r) = check(
                 pool.call_with("echo", &body, CallOptions::new().idempotent())
                     .await,
-            ),
-        ),
+            );
+            (0, None, r)
+        }
+        Calls::Multiplexed => {
+            let r = if slow {
+                pool.call::<Value>("io_wait", &5)
+                    .await
+                    .map(|_| body.clone())
+            } else {
+                pool.call_value("echo", body.clone(), CallOptions::new())
+                    .await
+            };
+            let (worker, r) = check(r);
+            (0, worker, r)
+        }
         Calls::Leased => match pool.checkout().await {
-            Err(e) => (0, Err(format!("{}: {e}", e.kind()))),
+            Err(e) => (0, None, Err(format!("{}: {e}", e.kind()))),
             Ok(mut lease) => {
                 let pid = lease.pid();
-                // Every fourth call sleeps 5 ms, so that kills land mid-call too.
-                let r = if matches!(body.as_array().and_then(|a| a[1].as_u64()), Some(n) if n % 4 == 0)
-                {
+                let r = if slow {
                     lease.call::<Value>("sleep", &5).await.map(|_| body.clone())
                 } else {
                     lease
                         .call_value("echo", body.clone(), CallOptions::new())
                         .await
                 };
-                (pid, check(r))
+                let (_, r) = check(r);
+                (pid, None, r)
             }
         },
     }
@@ -267,13 +304,15 @@ fn account(name: &str, outcome: &Outcome, zombies_after: usize, fd_delta: i64) -
         // Each failure is explained by a kill (or stop) of that call's worker before the call
         // ended (a worker killed while idle can be handed out before its death is noticed,
         // but not long after: the reaper notices at once).
-        let explained = kills
-            .iter()
-            .any(|k| k.pid == r.pid && k.at <= r.end && k.at + Duration::from_secs(5) >= r.start);
+        let explained = kills.iter().any(|k| {
+            (k.pid == r.pid || r.worker.as_deref() == Some(k.worker.as_str()))
+                && k.at <= r.end
+                && k.at + Duration::from_secs(5) >= r.start
+        });
         assert!(
             explained,
-            "unexplained failure on pid {}: {msg}; kills {kills:?}",
-            r.pid
+            "unexplained failure on pid {} (worker {:?}): {msg}; kills {kills:?}",
+            r.pid, r.worker
         );
     }
     println!(
@@ -298,7 +337,11 @@ fn account(name: &str, outcome: &Outcome, zombies_after: usize, fd_delta: i64) -
 
 async fn scenario(name: &str, killer: Killer, calls: Calls) -> (usize, usize, usize) {
     let _serial = SERIAL.lock().await;
-    let pool = chaos_pool().await;
+    let args: &[&str] = match calls {
+        Calls::Multiplexed => &["--max-concurrency", "8"],
+        _ => &[],
+    };
+    let pool = chaos_pool(args).await;
     // Let the runtime settle (lazy fds of the reactor, first pings) before the baseline.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let fds_before = fd_count();
@@ -366,4 +409,15 @@ async fn with_retries_idempotent_calls_never_fail() {
         failed, 0,
         "retries absorb every worker death ({calls} calls)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_on_a_timer_under_load_on_multiplexed_workers() {
+    let (_, _, kills) = scenario(
+        "timer_sigkill_multiplexed",
+        Killer::Timer(Duration::from_millis(250)),
+        Calls::Multiplexed,
+    )
+    .await;
+    assert!(kills >= 8, "the killer ran: {kills} kills");
 }

@@ -7,7 +7,9 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use wharf::check::{run_checks, run_checks_with, CheckOptions, CheckReport, Outcome, CHECKS};
+use wharf::check::{
+    run_checks, run_checks_with, CheckOptions, CheckReport, Outcome, CHECKS, CONCURRENCY_CHECK,
+};
 use wharf::{Channel, ProcessSpec};
 
 /// The longest any one test may take.
@@ -55,8 +57,13 @@ async fn bounded<T>(fut: impl Future<Output = T>) -> T {
 
 /// Every check ran, in order, and passed (none skipped: both good workers offer `stream`).
 fn assert_conforms(report: &CheckReport) {
+    assert_passes(report, CHECKS);
+}
+
+/// Exactly the checks `expected` ran, in order, and passed.
+fn assert_passes(report: &CheckReport, expected: &[&str]) {
     let names: Vec<_> = report.results.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(names, CHECKS, "{report:#?}");
+    assert_eq!(names, expected, "{report:#?}");
     let not_passed: Vec<_> = report
         .results
         .iter()
@@ -111,6 +118,30 @@ async fn the_python_demo_conforms_over_fds() {
 #[tokio::test]
 async fn the_python_demo_conforms_over_stdio() {
     assert_conforms(&check(python_demo(&[]).channel(Channel::Stdio), opts()).await);
+}
+
+#[tokio::test]
+async fn the_python_demo_serving_many_calls_at_once_conforms_and_passes_the_concurrency_check() {
+    let report = check(python_demo(&["--max-concurrency", "8"]), opts()).await;
+    let mut expected = CHECKS.to_vec();
+    let after = expected.iter().position(|n| *n == "session").unwrap() + 1;
+    expected.insert(after, CONCURRENCY_CHECK);
+    assert_passes(&report, &expected);
+}
+
+#[tokio::test]
+async fn a_worker_declaring_concurrency_it_does_not_serve_fails_the_concurrency_check() {
+    // Sync handlers on the event loop, no threads: the declared 4 calls run one at a time.
+    let report = check(
+        python_demo(&["--max-concurrency", "4", "--threads", "0"]),
+        opts(),
+    )
+    .await;
+    assert_fails(
+        &report,
+        CONCURRENCY_CHECK,
+        &["max_concurrency 4", "does not serve them at once"],
+    );
 }
 
 #[tokio::test]

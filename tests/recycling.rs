@@ -605,3 +605,50 @@ async fn a_pool_resized_to_zero_serves_from_overflow_workers() {
     assert_eq!(slot, 1, "an overflow slot serves");
     pool.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_serving_many_calls_at_once_are_replaced_without_a_failed_call() {
+    // Two workers each declaring 4 calls at once, under 8 callers: a rolling restart and then
+    // max_calls recycling replace them while every call is served.
+    init_logs();
+    let pool = Pool::builder(demo_spec(&["--max-concurrency", "4"]))
+        .size(2)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(2, SETTLE).await.unwrap();
+    let before: HashSet<u32> = pool.worker_pids().into_iter().collect();
+    let load = Load::start(&pool, 8);
+    assert!(eventually(SETTLE, || load.ok() > 50).await);
+    assert_eq!(pool.rolling_restart(1).await.unwrap(), 2);
+    let (ok, failed) = load.stop().await;
+    assert!(failed.is_empty(), "failed calls: {failed:?}");
+    assert!(ok > 50, "{ok} calls");
+    for pid in &before {
+        assert!(eventually(SETTLE, || !pid_exists(*pid)).await, "{pid} left");
+    }
+    assert!(eventually(SETTLE, || pool.worker_pids().len() == 2).await);
+    pool.shutdown().await;
+
+    let pool = Pool::builder(demo_spec(&["--max-concurrency", "4"]))
+        .size(2)
+        .max_calls(40)
+        .recycle_jitter(0.0)
+        .build()
+        .await
+        .unwrap();
+    pool.wait_ready(2, SETTLE).await.unwrap();
+    let first: HashSet<u32> = pool.worker_pids().into_iter().collect();
+    let load = Load::start(&pool, 8);
+    assert!(eventually(SETTLE, || load.ok() > 300).await);
+    let (_, failed) = load.stop().await;
+    assert!(failed.is_empty(), "failed calls: {failed:?}");
+    for pid in &first {
+        assert!(
+            eventually(SETTLE, || !pid_exists(*pid)).await,
+            "{pid} was never recycled"
+        );
+    }
+    assert!(eventually(SETTLE, || pool.worker_pids().len() == 2).await);
+    pool.shutdown().await;
+}

@@ -166,6 +166,21 @@ impl RecycleLimits {
     }
 }
 
+/// How an embedder holds a worker that serves several calls at once (its init pong declared a
+/// `max_concurrency` above 1): calls share it, an exclusive holder gathers all its slots. The
+/// actor never reads it; the embedder keeps it under [`WorkerShared::shares`].
+#[derive(Debug, Default)]
+pub struct Shares {
+    /// Calls under way on the worker through shared holds.
+    pub calls: usize,
+    /// An exclusive holder is gathering the worker's slots (or has them all).
+    pub reserved: bool,
+    /// Slots the exclusive holder has gathered so far.
+    pub gathered: usize,
+    /// Wakes the exclusive holder once it has gathered every slot.
+    pub waiter: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 /// What a worker's actor and its holders share: its state, counters and how it ended.
 #[derive(Debug)]
 pub struct WorkerShared {
@@ -188,6 +203,7 @@ pub struct WorkerShared {
     replacing: AtomicBool,
     /// Its successor is ready (or its slot was removed): it serves no new caller; the reason.
     superseded: OnceLock<String>,
+    shares: Mutex<Shares>,
 }
 
 impl WorkerShared {
@@ -207,6 +223,7 @@ impl WorkerShared {
             limits: RecycleLimits::default(),
             replacing: AtomicBool::new(false),
             superseded: OnceLock::new(),
+            shares: Mutex::new(Shares::default()),
         }
     }
 
@@ -248,6 +265,11 @@ impl WorkerShared {
     /// Why the worker was superseded, if it was: it must serve no new caller.
     pub fn superseded(&self) -> Option<&str> {
         self.superseded.get().map(String::as_str)
+    }
+
+    /// The embedder's shared holds of a worker serving several calls at once (see [`Shares`]).
+    pub fn shares(&self) -> std::sync::MutexGuard<'_, Shares> {
+        self.shares.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Where the worker is in its life.
@@ -360,9 +382,19 @@ pub struct WorkerHandle {
 impl WorkerHandle {
     /// Kills the worker at once (its actor then stops, and its supervisor replaces it).
     pub fn kill(&self, kind: ExitKind) {
+        self.kill_because(kind, PortError::Closed);
+    }
+
+    /// Kills the worker at once; requests still in flight on it fail with `reason`.
+    pub fn kill_because(&self, kind: ExitKind, reason: PortError) {
         self.shared.record_exit(kind);
         self.shared.set_lifecycle(Lifecycle::Dead);
-        self.port.kill(PortError::Closed);
+        self.port.kill(reason);
+    }
+
+    /// How many calls the worker serves at once (its init pong's `max_concurrency`).
+    pub fn max_concurrency(&self) -> usize {
+        self.port.info().max_concurrency
     }
 
     /// Asks the actor to stop the worker gracefully and have it replaced.

@@ -30,8 +30,8 @@ struct Args {
     /// Write every figure to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Run only these scenarios (roundtrip, throughput, checkout, warm_vs_cold, recovery,
-    /// payload, rolling, containers); all by default. `containers` needs a Docker engine and is
+    /// Run only these scenarios (roundtrip, throughput, map, concurrent_io, checkout,
+    /// warm_vs_cold, recovery, payload, rolling, containers); all by default. `containers` needs a Docker engine and is
     /// skipped, with a message, when none answers.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -205,6 +205,13 @@ async fn main() -> anyhow::Result<()> {
     if wanted("map") {
         eprintln!("== map");
         record("map", scenarios::map(&env, scale).await?);
+    }
+    if wanted("concurrent_io") {
+        eprintln!("== concurrent_io");
+        record(
+            "concurrent_io",
+            scenarios::concurrent_io(&env, scale).await?,
+        );
     }
     if wanted("checkout") {
         eprintln!("== checkout");

@@ -1,4 +1,4 @@
-//! Six of the scenarios (containers is in `containers.rs`, rolling in `rolling.rs`). Each returns (figures as JSON, ratios, table rows).
+//! The scenarios but two (containers is in `containers.rs`, rolling in `rolling.rs`). Each returns (figures as JSON, ratios, table rows).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -350,6 +350,70 @@ pub async fn throughput(env: &Env, s: Scale) -> Outcome {
         pool.shutdown().await;
     }
     Ok((Json::Object(figures), ratios, rows))
+}
+
+/// Calls per second of `callers` tasks each making `calls` calls of the demo's `io_wait` (an
+/// `async def` awaiting `ms` of `asyncio.sleep`).
+async fn io_rate(pool: &Pool, callers: usize, calls: usize, ms: u64) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let handles: Vec<_> = (0..callers)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for _ in 0..calls {
+                    pool.call::<u64>("io_wait", &ms).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await??;
+    }
+    Ok((callers * calls) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Many calls per worker: one worker whose handler awaits 10 ms of `asyncio.sleep`, 32
+/// callers, the worker declaring `max_concurrency` 32 against 1 (today's one call at a time).
+pub async fn concurrent_io(env: &Env, s: Scale) -> Outcome {
+    const CALLERS: usize = 32;
+    const MS: u64 = 10;
+    let calls = if s.rounds < 5 { 10 } else { 40 };
+    let mut pools = Vec::new();
+    for n in [32usize, 1] {
+        let spec = env
+            .demo_spec()
+            .args(["--max-concurrency".to_owned(), n.to_string()]);
+        let pool = Pool::builder(spec)
+            .name(format!("bench-io-c{n}"))
+            .size(1)
+            .build()
+            .await?;
+        pool.wait_ready(1, Duration::from_secs(60)).await?;
+        io_rate(&pool, CALLERS, 2, MS).await?; // warm up
+        pools.push(pool);
+    }
+    let (mut c32, mut c1) = (Vec::new(), Vec::new());
+    for _ in 0..s.rounds.clamp(3, 5) {
+        c32.push(io_rate(&pools[0], CALLERS, calls, MS).await?);
+        c1.push(io_rate(&pools[1], CALLERS, calls, MS).await?);
+    }
+    for pool in pools {
+        pool.shutdown().await;
+    }
+    let (c32, c1) = (median(&c32), median(&c1));
+    let figures = json!({
+        "callers": CALLERS,
+        "handler_ms": MS,
+        "c32_calls_per_s": c32,
+        "c1_calls_per_s": c1,
+    });
+    let ratios = vec![("concurrent_io_c32_over_c1".to_owned(), c32 / c1)];
+    let rows = vec![(
+        format!("concurrent_io 1 worker, {CALLERS} callers, {MS} ms async handler (calls/s)"),
+        format!("max_concurrency 32: {c32:.0}, max_concurrency 1: {c1:.0}"),
+    )];
+    Ok((figures, ratios, rows))
 }
 
 /// Checkouts per second for `tasks` tasks looping for `dur`.

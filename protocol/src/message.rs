@@ -99,6 +99,10 @@ pub enum FromWorker {
         /// Why initialisation failed, with `status: error`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
+        /// How many calls the worker serves at once; absent (or 0) means 1: the runtime then
+        /// sends it one call at a time (`docs/protocol.md`, section 4).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_concurrency: Option<u32>,
     },
     /// A call or reset succeeded.
     Ok {
@@ -133,6 +137,17 @@ pub enum FromWorker {
 }
 
 impl FromWorker {
+    /// How many calls at once an `init_pong` declares (1 when absent or 0); `None` for any
+    /// other message.
+    pub fn max_concurrency(&self) -> Option<u32> {
+        match self {
+            FromWorker::InitPong {
+                max_concurrency, ..
+            } => Some(max_concurrency.unwrap_or(1).max(1)),
+            _ => None,
+        }
+    }
+
     /// The request id this message answers.
     pub fn id(&self) -> u64 {
         match self {

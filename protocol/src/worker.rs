@@ -402,6 +402,7 @@ impl Worker {
                         pid: std::process::id(),
                         methods: self.handlers.keys().cloned().collect(),
                         message: failure.clone(),
+                        max_concurrency: None,
                     };
                     write_msg(&mut output, &pong, max_frame)?;
                     if let Some(reason) = failure {

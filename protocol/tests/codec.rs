@@ -677,7 +677,8 @@ fn absent_and_nil_optional_fields_read_alike() {
             version: 1,
             pid: 42,
             methods: vec![],
-            message: None
+            message: None,
+            max_concurrency: None,
         }
     );
 }

@@ -156,6 +156,7 @@ fn from_worker() -> impl Strategy<Value = FromWorker> {
                     pid,
                     methods,
                     message,
+                    max_concurrency: None,
                 }
             ),
         (id(), value()).prop_map(|(id, body)| FromWorker::Ok { id, body }),

@@ -149,6 +149,7 @@ fn init_is_answered_with_an_ok_pong_and_sorted_methods() {
             pid: std::process::id(),
             methods: vec!["Echo".into(), "alpha".into(), "mid".into(), "zeta".into()],
             message: None,
+            max_concurrency: None,
         }]
     );
     // And on the wire, `message` is absent rather than nil.
@@ -488,6 +489,7 @@ fn a_failing_init_hook_is_reported_and_stops_the_worker() {
             pid: std::process::id(),
             methods: vec!["big".into(), "count".into(), "echo".into(), "fail".into()],
             message: Some("ImportError: no model".into()),
+            max_concurrency: None,
         }],
         "nothing served after a failed init"
     );

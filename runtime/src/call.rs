@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use wharf_actors::port::{PortError, StreamEvent, StreamReceiver};
-use wharf_actors::worker::{ExitKind, WorkerHandle};
+use wharf_actors::worker::WorkerHandle;
 use wharf_protocol::Value;
 
 use crate::error::{Error, Result};
@@ -204,9 +204,10 @@ impl<'a> CallStream<'a> {
         let watchdog = expires
             .map(|at| {
                 let handle = opened.handle.clone();
+                let (method, deadline) = (opened.method.clone(), opened.deadline);
                 tokio::spawn(async move {
                     tokio::time::sleep_until(at).await;
-                    handle.kill(ExitKind::DeadlineKilled);
+                    crate::lease::kill_for_deadline(&handle, &method, deadline);
                 })
                 .abort_handle()
             })
@@ -279,7 +280,7 @@ impl<'a> CallStream<'a> {
                 return Poll::Pending;
             }
             Poll::Pending => {
-                self.handle.kill(ExitKind::DeadlineKilled);
+                crate::lease::kill_for_deadline(&self.handle, &self.method, self.deadline);
                 Err(Error::DeadlineExceeded {
                     worker: id.clone(),
                     method: self.method.clone(),

@@ -14,6 +14,7 @@
 //! | `stream` | `{"n": 5}` gives chunks 0..4 in order then `ok` 5 (skipped if `stream` is not offered) |
 //! | `cancel` | a long `wait`, cancelled, ends with error kind `cancelled` within 2 s; a cancel of an ended call is ignored (skipped without `wait`) |
 //! | `deadline` | a long `wait` with `deadline_ms` 300 ends with `deadline_exceeded`, not early, within 2 s after (skipped without `wait`) |
+//! | `concurrency` | a worker declaring `max_concurrency` N > 1 answers N (at most 16) overlapping echoes each with its own body, and as many overlapping 500 ms `wait`s in well under N × 500 ms (run only for a worker declaring N > 1, after `session`; skipped without `wait`) |
 //! | `session` | state set in a session is read back in it, and gone after `reset` (skipped without `state_set`/`state_get`) |
 //! | `shutdown_exits` | a fresh worker exits by itself with status 0 within 2 s of `shutdown` |
 //! | `eof_exits` | a fresh worker exits by itself with status 0 within 2 s of EOF on its input |
@@ -158,6 +159,11 @@ pub const CHECKS: &[&str] = &[
     "unknown_type",
     "truncated_frame",
 ];
+
+/// The check run, after `session`, only for a worker whose init pong declares a
+/// `max_concurrency` above 1 (so it is not in [`CHECKS`]): overlapping calls are answered
+/// correctly, and at once.
+pub const CONCURRENCY_CHECK: &str = "concurrency";
 
 /// How soon a worker must exit after `shutdown`, EOF or a protocol violation it receives
 /// (`docs/protocol.md`, section 4): the checker's bound, capped by the per-check timeout.
@@ -339,6 +345,18 @@ where
                 Skippable::Deadline => deadline(&port, stop_bound(timeout)).await,
                 Skippable::Session => session(&port, timeout).await,
             }
+        })
+        .await;
+    }
+
+    // Only for a worker that declares more than one call at once.
+    let declared = run.port().await.map_or(1, |p| p.info().max_concurrency);
+    if declared > 1 && !offers("wait") {
+        let why = "the worker does not offer `wait` (docs/protocol.md, section 6)";
+        run.record(CONCURRENCY_CHECK, Outcome::Skip(why.into()));
+    } else if declared > 1 {
+        run.check(CONCURRENCY_CHECK, move |port| async move {
+            concurrency(&port, timeout).await
         })
         .await;
     }
@@ -1135,6 +1153,61 @@ async fn deadline(port: &Arc<Port>, bound: Duration) -> Result<(), Failure> {
     }
 }
 
+/// How long each `wait` of the `concurrency` check runs.
+const OVERLAP_MS: u64 = 500;
+
+/// A worker declaring `max_concurrency` N > 1 serves that many calls at once: N (at most 16)
+/// echoes sent together each get their own body back, and as many `wait`s of 500 ms sent
+/// together end, each with its own reply, in well under the time they take one at a time.
+async fn concurrency(port: &Arc<Port>, timeout: Duration) -> Result<(), Failure> {
+    let n = port.info().max_concurrency.min(16);
+    let echoes: Vec<_> = (0..n)
+        .map(|i| {
+            let port = port.clone();
+            let body = Value::from(format!("overlapping echo {i}"));
+            tokio::spawn(async move { (call(&port, "echo", body.clone()).await, body) })
+        })
+        .collect();
+    for task in echoes {
+        let (back, sent) = task.await.map_err(|e| Failure::Wrong(e.to_string()))?;
+        let back = back?;
+        if let Some(diff) = difference(&sent, &back) {
+            return Err(Failure::Wrong(format!(
+                "overlapping echoes came back mixed up: {diff}"
+            )));
+        }
+    }
+    let began = tokio::time::Instant::now();
+    let waits: Vec<_> = (0..n)
+        .map(|_| start_wait(port, OVERLAP_MS, None).1)
+        .collect();
+    // One at a time they take n x 500 ms; together, about 500 ms.
+    let bound = Duration::from_millis(OVERLAP_MS * (n as u64 + 1) / 2).min(timeout);
+    for mut task in waits {
+        let left = bound.saturating_sub(began.elapsed());
+        match stopped(&mut task, left).await {
+            Some(Ok(v)) if v == Value::from(OVERLAP_MS) => {}
+            Some(Ok(v)) => {
+                return Err(Failure::Wrong(format!(
+                    "an overlapping wait {{\"ms\": {OVERLAP_MS}}} returned {}",
+                    describe(&v)
+                )))
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {
+                task.abort();
+                return Err(Failure::Wrong(format!(
+                    "{n} waits of {OVERLAP_MS} ms sent together had not all ended after \
+                     {bound:?}: the worker declares max_concurrency {} but does not serve \
+                     them at once",
+                    port.info().max_concurrency
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// State set in a session is kept for that session and gone after `reset`, for the next
 /// session and for the same one.
 async fn session(port: &Port, timeout: Duration) -> Result<(), Failure> {
@@ -1320,7 +1393,8 @@ mod tests {
     fn the_check_tables_in_the_docs_name_every_check() {
         let spec = include_str!("../../docs/protocol.md");
         let module = include_str!("check.rs");
-        for name in CHECKS.iter().filter(|n| !n.starts_with("echo_")) {
+        let every = CHECKS.iter().chain(std::iter::once(&CONCURRENCY_CHECK));
+        for name in every.filter(|n| !n.starts_with("echo_")) {
             for (doc, text) in [("docs/protocol.md", spec), ("check.rs", module)] {
                 let row = format!("| `{name}` |");
                 let pair = format!("`{name}`, `");

@@ -103,6 +103,18 @@ pub enum Error {
         /// The deadline.
         deadline: Duration,
     },
+    /// The worker served several calls at once and was killed because another of them
+    /// overran its deadline; this call ended with it. The pool replaces the worker; retrying
+    /// is safe for idempotent calls (the pool does).
+    #[error("worker {worker} was killed during the call because another call on it ({method}) overran its deadline of {deadline:?}")]
+    KilledForDeadline {
+        /// The worker's name.
+        worker: String,
+        /// The method of the call that overran.
+        method: String,
+        /// Its deadline.
+        deadline: Duration,
+    },
     /// The worker pinned to this session died or was killed; its state is gone. Open a new
     /// session.
     #[error("session {session} lost its worker: {cause}")]
@@ -228,6 +240,7 @@ impl Error {
             Error::Overloaded { .. } => "overloaded",
             Error::WorkerDied { .. } => "worker_died",
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
+            Error::KilledForDeadline { .. } => "killed_for_deadline",
             Error::SessionLost { .. } => "session_lost",
             Error::SessionEnded { .. } => "session_ended",
             Error::SessionInUse(_) => "session_in_use",
@@ -253,6 +266,11 @@ impl Error {
                 reason,
             },
             PortError::Encode { reason } => Error::Body(reason),
+            PortError::KilledForDeadline { method, deadline } => Error::KilledForDeadline {
+                worker: worker.to_owned(),
+                method,
+                deadline,
+            },
             other => Error::WorkerDied {
                 worker: worker.to_owned(),
                 cause: other,

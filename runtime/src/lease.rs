@@ -1,6 +1,6 @@
 //! A lease: one worker, held by one caller, returned to the pool on drop.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,15 @@ pub struct Lease {
     handle: Option<WorkerHandle>,
     queue_wait: Duration,
     session: Option<String>,
+    /// One call slot of a worker that serves several calls at once (a pool's call), rather
+    /// than the whole worker.
+    shared: bool,
+    /// The id of the last call made through a shared lease (`NO_CALL`: none): dropped while it
+    /// is still in flight, the lease gives its slot back only once its reply has come.
+    call: AtomicU64,
 }
+
+const NO_CALL: u64 = u64::MAX;
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,7 +71,16 @@ impl Lease {
             handle: Some(handle),
             queue_wait,
             session: None,
+            shared: false,
+            call: AtomicU64::new(NO_CALL),
         }
+    }
+
+    /// A lease of one call slot of a worker that serves several calls at once.
+    pub(crate) fn shared(pool: Arc<Inner>, handle: WorkerHandle, queue_wait: Duration) -> Self {
+        let mut lease = Self::new(pool, handle, queue_wait);
+        lease.shared = true;
+        lease
     }
 
     pub(crate) fn set_session(&mut self, session: String) {
@@ -133,6 +150,9 @@ impl Lease {
         self.settle(&handle).await?;
         let deadline = options.deadline.unwrap_or(self.pool.config.call_timeout);
         let id = handle.port.next_request_id();
+        if self.shared {
+            self.call.store(id, Ordering::Relaxed);
+        }
         handle.shared.count_call();
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
         let _active = ActiveCall::new(&self.pool);
@@ -162,7 +182,7 @@ impl Lease {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(Error::from_port(&handle.shared.id, e)),
             Err(_) => {
-                handle.kill(ExitKind::DeadlineKilled);
+                kill_for_deadline(&handle, method, deadline);
                 Err(Error::DeadlineExceeded {
                     worker: handle.shared.id.clone(),
                     method: method.to_owned(),
@@ -211,6 +231,9 @@ impl Lease {
         self.settle(&handle).await?;
         let deadline = options.deadline.unwrap_or(self.pool.config.call_timeout);
         let id = handle.port.next_request_id();
+        if self.shared {
+            self.call.store(id, Ordering::Relaxed);
+        }
         handle.shared.count_call();
         self.pool.counters.calls.fetch_add(1, Ordering::Relaxed);
         let active = ActiveCall::new(&self.pool);
@@ -239,7 +262,9 @@ impl Lease {
     /// dropped before its end, a cancelled call) to end, so the next call does not queue
     /// behind it and overrun its own deadline. A worker that does not settle is retired.
     async fn settle(&self, handle: &WorkerHandle) -> Result<()> {
-        if handle.port.in_flight() == 0 {
+        // A shared slot (a pool's call on a worker serving several at once) holds one fresh
+        // call: the other calls in flight there are other callers'.
+        if self.shared || handle.port.in_flight() == 0 {
             return Ok(());
         }
         let limit = self.pool.config.drain_timeout;
@@ -281,6 +306,12 @@ impl Drop for Lease {
         let Some(handle) = self.handle.take() else {
             return;
         };
+        if self.shared {
+            let call = *self.call.get_mut();
+            self.pool
+                .return_slot(handle, (call != NO_CALL).then_some(call));
+            return;
+        }
         if self.session.is_some() {
             // Its session's state may still be in the worker: never hand it out again.
             if handle.is_alive() {
@@ -290,6 +321,20 @@ impl Drop for Lease {
             return;
         }
         self.pool.checkin(handle);
+    }
+}
+
+/// Kills a worker whose call overran its deadline. On a worker serving several calls at once
+/// the others in flight fail with [`PortError::KilledForDeadline`], which says why.
+pub(crate) fn kill_for_deadline(handle: &WorkerHandle, method: &str, deadline: Duration) {
+    if handle.max_concurrency() > 1 {
+        let reason = PortError::KilledForDeadline {
+            method: method.to_owned(),
+            deadline,
+        };
+        handle.kill_because(ExitKind::DeadlineKilled, reason);
+    } else {
+        handle.kill(ExitKind::DeadlineKilled);
     }
 }
 

@@ -251,9 +251,26 @@ impl Inner {
         self.telemetry.call(method, outcome, took);
     }
 
-    /// Takes a ready worker, waiting up to `timeout`.
+    /// Takes a ready worker for exclusive use, waiting up to `timeout`.
     /// `timeout` of `None`: do not wait at all ([`Pool::try_checkout`]).
     pub async fn checkout(self: &Arc<Self>, timeout: Option<Duration>) -> Result<Lease> {
+        self.checkout_as(timeout, Hold::Exclusive).await
+    }
+
+    /// Takes a ready worker, waiting up to `timeout`: exclusively (a lease, a session), or one
+    /// of its call slots (a pool's call) if it serves several calls at once.
+    ///
+    /// The idle stack holds one entry, and the semaphore one permit, per free call slot: one
+    /// per idle worker that serves one call at a time (today's path, unchanged), and up to
+    /// `max_concurrency` for a worker that serves more. A shared hold takes one slot; an
+    /// exclusive hold of such a worker gathers all of its slots: it takes those still in the
+    /// stack and waits for the others (calls in flight, callers between permit and pop) to
+    /// come back to it.
+    pub(crate) async fn checkout_as(
+        self: &Arc<Self>,
+        timeout: Option<Duration>,
+        hold: Hold,
+    ) -> Result<Lease> {
         // The clock is read only if the caller has to wait: the fast path is a few atomics and
         // one short lock.
         let mut started: Option<Instant> = None;
@@ -306,29 +323,210 @@ impl Inner {
             let Some(handle) = lock(&self.idle).pop() else {
                 continue;
             };
+            if handle.max_concurrency() > 1 {
+                let gathered = match self.take_slot(&handle, hold) {
+                    Taken::Shared => {
+                        let waited = self.count_checkout(started);
+                        return Ok(Lease::shared(self.clone(), handle, waited));
+                    }
+                    Taken::No => continue,
+                    Taken::Reserved(gathered) => gathered,
+                };
+                let mut reservation = Reservation {
+                    pool: self,
+                    handle: Some(handle),
+                };
+                if let Some(gathered) = gathered {
+                    // Calls still in flight on it: wait for them, within the caller's budget.
+                    let budget = match timeout {
+                        None => None,
+                        Some(timeout) => {
+                            let since = *started.get_or_insert_with(Instant::now);
+                            Some(
+                                since
+                                    .checked_add(timeout)
+                                    .map(tokio::time::Instant::from_std),
+                            )
+                        }
+                    };
+                    let Some(deadline) = budget else {
+                        drop(reservation);
+                        self.demand();
+                        let e = Error::Overloaded {
+                            pool: self.config.name.clone(),
+                            state: self.state(),
+                        };
+                        self.record_error(&e);
+                        return Err(e);
+                    };
+                    if until(deadline, gathered).await.is_err() {
+                        drop(reservation);
+                        let e = Error::CheckoutTimeout {
+                            waited: started.map_or(Duration::ZERO, |t| t.elapsed()),
+                            state: self.state(),
+                        };
+                        self.record_error(&e);
+                        return Err(e);
+                    }
+                }
+                let handle = reservation.handle.take().expect("the reservation holds it");
+                if !handle.is_alive() {
+                    continue;
+                }
+                let waited = self.count_checkout(started);
+                return Ok(Lease::new(self.clone(), handle, waited));
+            }
             if handle.port.is_open() && handle.shared.try_hold() {
                 if let Some(reason) = handle.shared.superseded() {
                     // Its successor is ready: it was popped just before it could be retired.
                     handle.retire(reason);
                     continue;
                 }
-                let waited = started.map_or(Duration::ZERO, |t| t.elapsed());
-                self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
-                self.telemetry.checkout(waited);
-                if !waited.is_zero() {
-                    self.counters
-                        .checkout_wait_ns
-                        .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
-                }
+                let waited = self.count_checkout(started);
                 return Ok(Lease::new(self.clone(), handle, waited));
             }
             // A worker that died or is being retired while idle: drop it and look again.
         }
     }
 
-    /// Drops a dead worker from the idle stack, with its permit, so its port (and fds) go now
-    /// rather than when a caller happens to pop it. If its permit is already taken, the caller
-    /// holding it discards the worker instead.
+    /// Counts a checkout; returns how long its caller waited.
+    fn count_checkout(&self, started: Option<Instant>) -> Duration {
+        let waited = started.map_or(Duration::ZERO, |t| t.elapsed());
+        self.counters.checkouts.fetch_add(1, Ordering::Relaxed);
+        self.telemetry.checkout(waited);
+        if !waited.is_zero() {
+            self.counters
+                .checkout_wait_ns
+                .fetch_add(waited.as_nanos() as u64, Ordering::Relaxed);
+        }
+        waited
+    }
+
+    /// Takes the slot just popped of a worker that serves several calls at once.
+    fn take_slot(&self, handle: &WorkerHandle, hold: Hold) -> Taken {
+        let n = handle.max_concurrency();
+        let mut shares = handle.shared.shares();
+        if shares.reserved {
+            // An exclusive holder is gathering this worker's slots: this one is its.
+            gather(&mut shares, n);
+            return Taken::No;
+        }
+        if !handle.port.is_open() || handle.shared.superseded().is_some() {
+            // Dead, or superseded (its successor is ready): this slot serves no one; the last
+            // call out retires it (`slot_back`).
+            return Taken::No;
+        }
+        // The first slot taken holds the worker (`Idle → Held`): a worker being retired or
+        // dead while idle fails here, and its slot is dropped.
+        if shares.calls == 0 && !handle.shared.try_hold() {
+            return Taken::No;
+        }
+        if hold == Hold::Shared {
+            shares.calls += 1;
+            return Taken::Shared;
+        }
+        shares.reserved = true;
+        shares.gathered = 1;
+        drop(shares);
+        // Its other slots still in the stack are the reservation's now (each with its permit;
+        // one whose permit a caller already took comes back through that caller).
+        let mut taken = 0;
+        {
+            let mut idle = lock(&self.idle);
+            while let Some(pos) = idle
+                .iter()
+                .position(|h| Arc::ptr_eq(&h.shared, &handle.shared))
+            {
+                let Ok(permit) = self.permits.try_acquire() else {
+                    break;
+                };
+                permit.forget();
+                idle.remove(pos);
+                taken += 1;
+            }
+        }
+        let mut shares = handle.shared.shares();
+        shares.gathered += taken;
+        if shares.gathered >= n {
+            return Taken::Reserved(None);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        shares.waiter = Some(tx);
+        Taken::Reserved(Some(rx))
+    }
+
+    /// Gives back one slot of a worker serving several calls at once, after a shared call. A
+    /// call abandoned mid-flight (`call` still in flight) gives it back only once its reply
+    /// has come (the protocol's `cancel` was sent when it was dropped).
+    pub(crate) fn return_slot(self: &Arc<Self>, handle: WorkerHandle, call: Option<u64>) {
+        match call.filter(|&id| handle.port.is_in_flight(id)) {
+            Some(id) => self.drain(handle, Some(id)),
+            None => self.slot_back(handle),
+        }
+    }
+
+    fn slot_back(self: &Arc<Self>, handle: WorkerHandle) {
+        let n = handle.max_concurrency();
+        let mut shares = handle.shared.shares();
+        shares.calls = shares.calls.saturating_sub(1);
+        if shares.reserved {
+            gather(&mut shares, n);
+            return;
+        }
+        if !handle.is_alive()
+            || matches!(
+                handle.shared.lifecycle(),
+                Lifecycle::Stopping | Lifecycle::Dead
+            )
+        {
+            return;
+        }
+        if let Some(reason) = handle.shared.superseded() {
+            // Its successor is ready: the slot goes; the last call out retires it.
+            if shares.calls == 0 {
+                drop(shares);
+                handle.retire(reason);
+            }
+            return;
+        }
+        if let Some(reason) = self.recycle_reason(&handle) {
+            // The slot goes; the last call out retires the worker.
+            if shares.calls == 0 {
+                drop(shares);
+                tracing::debug!(worker = %handle.shared.id, reason, "recycling worker");
+                handle.retire(reason);
+            }
+            return;
+        }
+        if shares.calls == 0 {
+            handle.shared.touch();
+            handle.shared.unhold();
+        }
+        drop(shares);
+        if self.running.load(Ordering::Acquire) {
+            lock(&self.idle).push(handle);
+            self.permits.add_permits(1);
+        }
+    }
+
+    /// An exclusive holder that gave up gathering: the slots it gathered go back.
+    fn unreserve(&self, handle: WorkerHandle) {
+        let gathered = {
+            let mut shares = handle.shared.shares();
+            shares.reserved = false;
+            shares.waiter = None;
+            let gathered = std::mem::take(&mut shares.gathered);
+            if shares.calls == 0 {
+                handle.shared.unhold();
+            }
+            gathered
+        };
+        if gathered > 0 && handle.is_alive() && self.running.load(Ordering::Acquire) {
+            lock(&self.idle).extend(std::iter::repeat_n(handle, gathered));
+            self.permits.add_permits(gathered);
+        }
+    }
+
     /// Fails the pool for good: callers get [`Error::PoolFailed`] with `reason` from now on,
     /// and idle workers are killed.
     fn fail(&self, reason: String, errors: Vec<PortError>) {
@@ -338,13 +536,18 @@ impl Inner {
         }
     }
 
+    /// Drops a dead worker from the idle stack (every entry of it: one per free call slot),
+    /// with their permits, so its port (and fds) go now rather than when a caller happens to
+    /// pop it. If a permit is already taken, the caller holding it discards the worker instead.
     fn forget_idle(&self, id: &str) {
         let mut idle = lock(&self.idle);
-        if let Some(pos) = idle.iter().position(|h| h.shared.id == id) {
-            if let Ok(permit) = self.permits.try_acquire() {
-                permit.forget();
-                idle.remove(pos);
-            }
+        // A worker serving several calls at once has an entry per free slot.
+        while let Some(pos) = idle.iter().position(|h| h.shared.id == id) {
+            let Ok(permit) = self.permits.try_acquire() else {
+                break;
+            };
+            permit.forget();
+            idle.remove(pos);
         }
     }
 
@@ -380,26 +583,41 @@ impl Inner {
         if handle.port.in_flight() > 0 {
             // The caller gave up mid-call: the worker is dirty until its reply has come.
             lock(&self.draining).insert(handle.shared.id.clone());
-            let Ok(rt) = tokio::runtime::Handle::try_current() else {
-                handle.kill(ExitKind::Recycled(
-                    "abandoned call, no runtime to drain it".into(),
-                ));
-                return;
-            };
-            let pool = self.clone();
-            let limit = self.config.drain_timeout;
-            rt.spawn(async move {
-                let settled = tokio::time::timeout(limit, handle.port.quiesce()).await;
-                lock(&pool.draining).remove(&handle.shared.id);
-                if settled.is_ok() {
-                    pool.release(handle);
-                } else {
-                    handle.kill(ExitKind::Recycled("abandoned call did not finish".into()));
-                }
-            });
+            self.drain(handle, None);
             return;
         }
         self.release(handle);
+    }
+
+    /// Waits, in a task and up to the drain timeout, for an abandoned call to finish: the call
+    /// `call` of a shared slot, which then goes back ([`Inner::slot_back`]), or every request
+    /// of a worker held whole, which then goes back ([`Inner::release`]). A worker whose call
+    /// does not finish in time is killed.
+    fn drain(self: &Arc<Self>, handle: WorkerHandle, call: Option<u64>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            handle.kill(ExitKind::Recycled(
+                "abandoned call, no runtime to drain it".into(),
+            ));
+            return;
+        };
+        let pool = self.clone();
+        let limit = self.config.drain_timeout;
+        rt.spawn(async move {
+            let settled = match call {
+                Some(id) => tokio::time::timeout(limit, handle.port.settle(id)).await,
+                None => tokio::time::timeout(limit, handle.port.quiesce()).await,
+            };
+            if call.is_none() {
+                lock(&pool.draining).remove(&handle.shared.id);
+            }
+            match (settled, call) {
+                (Ok(()), Some(_)) => pool.slot_back(handle),
+                (Ok(()), None) => pool.release(handle),
+                (Err(_), _) => {
+                    handle.kill(ExitKind::Recycled("abandoned call did not finish".into()))
+                }
+            }
+        });
     }
 
     /// Puts a clean worker back, unless it has been superseded (its successor is ready: it is
@@ -415,6 +633,13 @@ impl Inner {
             self.request_replacement(&handle.shared, reason);
         }
         handle.shared.touch();
+        if handle.max_concurrency() > 1 {
+            // Every slot is back: calls may share it again.
+            let mut shares = handle.shared.shares();
+            shares.reserved = false;
+            shares.gathered = 0;
+            shares.waiter = None;
+        }
         let mut idle = lock(&self.idle);
         // Under the stack's lock, like `worker_superseded`: either it sees this worker in the
         // stack, or this sees the mark.
@@ -426,13 +651,16 @@ impl Inner {
         }
         handle.shared.unhold();
         if self.running.load(Ordering::Acquire) {
-            if over.is_some() {
-                idle.insert(0, handle);
-            } else {
-                idle.push(handle);
+            // A worker over a limit serves from the bottom of the stack until its successor
+            // is ready; one entry per call slot.
+            let slots = handle.max_concurrency();
+            let at = if over.is_some() { 0 } else { idle.len() };
+            for _ in 1..slots {
+                idle.insert(at, handle.clone());
             }
+            idle.insert(at, handle);
             drop(idle);
-            self.permits.add_permits(1);
+            self.permits.add_permits(slots);
         }
     }
 
@@ -486,6 +714,52 @@ pub(crate) fn resident_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// How a caller holds the worker it takes from the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hold {
+    /// Alone: a lease, a session.
+    Exclusive,
+    /// One call slot of a worker that serves several calls at once (the whole worker if it
+    /// serves one): a pool's call.
+    Shared,
+}
+
+/// What [`Inner::take_slot`] got.
+enum Taken {
+    /// A call slot.
+    Shared,
+    /// The worker is reserved for an exclusive holder; with a receiver if it must wait for
+    /// slots still out.
+    Reserved(Option<tokio::sync::oneshot::Receiver<()>>),
+    /// Nothing: the worker is gone, or the slot went to another's reservation.
+    No,
+}
+
+/// One more slot for the exclusive holder gathering them; wakes it once it has them all.
+fn gather(shares: &mut wharf_actors::worker::Shares, slots: usize) {
+    shares.gathered += 1;
+    if shares.gathered >= slots {
+        if let Some(waiter) = shares.waiter.take() {
+            let _ = waiter.send(());
+        }
+    }
+}
+
+/// An exclusive holder gathering the slots of a worker serving several calls at once; dropped
+/// before it has them all (a timeout, a cancelled caller), it gives back what it gathered.
+struct Reservation<'a> {
+    pool: &'a Arc<Inner>,
+    handle: Option<WorkerHandle>,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.pool.unreserve(handle);
+        }
+    }
 }
 
 /// Counts a call as under way while it lives.
@@ -906,7 +1180,7 @@ impl Pool {
         body: &(impl Serialize + ?Sized),
     ) -> Result<R> {
         let body = to_value(body)?;
-        let mut lease = self.try_checkout().await?;
+        let mut lease = self.inner.checkout_as(None, Hold::Shared).await?;
         let reply = lease.call_value(method, body, CallOptions::new()).await?;
         decode(method, reply)
     }
@@ -942,16 +1216,19 @@ impl Pool {
         body: Value,
         options: CallOptions,
     ) -> Result<Value> {
+        let timeout = Some(self.inner.config.checkout_timeout);
         if !options.idempotent {
-            let mut lease = self.checkout().await?;
+            let mut lease = self.inner.checkout_as(timeout, Hold::Shared).await?;
             return lease.call_value(method, body, options).await;
         }
         let retry = self.inner.config.retry;
         let mut attempt = 0;
         loop {
-            let mut lease = self.checkout().await?;
+            let mut lease = self.inner.checkout_as(timeout, Hold::Shared).await?;
             match lease.call_value(method, body.clone(), options).await {
-                Err(Error::WorkerDied { .. }) if attempt < retry.max_retries => {
+                Err(Error::WorkerDied { .. } | Error::KilledForDeadline { .. })
+                    if attempt < retry.max_retries =>
+                {
                     drop(lease);
                     attempt += 1;
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -982,6 +1259,9 @@ impl Pool {
         options: CallOptions,
     ) -> Result<CallStream<'static>> {
         let body = to_value(body)?;
+        // A stream holds its worker alone, also one that serves several calls at once: a
+        // consumer that stops reading stops the port's reader (backpressure), which would
+        // hold up the replies of every other call on that worker.
         let lease = self.checkout().await?;
         let opened = lease.open_stream(method, body, options).await?;
         Ok(CallStream::new(

@@ -81,6 +81,17 @@ pub enum PortError {
     /// The worker died (or closed its channel) while the request was in flight.
     #[error("worker died during the request ({0})")]
     WorkerDied(ExitInfo),
+    /// The worker served several calls at once and another of them overran its deadline: the
+    /// runtime killed the worker, and this request ended with it.
+    #[error(
+        "worker killed because another call on it ({method}) overran its deadline of {deadline:?}"
+    )]
+    KilledForDeadline {
+        /// The method of the call that overran.
+        method: String,
+        /// Its deadline.
+        deadline: Duration,
+    },
     /// The worker's handler reported an error; the worker keeps serving.
     #[error("worker error {kind}: {message}")]
     Remote {

@@ -134,6 +134,8 @@ pub struct WorkerInfo {
     pub version: u32,
     /// The methods it offers.
     pub methods: Vec<String>,
+    /// How many calls it serves at once (1 unless its init pong declared more).
+    pub max_concurrency: usize,
 }
 
 /// One event of a streamed call.
@@ -272,6 +274,7 @@ impl Port {
                 pid: 0,
                 version: PROTOCOL_VERSION,
                 methods: Vec::new(),
+                max_concurrency: 1,
             },
         };
         let left = spec.init_timeout().saturating_sub(began.elapsed());
@@ -316,6 +319,7 @@ impl Port {
             Ok(Ok(Err(e))) => return Err(e),
             Ok(Ok(Ok(pong))) => pong,
         };
+        let max_concurrency = pong.max_concurrency().unwrap_or(1) as usize;
         match pong {
             FromWorker::InitPong {
                 status: InitStatus::Ok,
@@ -336,6 +340,7 @@ impl Port {
                     pid,
                     version,
                     methods,
+                    max_concurrency,
                 })
             }
             FromWorker::InitPong { message, .. } => {
@@ -559,6 +564,27 @@ impl Port {
             tokio::pin!(settled);
             settled.as_mut().enable();
             if self.in_flight() == 0 {
+                return;
+            }
+            settled.await;
+        }
+    }
+
+    /// Whether the request `id` is still in flight (its reply has not come).
+    pub fn is_in_flight(&self, id: u64) -> bool {
+        self.router.in_flight_id(id)
+    }
+
+    /// Waits until the request `id` is no longer in flight: its reply has come (a cancelled
+    /// call's too) or the port closed. Frames still buffered by an abandoned send are flushed
+    /// first, so its reply can come.
+    pub async fn settle(&self, id: u64) {
+        self.router.flush().await;
+        loop {
+            let settled = self.router.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if !self.router.in_flight_id(id) {
                 return;
             }
             settled.await;

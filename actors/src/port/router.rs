@@ -295,6 +295,11 @@ impl Router {
         matches!(self.pending().slots.get(&id), Some(slot) if !matches!(slot, Slot::Abandoned))
     }
 
+    /// Whether request `id` counts as in flight (its reply has not come).
+    pub(crate) fn in_flight_id(&self, id: u64) -> bool {
+        matches!(self.pending().slots.get(&id), Some(slot) if slot.counts())
+    }
+
     /// The consumer of stream `id` is gone before its end: ask the worker to stop it (once).
     pub(crate) fn cancel_stream(self: &Arc<Self>, id: u64) {
         let first = {

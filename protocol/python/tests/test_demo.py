@@ -12,8 +12,8 @@ import msgpack
 from .support import DEMO, TIMEOUT, Peer, frame
 
 DEMO_METHODS = [
-    "alloc", "crash", "echo", "fail", "pid", "print", "sleep", "spawn_grandchild", "state_get",
-    "state_set", "stream", "wait",
+    "alloc", "crash", "echo", "fail", "io_wait", "pid", "print", "sleep", "spawn_grandchild",
+    "state_get", "state_set", "stream", "wait",
 ]
 
 INT_EDGES = [

@@ -1,9 +1,11 @@
 """The demo worker that wharf's tests, examples and benchmarks drive.
 
     python3 -m wharf_worker.demo [--init-delay-ms N] [--init-fail MESSAGE] [--exit-after-ready]
+                                 [--max-concurrency N] [--threads N]
 """
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,7 +14,9 @@ import time
 from . import Context, Worker
 
 worker = Worker()
-options = argparse.Namespace(init_delay_ms=0, init_fail=None, exit_after_ready=False)
+options = argparse.Namespace(
+    init_delay_ms=0, init_fail=None, exit_after_ready=False, max_concurrency=1, threads=None
+)
 state: "dict[str, object]" = {}  # per-session state, dropped by reset
 held: "list[bytearray]" = []  # memory kept by alloc
 
@@ -53,6 +57,14 @@ def wait(body, ctx: Context):
     to body["ms"] ms, ending early with error kind cancelled or deadline_exceeded."""
     ms = body["ms"]
     ctx.sleep(ms / 1000)
+    return ms
+
+
+@worker.method()
+async def io_wait(ms):
+    """An I/O-bound call: awaits ``ms`` ms of asyncio.sleep (served concurrently with
+    --max-concurrency N), then returns ``ms``."""
+    await asyncio.sleep(ms / 1000)
     return ms
 
 
@@ -117,7 +129,18 @@ def main(argv=None):
     parser.add_argument("--init-fail", metavar="MESSAGE", help="make the init hook raise")
     parser.add_argument("--exit-after-ready", action="store_true",
                         help="exit 0 right after sending init_pong")
+    parser.add_argument("--max-concurrency", type=int, default=1, metavar="N",
+                        help="serve up to N calls at once (async handlers, e.g. io_wait)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="with --max-concurrency: run sync handlers in N threads "
+                             "(default: as many as --max-concurrency)")
     parser.parse_args(argv, namespace=options)
+    if options.threads is None:
+        options.threads = options.max_concurrency if options.max_concurrency > 1 else 0
+    if options.max_concurrency < 1 or options.threads < 0:
+        parser.error("--max-concurrency must be >= 1 and --threads >= 0")
+    worker.max_concurrency = options.max_concurrency
+    worker.threads = options.threads
     worker.run()
 
 

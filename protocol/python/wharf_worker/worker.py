@@ -3,6 +3,7 @@
 import asyncio
 import collections
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -67,7 +68,9 @@ class Context:
     handler's own thread (they read the channel).
     """
 
-    __slots__ = ("request_id", "method", "session", "deadline_ms", "_worker", "_start", "_cancelled")
+    __slots__ = (
+        "request_id", "method", "session", "deadline_ms", "_worker", "_start", "_cancelled", "_wake",
+    )
 
     def __init__(
         self,
@@ -84,6 +87,9 @@ class Context:
         self._worker = _worker
         self._start = time.monotonic()  # when the call was read: deadline_ms counts from here
         self._cancelled = False
+        # Set when the call is cancelled, for a worker serving several calls at once (whose
+        # reader runs on its event loop): wakes a handler thread in sleep().
+        self._wake: Optional[threading.Event] = None
 
     def __repr__(self):
         return "Context(request_id=%r, method=%r, session=%r, deadline_ms=%r)" % (
@@ -127,6 +133,8 @@ class Context:
                 left = min(left, remaining)
             if self._worker is not None:
                 self._worker._pump(left)
+            elif self._wake is not None:
+                self._wake.wait(left)
             else:
                 time.sleep(left)
 
@@ -212,7 +220,21 @@ class Worker:
     whose kind is the exception's type name; the worker keeps serving.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_concurrency: int = 1, threads: int = 0) -> None:
+        """``max_concurrency``: how many calls the worker serves at once, declared to the
+        runtime in its ``init_pong`` (1, the default: one call at a time, cooperative
+        cancellation through the :class:`Context`). Above 1, the worker reads the channel on an
+        event loop while calls run: ``async def`` handlers run concurrently as tasks on it, the
+        protocol's ``cancel`` cancels the handler's task (error kind ``cancelled``) and its
+        ``deadline_ms`` does too (``deadline_exceeded``). Sync handlers run on the loop, one at
+        a time, unless ``threads`` > 0: then in a pool of that many threads (they see
+        cancellation through the Context: :meth:`Context.check`, :meth:`Context.sleep`)."""
+        if type(max_concurrency) is not int or max_concurrency < 1:
+            raise ValueError("max_concurrency must be an int >= 1, not %r" % (max_concurrency,))
+        if type(threads) is not int or threads < 0:
+            raise ValueError("threads must be an int >= 0, not %r" % (threads,))
+        self.max_concurrency = max_concurrency
+        self.threads = threads
         self._handlers: "dict[str, tuple[Callable[..., Any], bool]]" = {}  # name -> (fn, ctx?)
         self._init_hooks: "list[Callable[[], Any]]" = []
         self._ready_hooks: "list[Callable[[], Any]]" = []
@@ -387,6 +409,8 @@ class Worker:
                     self._send({"t": "pong", "id": _id(msg)})
                 elif t == "init":
                     self._init(_id(msg))
+                    if self.max_concurrency > 1:
+                        return self._event_loop().run_until_complete(_Concurrent(self).serve())
                 elif t == "reset":
                     self._reset(_id(msg))
                 elif t == "shutdown":
@@ -426,6 +450,8 @@ class Worker:
             "pid": os.getpid(),
             "methods": self.methods,
         }
+        if self.max_concurrency > 1:
+            pong["max_concurrency"] = self.max_concurrency
         if not self._initialised:
             try:
                 for hook in self._init_hooks:
@@ -505,7 +531,11 @@ class Worker:
     def _stream_context(self, rid):
         """The Context a stream watches between chunks: the handler's, or one of its own for a
         handler that takes none. The runtime cancels a stream whose consumer went away; a
-        generator is stopped at its next chunk, even one that never asks its Context."""
+        generator is stopped at its next chunk, even one that never asks its Context. (Serving
+        several calls at once, the event loop reads the channel and cancels the call's task: the
+        stream must not read it too.)"""
+        if self.max_concurrency > 1:
+            return Context(rid, "")
         if self._current is None:
             self._current = Context(rid, "", _worker=self)
         return self._current
@@ -650,6 +680,237 @@ class Worker:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
         return self._loop
+
+
+class _Concurrent:
+    """Serving several calls at once, once ``init`` is answered: the channel is read on the
+    worker's event loop whenever input arrives, each call runs as a task, and every frame is
+    written whole from the loop's thread (so frames never interleave)."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.w = worker
+        self.tasks: "dict[int, tuple[asyncio.Task[Any], Context, bool]]" = {}
+        self.done: "Optional[asyncio.Future[int]]" = None
+        self.executor: Any = None
+        self.expired: "set[int]" = set()  # calls whose deadline_ms ran out
+
+    async def serve(self) -> int:
+        w = self.w
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        if w.threads > 0:
+            import concurrent.futures
+
+            self.executor = concurrent.futures.ThreadPoolExecutor(
+                w.threads, thread_name_prefix="wharf-handler"
+            )
+        reader = w._reader
+        assert reader is not None
+        fd = reader.fd
+        loop.add_reader(fd, self._readable)
+        try:
+            self._drain()  # frames read before the switch
+            status = await self.done
+        finally:
+            loop.remove_reader(fd)
+            await self._stop_all()
+            if self.executor is not None:
+                self.executor.shutdown(wait=False, cancel_futures=True)
+        return status
+
+    def _finish(self, status: int) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(status)
+
+    def _readable(self) -> None:
+        reader = self.w._reader
+        assert reader is not None
+        try:
+            if not reader.fill(0):
+                self._finish(0)  # EOF on a frame boundary
+                return
+        except FrameError as e:
+            log.error("protocol violation by the runtime: %s; exiting", e)
+            self._finish(2)
+            return
+        except OSError as e:
+            log.error("cannot read from the channel: %s; exiting", e)
+            self._finish(2)
+            return
+        self._drain()
+
+    def _drain(self) -> None:
+        reader = self.w._reader
+        assert reader is not None
+        try:
+            while self.done is not None and not self.done.done():
+                msg = reader.buffered()
+                if msg is None:
+                    return
+                self._dispatch(msg)
+        except FrameError as e:
+            log.error("protocol violation by the runtime: %s; exiting", e)
+            self._finish(2)
+        except _ChannelError as e:
+            self._channel_failed(e)
+
+    def _channel_failed(self, e: "_ChannelError") -> None:
+        if isinstance(e.__cause__, BrokenPipeError):
+            log.warning("the runtime closed this worker's output channel; exiting")
+            self._finish(0)
+        else:
+            log.error("cannot write to the channel: %s; exiting", e.__cause__)
+            self._finish(2)
+
+    def _dispatch(self, msg: "dict[str, Any]") -> None:
+        w = self.w
+        t = msg.get("t")
+        if t == "call":
+            rid = _id(msg)
+            name = msg.get("method")
+            if type(name) is not str:
+                raise FrameError("call %d: 'method' is %r, not a str" % (rid, name))
+            ctx = Context(rid, name, msg.get("session"), msg.get("deadline_ms"))
+            ctx._wake = threading.Event()
+            entry = w._handlers.get(name)
+            is_async = entry is not None and (
+                inspect.iscoroutinefunction(entry[0]) or inspect.isasyncgenfunction(entry[0])
+            )
+            task = asyncio.get_running_loop().create_task(self._call(msg, ctx, entry))
+            self.tasks[rid] = (task, ctx, is_async)
+            task.add_done_callback(functools.partial(self._ended, rid))
+        elif t == "cancel":
+            self._cancel(_id(msg), deadline=False)
+        elif t == "ping":
+            w._send({"t": "pong", "id": _id(msg)})
+        elif t == "reset":
+            asyncio.get_running_loop().create_task(self._reset(_id(msg)))
+        elif t == "init":
+            w._send(
+                {
+                    "t": "init_pong",
+                    "id": _id(msg),
+                    "status": "ok",
+                    "version": PROTOCOL_VERSION,
+                    "pid": os.getpid(),
+                    "methods": w.methods,
+                    "max_concurrency": w.max_concurrency,
+                }
+            )
+        elif t == "shutdown":
+            self._finish(0)
+        elif t is None:
+            raise FrameError("message without a type (no 't' key): %r" % (_short(msg),))
+        else:
+            raise FrameError("unknown message type %r" % (t,))
+
+    def _ended(self, rid: int, _task: Any = None) -> None:
+        self.tasks.pop(rid, None)
+        self.expired.discard(rid)
+
+    def _cancel(self, rid: int, deadline: bool) -> None:
+        entry = self.tasks.get(rid)
+        if entry is None:
+            return  # it has ended
+        task, ctx, is_async = entry
+        if deadline:
+            # A handler thread sees it through Context.remaining()/check() once woken.
+            self.expired.add(rid)
+        else:
+            ctx._cancelled = True
+        if ctx._wake is not None:
+            ctx._wake.set()
+        if is_async:
+            task.cancel()
+
+    async def _stop_all(self) -> None:
+        """Serving ends: calls still running are cancelled (their replies are not wanted)."""
+        for rid in list(self.tasks):
+            self._cancel(rid, deadline=False)
+        pending = [task for task, _, _ in self.tasks.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+    async def _reset(self, rid: int) -> None:
+        w = self.w
+        try:
+            for hook in w._reset_hooks:
+                result = hook()
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as e:
+            log.error("reset hook failed", exc_info=True)
+            self._send_safely(w._reply_error, rid, type(e).__name__, _text(e))
+        else:
+            self._send_safely(w._send, {"t": "ok", "id": rid, "body": None})
+
+    def _send_safely(self, send: Callable[..., Any], *args: Any) -> None:
+        try:
+            send(*args)
+        except _ChannelError as e:
+            self._channel_failed(e)
+        except _Refused as e:
+            log.error("cannot send a message: %s; exiting", e.message)
+            self._finish(2)
+
+    async def _call(self, msg: "dict[str, Any]", ctx: Context, entry: Any) -> None:
+        w = self.w
+        rid = ctx.request_id
+        name = ctx.method
+        if entry is None:
+            self._send_safely(w._reply_error, rid, "unknown_method", "no method named %r" % (name,))
+            return
+        fn, wants_ctx = entry
+        body = msg.get("body")
+        loop = asyncio.get_running_loop()
+        timer = None
+        if ctx.deadline_ms is not None:
+            # A hair after the budget: the loop may run a timer up to its clock's resolution early.
+            delay = ctx.deadline_ms / 1000 + 0.002
+            timer = loop.call_later(delay, self._cancel, rid, True)
+        try:
+            args = (body, ctx) if wants_ctx else (body,)
+            if self.executor is not None and not (
+                inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+            ):
+                result = await loop.run_in_executor(self.executor, lambda: fn(*args))
+            else:
+                result = fn(*args)
+            if inspect.isawaitable(result):
+                result = await result
+            if type(result) is _GENERATOR:
+                result = w._stream(rid, result)
+            elif type(result) is _ASYNC_GENERATOR:
+                result = await w._stream_async(rid, result)
+        except asyncio.CancelledError:
+            if rid in self.expired:
+                kind, text = "deadline_exceeded", "call %d ran out of its deadline_ms (%s)" % (
+                    rid, ctx.deadline_ms,
+                )
+            else:
+                kind, text = "cancelled", "call %d was cancelled" % rid
+            log.info("method %r (call %d): %s", name, rid, text)
+            self._send_safely(w._reply_error, rid, kind, text)
+            return
+        except _ChannelError as e:
+            self._channel_failed(e)
+            return
+        except _ChunkRefused as e:
+            log.error("method %r (call %d): %s", name, rid, e.message)
+            self._send_safely(w._reply_error, rid, e.kind, e.message)
+            return
+        except (Cancelled, DeadlineExceeded) as e:
+            log.info("method %r (call %d): %s", name, rid, _text(e))
+            self._send_safely(w._reply_error, rid, e.wharf_kind, _text(e))
+            return
+        except Exception as e:
+            log.error("method %r (call %d) raised", name, rid, exc_info=True)
+            self._send_safely(w._reply_error, rid, type(e).__name__, _text(e))
+            return
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self._send_safely(w._reply, rid, {"t": "ok", "id": rid, "body": result})
 
 
 class _ChunkRefused(_Refused):
