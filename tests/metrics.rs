@@ -84,7 +84,7 @@ async fn a_pool_reports_its_calls_workers_and_failures() {
     assert_eq!(get("wharf_call_duration_seconds{method=echo,pool=m}"), 5.0);
     assert!(get("wharf_checkout_wait_seconds{pool=m}") >= 7.0);
     assert_eq!(get("wharf_worker_exits_total{cause=crashed,pool=m}"), 1.0);
-    assert_eq!(get("wharf_restarts_total{pool=m}"), 1.0);
+    assert_eq!(get("wharf_restarts_total{cause=crashed,pool=m}"), 1.0);
     assert_eq!(get("wharf_sessions_open{pool=m}"), 1.0);
     assert_eq!(get("wharf_workers{pool=m,state=busy}"), 1.0);
     assert_eq!(get("wharf_workers{pool=m,state=idle}"), 1.0);

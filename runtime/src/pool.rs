@@ -88,6 +88,9 @@ pub(crate) struct Inner {
     pub telemetry: Telemetry,
     /// The workers' resident memory at the last sample, in bytes.
     rss_total: AtomicU64,
+    /// How each slot's last worker ended (an exit's label, or `start_failed`): the cause of
+    /// the slot's next restart, for the metrics.
+    last_exit: Mutex<HashMap<usize, &'static str>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -868,6 +871,7 @@ impl PoolEvents for SupervisorView {
                     pool.counters.replacements.fetch_add(1, Ordering::Relaxed);
                 }
                 pool.telemetry.exit(kind.label(), kind.is_replacement());
+                lock(&pool.last_exit).insert(worker.slot, kind.label());
                 pool.events.emit(|| PoolEvent::WorkerExited {
                     pool: pool.config.name.clone(),
                     worker: worker.id.clone(),
@@ -882,6 +886,7 @@ impl PoolEvents for SupervisorView {
             lock(&pool.workers).remove(&worker.id);
             pool.counters.start_failures.fetch_add(1, Ordering::Relaxed);
             pool.telemetry.start_failed();
+            lock(&pool.last_exit).insert(worker.slot, "start_failed");
             pool.events.emit(|| PoolEvent::StartFailed {
                 pool: pool.config.name.clone(),
                 worker: worker.id.clone(),
@@ -893,7 +898,8 @@ impl PoolEvents for SupervisorView {
     fn restarting(&self, slot: usize, delay: Duration) {
         if let Some(pool) = self.0.upgrade() {
             pool.counters.restarts.fetch_add(1, Ordering::Relaxed);
-            pool.telemetry.restart();
+            let cause = lock(&pool.last_exit).remove(&slot).unwrap_or("unknown");
+            pool.telemetry.restart(cause);
             pool.events.emit(|| PoolEvent::Restarting {
                 pool: pool.config.name.clone(),
                 slot,
@@ -1044,6 +1050,7 @@ impl Pool {
             events: EventSender::new(),
             telemetry: Telemetry::new(&config.name),
             rss_total: AtomicU64::new(0),
+            last_exit: Mutex::new(HashMap::new()),
             config,
         });
         let c = &inner.config;

@@ -14,7 +14,7 @@
 //! | `wharf_worker_rss_bytes` | gauge | | resident memory of all the pool's workers |
 //! | `wharf_pool_status` | gauge | `status` | 1 for the pool's status (`running`, `failed`, `no_workers`, `shut_down`), 0 for the others |
 //! | `wharf_worker_exits_total` | counter | `cause` | workers gone, by [`ExitKind::label`](crate::ExitKind::label) |
-//! | `wharf_restarts_total` | counter | | restarts under the restart policy |
+//! | `wharf_restarts_total` | counter | `cause` | restarts under the restart policy, by how the slot's last worker ended ([`ExitKind::label`](crate::ExitKind::label), or `start_failed`) |
 //! | `wharf_replacements_total` | counter | `cause` | workers the runtime replaced on purpose (`deadline`, `recycled`) |
 //! | `wharf_start_failures_total` | counter | | launches that failed before the worker was ready |
 //!
@@ -99,9 +99,10 @@ impl Telemetry {
     }
 
     /// A slot is restarted under the restart policy.
-    pub(crate) fn restart(&self) {
+    pub(crate) fn restart(&self, cause: &'static str) {
         #[cfg(feature = "metrics")]
-        metrics::counter!("wharf_restarts_total", "pool" => self.pool.clone()).increment(1);
+        metrics::counter!("wharf_restarts_total", "pool" => self.pool.clone(), "cause" => cause)
+            .increment(1);
     }
 
     /// A launch failed.

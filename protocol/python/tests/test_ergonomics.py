@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import unittest
+from typing import Optional, Union  # noqa: F401  (Optional is named in a text annotation)
 
 from . import support
 from .support import Peer, write_script
@@ -91,10 +92,18 @@ class ContextOptInTests(unittest.TestCase):
         def declined(body, extra=None):
             return extra
 
+        @w.method()
+        def optional(body, ctx: "Optional[Context]" = None):
+            return ctx
+
+        @w.method()
+        def union(body, ctx: Union[Context, None] = None):
+            return ctx
+
         self.assertEqual(
             self.handlers(w),
             {"annotated": True, "as_text": True, "asked": True, "variadic": True,
-             "declined": False},
+             "declined": False, "optional": True, "union": True},
         )
 
     def test_an_unmarked_required_second_parameter_is_refused_at_registration(self):

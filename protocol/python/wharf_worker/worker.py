@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import types
+import typing
 from typing import Any, Callable, Mapping, NoReturn, Optional, TypeVar, Union
 
 import msgpack
@@ -164,10 +166,11 @@ class _Refused(Exception):
 def _is_context_annotation(annotation: Any) -> bool:
     if annotation is Context:
         return True
+    # ``Optional[Context]`` and other unions that hold it.
+    if typing.get_origin(annotation) is Union:
+        return any(_is_context_annotation(a) for a in typing.get_args(annotation))
     # ``from __future__ import annotations`` leaves the annotation as text.
-    return isinstance(annotation, str) and (
-        annotation == "Context" or annotation.endswith(".Context")
-    )
+    return isinstance(annotation, str) and re.search(r"(^|[\[.,\s|])Context\b", annotation) is not None
 
 
 def _wants_ctx(name: str, fn: Callable[..., Any], context: Optional[bool]) -> bool:
