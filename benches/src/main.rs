@@ -8,6 +8,7 @@
 
 mod containers;
 mod floor;
+mod inprocess;
 mod scenarios;
 mod single_actor;
 
@@ -30,10 +31,14 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these scenarios (roundtrip, throughput, checkout, warm_vs_cold, recovery,
-    /// payload, containers); all by default. `containers` needs a Docker engine and is
-    /// skipped, with a message, when none answers.
+    /// payload, containers, inprocess); all by default. `containers` needs a Docker engine and
+    /// is skipped, with a message, when none answers.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Internal: run as a host that embeds Python (`startup`, `exit` or `segv`), for the
+    /// inprocess scenario.
+    #[arg(long, hide = true)]
+    pyo3_child: Option<String>,
 }
 
 /// How much of everything to do.
@@ -176,6 +181,9 @@ async fn main() -> anyhow::Result<()> {
         .join("..")
         .canonicalize()?;
     let env = Env { root };
+    if let Some(mode) = &args.pyo3_child {
+        return inprocess::child(mode, &env.root);
+    }
     check_python(&env)?;
     let scale = Scale::new(args.quick);
     let machine = machine();
@@ -220,6 +228,10 @@ async fn main() -> anyhow::Result<()> {
     if wanted("containers") {
         eprintln!("== containers");
         record("containers", containers::containers(&env, scale).await?);
+    }
+    if wanted("inprocess") {
+        eprintln!("== inprocess");
+        record("inprocess", inprocess::inprocess(&env, scale).await?);
     }
 
     println!("{:<58} result (median of interleaved rounds)", "measure");

@@ -1,4 +1,4 @@
-//! Six of the scenarios (the seventh, containers, is in `containers.rs`). Each returns (figures as JSON, ratios, table rows).
+//! Six of the scenarios (containers is in `containers.rs`, inprocess in `inprocess.rs`). Each returns (figures as JSON, ratios, table rows).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
