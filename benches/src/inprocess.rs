@@ -76,6 +76,18 @@ fn rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Proportional memory (KiB: shared pages split among their sharers) of a process, from
+/// `/proc/<pid>/smaps_rollup`.
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Pss:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The hidden `--pyo3-child MODE` entry point: this binary as a host that embeds Python.
 /// `startup` prints the interpreter's start-up time and the host's memory growth as JSON;
 /// `exit` and `segv` call Python code that ends the process, and print [`SURVIVED`] only if
@@ -303,18 +315,24 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
     pyo3_latencies(&f, 50, &body).await?;
     wharf_latencies(&one, 50, &body).await?;
     let (mut p50, mut p99, mut w50, mut w99) = (vec![], vec![], vec![], vec![]);
+    let (mut pmean, mut wmean) = (vec![], vec![]);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     for _ in 0..s.rounds {
         let p = pyo3_latencies(&f, s.calls, &body).await?;
         p50.push(percentile(&p, 0.5));
         p99.push(percentile(&p, 0.99));
+        pmean.push(mean(&p));
         let w = wharf_latencies(&one, s.calls, &body).await?;
         w50.push(percentile(&w, 0.5));
         w99.push(percentile(&w, 0.99));
+        wmean.push(mean(&w));
     }
     let worker_pid = one.worker_info()[0].pid;
     let worker_rss = rss_kib(&worker_pid.to_string());
+    let worker_pss = pss_kib(worker_pid);
     one.shutdown().await;
     let (p50, p99, w50, w99) = (median(&p50), median(&p99), median(&w50), median(&w99));
+    let (pmean, wmean) = (median(&pmean), median(&wmean));
 
     // CPU-bound throughput, 2 callers.
     let callers = 2;
@@ -370,8 +388,8 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
         "python": python,
         "small_call": {
             "body_bytes": 100, "calls_per_round": s.calls, "rounds": s.rounds,
-            "pyo3": {"p50_us": p50, "p99_us": p99},
-            "wharf": {"p50_us": w50, "p99_us": w99},
+            "pyo3": {"p50_us": p50, "p99_us": p99, "mean_us": pmean},
+            "wharf": {"p50_us": w50, "p99_us": w99, "mean_us": wmean},
         },
         "cpu_bound": {
             "callers": callers, "calls_per_caller": per, "loop_iterations": n,
@@ -400,6 +418,7 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
         "memory": {
             "pyo3_host_growth_mib": grown,
             "wharf_worker_rss_mib": worker_mib,
+            "wharf_worker_pss_mib": worker_pss as f64 / 1024.0,
         },
     });
     let ratios = vec![
@@ -417,7 +436,7 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
     let rows = vec![
         (
             "small call p50 / p99: pyo3 (GIL per call)".into(),
-            format!("{} / {}", us(p50), us(p99)),
+            format!("{p50:.2} µs / {p99:.2} µs"),
         ),
         (
             "small call p50 / p99: wharf".into(),
@@ -459,8 +478,11 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
             format!("{init:.1} ms vs {ready:.1} ms"),
         ),
         (
-            "memory: pyo3 host growth vs wharf worker RSS".into(),
-            format!("{grown:.1} MiB vs {worker_mib:.1} MiB"),
+            "memory: pyo3 host growth vs wharf worker RSS (PSS)".into(),
+            format!(
+                "{grown:.1} MiB vs {worker_mib:.1} MiB ({:.1} MiB)",
+                worker_pss as f64 / 1024.0
+            ),
         ),
     ];
     Ok((figures, ratios, rows))
