@@ -24,7 +24,7 @@ use pyo3::prelude::*;
 use serde_json::{json, Value as Json};
 use wharf::{CallOptions, Error, Pool, Value};
 
-use crate::scenarios::{us, Outcome};
+use crate::scenarios::{ready_pool, us, Outcome};
 use crate::{median, percentile, Env, Scale};
 
 /// The module's name, from `benches/python`.
@@ -56,36 +56,23 @@ fn spec(env: &Env) -> wharf::ProcessSpec {
 }
 
 async fn pool(env: &Env, size: usize) -> anyhow::Result<Pool> {
-    let pool = Pool::builder(spec(env))
-        .name("bench-inprocess")
-        .size(size)
-        .build()
-        .await?;
-    pool.wait_ready(size, Duration::from_secs(60)).await?;
-    Ok(pool)
+    ready_pool(spec(env), "bench-inprocess", size).await
 }
 
-/// Resident memory (KiB) of a process, from `/proc/<pid>/status`.
+/// A field in KiB from a `/proc/<pid>/` file (`status`'s `VmRSS:`, `smaps_rollup`'s `Pss:`:
+/// shared pages split among their sharers).
+fn proc_kib(pid: &str, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn rss_kib(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Proportional memory (KiB: shared pages split among their sharers) of a process, from
-/// `/proc/<pid>/smaps_rollup`.
-fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    proc_kib(pid, "status", "VmRSS:")
 }
 
 /// The hidden `--pyo3-child MODE` entry point: this binary as a host that embeds Python.
@@ -329,7 +316,7 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
     }
     let worker_pid = one.worker_info()[0].pid;
     let worker_rss = rss_kib(&worker_pid.to_string());
-    let worker_pss = pss_kib(worker_pid);
+    let worker_pss = proc_kib(&worker_pid.to_string(), "smaps_rollup", "Pss:");
     one.shutdown().await;
     let (p50, p99, w50, w99) = (median(&p50), median(&p99), median(&w50), median(&w99));
     let (pmean, wmean) = (median(&pmean), median(&wmean));
