@@ -79,6 +79,62 @@ fn load_avg() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time (clock ticks) of the whole machine and of this process and some of its workers.
+struct CpuTicks {
+    busy: u64,
+    total: u64,
+    ours: u64,
+}
+
+impl CpuTicks {
+    fn read(pids: &[u32]) -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| cpu.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal
+        let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+        let process = |pid: &str| -> u64 {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = s.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+            let f: Vec<u64> = after
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            // utime and stime, fields 14 and 15 of the line.
+            f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+        };
+        let ours = process("self") + pids.iter().map(|p| process(&p.to_string())).sum::<u64>();
+        CpuTicks {
+            busy,
+            total: busy + at(3) + at(4),
+            ours,
+        }
+    }
+
+    /// How many cores, on average since `self`, went to work other than this process and
+    /// those workers: 0 on a quiet machine; each core taken halves what 2 workers can do on 2.
+    fn other_cores(&self, now: &CpuTicks) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let wall = now.total.saturating_sub(self.total) as f64 / cores;
+        let other = now
+            .busy
+            .saturating_sub(self.busy)
+            .saturating_sub(now.ours.saturating_sub(self.ours));
+        if wall > 0.0 {
+            other as f64 / wall
+        } else {
+            0.0
+        }
+    }
+}
+
 fn rss_kib(pid: &str) -> u64 {
     proc_kib(pid, "status", "VmRSS:")
 }
@@ -339,12 +395,15 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
     let cpu_rounds = s.rounds * 2;
     let two = pool(env, callers).await?;
     wharf_cpu_rate(&two, callers, 2, n).await?;
+    let pids: Vec<u32> = two.worker_info().iter().map(|w| w.pid).collect();
+    let cpu_before = CpuTicks::read(&pids);
     let (mut p1, mut p2, mut w2) = (vec![], vec![], vec![]);
     for _ in 0..cpu_rounds {
         p2.push(pyo3_cpu_rate(&f, callers, per, n).await?);
         w2.push(wharf_cpu_rate(&two, callers, per, n).await?);
         p1.push(pyo3_cpu_rate(&f, 1, callers * per, n).await?);
     }
+    let other_cores = cpu_before.other_cores(&CpuTicks::read(&pids));
     let (p1, p2, w2) = (median(&p1), median(&p2), median(&w2));
     let spin_ms = 1e3 / p1;
 
@@ -394,6 +453,7 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
         "cpu_bound": {
             "callers": callers, "calls_per_caller": per, "rounds": cpu_rounds,
             "loop_iterations": n,
+            "other_work_cores": other_cores,
             "call_ms": spin_ms,
             "pyo3_1_thread_calls_per_s": p1,
             "pyo3_2_threads_calls_per_s": p2,
@@ -445,7 +505,9 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
         ),
         (
             format!("CPU-bound {spin_ms:.1} ms calls/s, {callers} callers"),
-            format!("pyo3 {p2:.0} (1 thread {p1:.0}), wharf {w2:.0}"),
+            format!(
+                "pyo3 {p2:.0} (1 thread {p1:.0}), wharf {w2:.0}; other work {other_cores:.2} cores"
+            ),
         ),
         (
             "Python os._exit / segfault: host survives? pyo3".into(),
