@@ -382,7 +382,6 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
     let worker_pid = one.worker_info()[0].pid;
     let worker_rss = rss_kib(&worker_pid.to_string());
     let worker_pss = proc_kib(&worker_pid.to_string(), "smaps_rollup", "Pss:");
-    one.shutdown().await;
     let (p50, p99, w50, w99) = (median(&p50), median(&p99), median(&w50), median(&w99));
     let (pmean, wmean) = (median(&pmean), median(&wmean));
 
@@ -395,16 +394,22 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
     let cpu_rounds = s.rounds * 2;
     let two = pool(env, callers).await?;
     wharf_cpu_rate(&two, callers, 2, n).await?;
-    let pids: Vec<u32> = two.worker_info().iter().map(|w| w.pid).collect();
+    let pids: Vec<u32> = [&one, &two]
+        .iter()
+        .flat_map(|p| p.worker_info())
+        .map(|w| w.pid)
+        .collect();
     let cpu_before = CpuTicks::read(&pids);
-    let (mut p1, mut p2, mut w2) = (vec![], vec![], vec![]);
+    let (mut p1, mut p2, mut w1, mut w2) = (vec![], vec![], vec![], vec![]);
     for _ in 0..cpu_rounds {
         p2.push(pyo3_cpu_rate(&f, callers, per, n).await?);
         w2.push(wharf_cpu_rate(&two, callers, per, n).await?);
         p1.push(pyo3_cpu_rate(&f, 1, callers * per, n).await?);
+        w1.push(wharf_cpu_rate(&one, 1, callers * per, n).await?);
     }
+    one.shutdown().await;
     let other_cores = cpu_before.other_cores(&CpuTicks::read(&pids));
-    let (p1, p2, w2) = (median(&p1), median(&p2), median(&w2));
+    let (p1, p2, w1, w2) = (median(&p1), median(&p2), median(&w1), median(&w2));
     let spin_ms = 1e3 / p1;
 
     // Crashes and a runaway call: in a child host for pyo3, on the same pool for wharf.
@@ -457,6 +462,7 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
             "call_ms": spin_ms,
             "pyo3_1_thread_calls_per_s": p1,
             "pyo3_2_threads_calls_per_s": p2,
+            "wharf_1_worker_calls_per_s": w1,
             "wharf_2_workers_calls_per_s": w2,
         },
         "crash": {
@@ -487,6 +493,7 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
         ("wharf_call_p99_over_pyo3_call_p99".into(), w99 / p99),
         ("wharf_cpu_throughput_over_pyo3".into(), w2 / p2),
         ("pyo3_cpu_2_threads_over_1_thread".into(), p2 / p1),
+        ("wharf_cpu_2_workers_over_1_worker".into(), w2 / w1),
         ("wharf_ready_over_pyo3_init".into(), ready / init),
         (
             "wharf_worker_rss_over_pyo3_growth".into(),
@@ -506,7 +513,8 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
         (
             format!("CPU-bound {spin_ms:.1} ms calls/s, {callers} callers"),
             format!(
-                "pyo3 {p2:.0} (1 thread {p1:.0}), wharf {w2:.0}; other work {other_cores:.2} cores"
+                "pyo3 {p2:.0} (1 thread {p1:.0}), wharf {w2:.0} (1 worker {w1:.0}); \
+                 other work {other_cores:.2} cores"
             ),
         ),
         (
