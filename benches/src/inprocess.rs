@@ -407,8 +407,9 @@ pub async fn inprocess(env: &Env, s: Scale) -> Outcome {
         p1.push(pyo3_cpu_rate(&f, 1, callers * per, n).await?);
         w1.push(wharf_cpu_rate(&one, 1, callers * per, n).await?);
     }
-    one.shutdown().await;
+    // Read while both pools' workers are alive: a gone worker's ticks would count as other work.
     let other_cores = cpu_before.other_cores(&CpuTicks::read(&pids));
+    one.shutdown().await;
     let (p1, p2, w1, w2) = (median(&p1), median(&p2), median(&w1), median(&w2));
     let spin_ms = 1e3 / p1;
 
