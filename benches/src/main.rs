@@ -8,6 +8,7 @@
 
 mod containers;
 mod floor;
+mod inprocess;
 mod rolling;
 mod scenarios;
 mod single_actor;
@@ -31,10 +32,14 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these scenarios (roundtrip, throughput, map, concurrent_io, checkout,
-    /// warm_vs_cold, recovery, payload, rolling, containers); all by default. `containers` needs a Docker engine and is
-    /// skipped, with a message, when none answers.
+    /// warm_vs_cold, recovery, payload, rolling, containers, inprocess); all by default.
+    /// `containers` needs a Docker engine and is skipped, with a message, when none answers.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Internal: run as a host that embeds Python (`startup`, `exit` or `segv`), for the
+    /// inprocess scenario.
+    #[arg(long, hide = true)]
+    pyo3_child: Option<String>,
 }
 
 /// How much of everything to do.
@@ -177,6 +182,9 @@ async fn main() -> anyhow::Result<()> {
         .join("..")
         .canonicalize()?;
     let env = Env { root };
+    if let Some(mode) = &args.pyo3_child {
+        return inprocess::child(mode, &env.root);
+    }
     check_python(&env)?;
     let scale = Scale::new(args.quick);
     let machine = machine();
@@ -236,6 +244,10 @@ async fn main() -> anyhow::Result<()> {
     if wanted("containers") {
         eprintln!("== containers");
         record("containers", containers::containers(&env, scale).await?);
+    }
+    if wanted("inprocess") {
+        eprintln!("== inprocess");
+        record("inprocess", inprocess::inprocess(&env, scale).await?);
     }
 
     println!("{:<58} result (median of interleaved rounds)", "measure");

@@ -1,4 +1,4 @@
-//! The scenarios but two (containers is in `containers.rs`, rolling in `rolling.rs`). Each returns (figures as JSON, ratios, table rows).
+//! The scenarios but three (containers is in `containers.rs`, rolling in `rolling.rs`, inprocess in `inprocess.rs`). Each returns (figures as JSON, ratios, table rows).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,11 +16,16 @@ use crate::{median, percentile, Env, Scale};
 pub(crate) type Outcome = anyhow::Result<(Json, Vec<(String, f64)>, Vec<(String, String)>)>;
 
 async fn pool(env: &Env, size: usize) -> anyhow::Result<Pool> {
-    let pool = Pool::builder(env.demo_spec())
-        .name("bench")
-        .size(size)
-        .build()
-        .await?;
+    ready_pool(env.demo_spec(), "bench", size).await
+}
+
+/// A pool of `size` workers of `spec`, all of them ready.
+pub(crate) async fn ready_pool(
+    spec: wharf::ProcessSpec,
+    name: &str,
+    size: usize,
+) -> anyhow::Result<Pool> {
+    let pool = Pool::builder(spec).name(name).size(size).build().await?;
     pool.wait_ready(size, Duration::from_secs(60)).await?;
     Ok(pool)
 }
