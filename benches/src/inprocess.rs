@@ -4,8 +4,9 @@
 //! - **Small call**: a trivial function (`echo` of 100 B), the GIL acquired per call as an
 //!   embedding's request handlers would, against a one-worker wharf pool's `echo`.
 //! - **CPU-bound throughput**: a pure-Python loop of a few ms, called by as many concurrent
-//!   callers as cores (2): two threads through pyo3 (the GIL serialises them; one thread
-//!   alone is the reference) against a wharf pool of 2 workers.
+//!   callers as cores (2): two threads through pyo3 (the GIL serialises them) against a wharf
+//!   pool of 2 workers; one thread and one worker alone are the references, and the cores
+//!   other work took meanwhile are measured.
 //! - **Crash**: the Python code ends its process (`os._exit`) or segfaults. In process, the
 //!   host goes down with it: shown in a child process (this binary with the hidden
 //!   `--pyo3-child` flag). Through wharf, the call fails with a typed error and the pool serves
