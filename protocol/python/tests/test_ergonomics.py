@@ -223,6 +223,15 @@ class ShutdownTests(unittest.TestCase):
                 self.assertEqual(self.marks(mark), ["finally"])
                 self.assertIn("non-daemon threads still running", peer.stderr_text())
 
+    def test_a_thread_pool_shut_down_at_exit_is_not_taken_for_a_stray_thread(self):
+        peer = Peer(support.DEMO + ["--max-concurrency", "2", "--threads", "2"], "fds")
+        self.addCleanup(peer.close)
+        self.assertEqual(peer.init()["status"], "ok", peer.stderr_text())
+        self.assertEqual(peer.call("sleep", 10)["t"], "ok")
+        peer.send({"t": "shutdown"})
+        self.assertEqual(peer.wait(), 0)
+        self.assertNotIn("non-daemon threads", peer.stderr_text())
+
     def test_finally_and_atexit_run_on_sigterm_even_mid_call(self):
         peer, mark = self.start()
         peer.request("call", method="slow", body=5000)

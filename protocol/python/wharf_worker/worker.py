@@ -997,12 +997,17 @@ def _bound_exit(status: int) -> None:
     handler left running would keep a stopped worker alive until the runtime kills it. If any
     runs, a daemon thread ends the process after :data:`EXIT_GRACE` seconds."""
     main = threading.main_thread()
-    stray = [t.name for t in threading.enumerate() if t is not main and not t.daemon]
+    stray = [t for t in threading.enumerate() if t is not main and not t.daemon]
+    # Threads already on their way out (a thread pool just shut down) get a moment first.
+    settle = time.monotonic() + 0.1
+    for t in stray:
+        t.join(max(0.0, settle - time.monotonic()))
+    stray = [t for t in stray if t.is_alive()]
     if not stray:
         return
     log.warning(
         "non-daemon threads still running (%s); exiting in %.1f s regardless",
-        ", ".join(stray), EXIT_GRACE,
+        ", ".join(t.name for t in stray), EXIT_GRACE,
     )
 
     def guard() -> None:
