@@ -40,6 +40,15 @@ struct Args {
     /// inprocess scenario.
     #[arg(long, hide = true)]
     pyo3_child: Option<String>,
+    /// For profilers: drive one saturated contender alone and print its rate, no scenario:
+    /// `wharf,WORKERS,IN_FLIGHT,CALLS`, or `floor|async-floor,WORKERS,_,CALLS` (the
+    /// hand-written loops, one per worker, blocking or on tokio's reactor).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "KIND,WORKERS,IN_FLIGHT,CALLS"
+    )]
+    drive: Vec<String>,
 }
 
 /// How much of everything to do.
@@ -186,6 +195,16 @@ async fn main() -> anyhow::Result<()> {
         return inprocess::child(mode, &env.root);
     }
     check_python(&env)?;
+    if !args.drive.is_empty() {
+        let [kind, workers, inflight, calls] = &args.drive[..] else {
+            bail!("--drive takes KIND,WORKERS,IN_FLIGHT,CALLS");
+        };
+        let n = |s: &str| s.parse::<usize>().context("--drive: not a number");
+        let (workers, inflight, calls) = (n(workers)?, n(inflight)?, n(calls)?);
+        let rate = scenarios::drive(&env, kind, workers, inflight, calls).await?;
+        println!("{kind}: {workers} workers, {inflight} in flight: {rate:.0} calls/s");
+        return Ok(());
+    }
     let scale = Scale::new(args.quick);
     let machine = machine();
     eprintln!("machine: {machine}");

@@ -226,6 +226,70 @@ async fn wharf_rate(pool: &Pool, inflight: usize, calls: usize) -> anyhow::Resul
     Ok(calls as f64 / t.elapsed().as_secs_f64())
 }
 
+/// One saturated contender alone (`--drive`), for a profiler (`perf`, `strace -c`): `calls`
+/// echo calls through a warmed-up pool of `workers` with `inflight` callers (`wharf`), or
+/// through `workers` hand-written loops, one per worker, blocking (`floor`) or on tokio's
+/// reactor (`async-floor`). Returns calls per second.
+pub async fn drive(
+    env: &Env,
+    kind: &str,
+    workers: usize,
+    inflight: usize,
+    calls: usize,
+) -> anyhow::Result<f64> {
+    match kind {
+        "wharf" => {
+            let pool = pool(env, workers).await?;
+            wharf_rate(&pool, workers, 200).await?;
+            let rate = wharf_rate(&pool, inflight, calls).await?;
+            pool.shutdown().await;
+            Ok(rate)
+        }
+        "floor" => {
+            let mut raw = raw_workers(env, workers)?;
+            floor_rate(&mut raw, workers, calls).await
+        }
+        "async-floor" => {
+            let mut raw = async_workers(env, workers)?;
+            async_floor_rate(&mut raw, calls).await
+        }
+        other => anyhow::bail!("--drive: unknown contender {other:?} (wharf, floor, async-floor)"),
+    }
+}
+
+fn raw_workers(env: &Env, n: usize) -> anyhow::Result<Vec<RawWorker>> {
+    (0..n).map(|_| RawWorker::spawn(env)).collect()
+}
+
+fn async_workers(env: &Env, n: usize) -> anyhow::Result<Vec<AsyncRawWorker>> {
+    (0..n)
+        .map(|_| RawWorker::spawn(env)?.into_async())
+        .collect()
+}
+
+/// Calls per second of independent hand-written loops on tokio's reactor, one task per worker:
+/// what wharf's pool costs over the reactor it runs on.
+async fn async_floor_rate(workers: &mut Vec<AsyncRawWorker>, calls: usize) -> anyhow::Result<f64> {
+    let per = calls / workers.len();
+    let t = Instant::now();
+    let tasks: Vec<_> = workers
+        .drain(..)
+        .map(|mut w| {
+            tokio::spawn(async move {
+                let b = Value::from("x");
+                for _ in 0..per {
+                    w.echo(&b).await?;
+                }
+                anyhow::Ok(w)
+            })
+        })
+        .collect();
+    for task in tasks {
+        workers.push(task.await??);
+    }
+    Ok((per * workers.len()) as f64 / t.elapsed().as_secs_f64())
+}
+
 /// Calls per second of independent raw pipe loops, one thread per worker.
 async fn floor_rate(
     workers: &mut Vec<RawWorker>,
@@ -311,16 +375,18 @@ pub async fn throughput(env: &Env, s: Scale) -> Outcome {
     let mut rows = Vec::new();
     for workers in [2usize, 4] {
         let pool = pool(env, workers).await?;
-        let mut raw: Vec<RawWorker> = (0..workers)
-            .map(|_| RawWorker::spawn(env))
-            .collect::<anyhow::Result<_>>()?;
+        let mut raw = raw_workers(env, workers)?;
+        let mut raw_async = async_workers(env, workers)?;
         wharf_rate(&pool, workers, 200).await?;
         for inflight in [1usize, 8, 64] {
-            let (mut w, mut f, mut p) = (vec![], vec![], vec![]);
+            let (mut w, mut f, mut a, mut p) = (vec![], vec![], vec![], vec![]);
             for _ in 0..s.rounds.min(5) {
                 w.push(wharf_rate(&pool, inflight, s.throughput_calls).await?);
                 // The floor keeps one call in flight per worker: more cannot help a pipe loop.
                 f.push(floor_rate(&mut raw, inflight.min(workers), s.throughput_calls).await?);
+                let mut used: Vec<_> = raw_async.drain(..inflight.min(workers)).collect();
+                a.push(async_floor_rate(&mut used, s.throughput_calls).await?);
+                raw_async.append(&mut used);
                 let r = python_pool(
                     env,
                     &[
@@ -334,14 +400,23 @@ pub async fn throughput(env: &Env, s: Scale) -> Outcome {
                 .await?;
                 p.push(r["calls_per_s"].as_f64().unwrap_or(0.0));
             }
-            let (w, f, p) = (median(&w), median(&f), median(&p));
+            let (w, f, a, p) = (median(&w), median(&f), median(&a), median(&p));
             figures.insert(
                 format!("w{workers}_inflight{inflight}"),
-                json!({"wharf_calls_per_s": w, "floor_calls_per_s": f, "ppe_map_calls_per_s": p}),
+                json!({
+                    "wharf_calls_per_s": w,
+                    "floor_calls_per_s": f,
+                    "async_floor_calls_per_s": a,
+                    "ppe_map_calls_per_s": p,
+                }),
             );
             ratios.push((
                 format!("throughput_w{workers}_c{inflight}_wharf_over_floor"),
                 w / f,
+            ));
+            ratios.push((
+                format!("throughput_w{workers}_c{inflight}_wharf_over_async_floor"),
+                w / a,
             ));
             ratios.push((
                 format!("throughput_w{workers}_c{inflight}_wharf_over_ppe"),
@@ -349,7 +424,7 @@ pub async fn throughput(env: &Env, s: Scale) -> Outcome {
             ));
             rows.push((
                 format!("throughput {workers} workers, {inflight} in flight (calls/s)"),
-                format!("wharf {w:.0}, floor {f:.0}, PPE.map {p:.0}"),
+                format!("wharf {w:.0}, floor {f:.0}, async floor {a:.0}, PPE.map {p:.0}"),
             ));
         }
         pool.shutdown().await;
