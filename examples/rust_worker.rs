@@ -11,11 +11,16 @@
 //! - `state_set` `{"key": str, "value": any}` / `state_get` `{"key": str}`: per-session state,
 //!   cleared when the runtime sends `reset` (the session using this worker ended).
 //!
-//! Check it (fds 3/4, then stdin/stdout):
+//! `echo` and `wait` are stateless, so they are registered as concurrent methods: started with
+//! `--max-concurrency N`, the worker declares N in its init pong and serves up to N of them at
+//! once on handler threads (the other methods still run one at a time).
+//!
+//! Check it (fds 3/4, then stdin/stdout, then serving 4 calls at once):
 //! ```text
 //! cargo build --bin wharf-example-worker
 //! cargo run --bin wharf -- check -- target/debug/wharf-example-worker
 //! cargo run --bin wharf -- check --stdio -- target/debug/wharf-example-worker
+//! cargo run --bin wharf -- check -- target/debug/wharf-example-worker --max-concurrency 4
 //! ```
 
 use std::cell::RefCell;
@@ -39,13 +44,30 @@ fn missing(key: &str) -> HandlerError {
     HandlerError::new("bad_request", format!("the body needs a {key:?} field"))
 }
 
+/// `--max-concurrency N` from the command line (1 without it).
+fn max_concurrency() -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--max-concurrency") {
+        None => 1,
+        Some(i) => match args.get(i + 1).and_then(|n| n.parse().ok()) {
+            Some(n) => n,
+            None => {
+                eprintln!("rust_worker: --max-concurrency needs a number");
+                std::process::exit(2);
+            }
+        },
+    }
+}
+
 fn main() {
-    // Handlers run one at a time on this thread, so state is shared with Rc<RefCell<..>>.
+    // Methods registered with `method` run one at a time on this thread, so their state is
+    // shared with Rc<RefCell<..>>; concurrent methods must be `Send + Sync`.
     let state: Rc<RefCell<HashMap<String, Value>>> = Rc::default();
     let (for_set, for_get, for_reset) = (state.clone(), state.clone(), state);
 
     let served = Worker::new()
-        .method("echo", |call| Ok(call.body.clone()))
+        .max_concurrency(max_concurrency())
+        .concurrent_method("echo", |call| Ok(call.body.clone()))
         // A handler error becomes an `error` reply; the worker keeps serving.
         .method("fail", |call| {
             Err(HandlerError::new(
@@ -55,7 +77,7 @@ fn main() {
         })
         // Cancellation is cooperative: `Call::sleep` (like `Call::check`) ends the call with
         // the protocol's error kind once it is cancelled or out of time.
-        .method("wait", |call| {
+        .concurrent_method("wait", |call| {
             let ms = field(call, "ms")
                 .and_then(Value::as_u64)
                 .ok_or_else(|| missing("ms"))?;

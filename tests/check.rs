@@ -123,10 +123,25 @@ async fn the_python_demo_conforms_over_stdio() {
 #[tokio::test]
 async fn the_python_demo_serving_many_calls_at_once_conforms_and_passes_the_concurrency_check() {
     let report = check(python_demo(&["--max-concurrency", "8"]), opts()).await;
+    assert_passes(&report, &with_concurrency_check());
+}
+
+/// Every check, with the concurrency check where it runs (after `session`).
+fn with_concurrency_check() -> Vec<&'static str> {
     let mut expected = CHECKS.to_vec();
     let after = expected.iter().position(|n| *n == "session").unwrap() + 1;
     expected.insert(after, CONCURRENCY_CHECK);
-    assert_passes(&report, &expected);
+    expected
+}
+
+#[tokio::test]
+async fn the_rust_example_serving_many_calls_at_once_conforms_and_passes_the_concurrency_check() {
+    for channel in [Channel::Fds, Channel::Stdio] {
+        let spec = rust_worker()
+            .args(["--max-concurrency", "8"])
+            .channel(channel);
+        assert_passes(&check(spec, opts()).await, &with_concurrency_check());
+    }
 }
 
 #[tokio::test]

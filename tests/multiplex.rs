@@ -120,6 +120,35 @@ async fn a_multiplexed_worker_killed_with_n_calls_in_flight_fails_exactly_those_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_sdk_worker_serves_pool_calls_at_once_and_its_death_fails_exactly_those_calls() {
+    const N: usize = 5;
+    init_logs();
+    let spec = wharf::ProcessSpec::new(env!("CARGO_BIN_EXE_wharf-example-worker"))
+        .args(["--max-concurrency", "8"]);
+    let pool = ready(Pool::builder(spec).size(1), 1).await;
+    let pid = pool.worker_pids()[0];
+    let wait = |_| Value::Map(vec![(Value::from("ms"), Value::from(60_000))]);
+    let calls = spawn_calls(&pool, N, "wait", wait);
+    assert!(eventually(SETTLE, || pool.stats().calls == N as u64).await);
+    // Served one at a time, this echo would queue behind five minutes of waits.
+    let echo = pool.call::<Value>("echo", &"beside them");
+    let echoed = tokio::time::timeout(Duration::from_secs(20), echo).await;
+    assert_eq!(echoed.unwrap().unwrap(), Value::from("beside them"));
+    sigkill(pid);
+    let mut died = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Err(Error::WorkerDied { .. }) => died += 1,
+            other => panic!("expected WorkerDied, got {other:?}"),
+        }
+    }
+    assert_eq!(died, N);
+    assert_eq!(pool.stats().errors.get("worker_died"), Some(&(N as u64)));
+    assert!(eventually(SETTLE, || pool.state().idle == 1).await);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_overrun_kills_a_multiplexed_worker_and_says_so_to_its_other_calls() {
     // Sync `sleep` handlers in threads: they ignore deadline_ms, so the runtime enforces it.
     let pool = ready(one_worker(8, &["--threads", "8"]), 1).await;

@@ -8,6 +8,11 @@
 //! `shutdown` and a violation received cancel the running call too. Serving ends with `Ok` on
 //! EOF or `shutdown` (exit 0) and with an error on a violation (exit non-zero).
 //!
+//! A worker may serve several calls at once: [`Worker::max_concurrency`] declares how many in
+//! its init pong, and methods registered with [`Worker::concurrent_method`] (`Fn + Send +
+//! Sync`) then run on that many handler threads, their replies written as they finish, in any
+//! order (request ids route them).
+//!
 //! ```no_run
 //! use wharf_protocol::worker::{Worker, Value};
 //!
@@ -143,6 +148,85 @@ impl Incoming {
     }
 }
 
+/// What the serving loop handles next: a message from the runtime, or a call that a handler
+/// thread finished.
+enum Step {
+    Message(Incoming),
+    Finished {
+        id: u64,
+        result: Result<Value, HandlerError>,
+    },
+}
+
+type Events = mpsc::Sender<Result<Option<Step>, ProtocolError>>;
+
+/// The handler threads of a worker serving several calls at once: they take calls of
+/// concurrent methods from a queue and send each result back to the serving loop, which alone
+/// writes to the channel.
+struct HandlerThreads {
+    jobs: mpsc::Sender<(Shared, Call)>,
+    /// What the init pong declares.
+    declared: u32,
+}
+
+impl HandlerThreads {
+    /// Starts `max_concurrency` threads if the worker serves several calls at once.
+    fn start(worker: &Worker, events: &Events) -> Result<Option<Self>, ServeError> {
+        let n = worker.max_concurrency;
+        if n <= 1 {
+            return Ok(None);
+        }
+        let declared = u32::try_from(n)
+            .map_err(|_| ServeError::Config(format!("max_concurrency {n} is too large")))?;
+        let (jobs, queue) = mpsc::channel::<(Shared, Call)>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..n {
+            let (queue, events) = (queue.clone(), events.clone());
+            std::thread::Builder::new()
+                .name(format!("wharf-handler-{i}"))
+                .spawn(move || loop {
+                    let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((handler, call)) = job else {
+                        return;
+                    };
+                    let result = run_caught(handler.as_ref(), &call);
+                    let finished = Step::Finished {
+                        id: call.id,
+                        result,
+                    };
+                    if events.send(Ok(Some(finished))).is_err() {
+                        return;
+                    }
+                })
+                .map_err(|e| ServeError::Config(format!("cannot start a handler thread: {e}")))?;
+        }
+        Ok(Some(Self { jobs, declared }))
+    }
+
+    /// Queues a call for the next free handler thread.
+    fn run(&self, handler: Shared, call: Call) {
+        // The threads end only once this sender is dropped.
+        let _ = self.jobs.send((handler, call));
+    }
+}
+
+/// Runs a concurrent method's handler; a panic becomes an error of kind `panic`.
+fn run_caught(
+    handler: &(dyn Fn(&Call) -> Result<Value, HandlerError> + Send + Sync),
+    call: &Call,
+) -> Result<Value, HandlerError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(call))).unwrap_or_else(
+        |panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "the handler panicked".to_owned());
+            Err(HandlerError::new("panic", message))
+        },
+    )
+}
+
 /// An error a handler returns: becomes an `error` reply; the worker keeps serving.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
@@ -200,12 +284,15 @@ impl ChunkSink<'_> {
 }
 
 type Unary = Box<dyn FnMut(&Call) -> Result<Value, HandlerError>>;
+type Shared = Arc<dyn Fn(&Call) -> Result<Value, HandlerError> + Send + Sync>;
 type Streaming = Box<dyn FnMut(&Call, &mut ChunkSink<'_>) -> Result<Value, HandlerError>>;
 type Hook = Box<dyn FnMut() -> Result<(), HandlerError>>;
 
 enum Handler {
     Unary(Unary),
     Streaming(Streaming),
+    /// May run on a handler thread, beside other calls.
+    Concurrent(Shared),
 }
 
 /// A worker: a set of handlers and hooks, served with [`Worker::serve`].
@@ -214,6 +301,8 @@ pub struct Worker {
     handlers: BTreeMap<String, Handler>,
     on_init: Vec<Hook>,
     on_reset: Vec<Hook>,
+    /// Calls served at once (0 and 1: one at a time).
+    max_concurrency: usize,
 }
 
 impl Worker {
@@ -241,6 +330,34 @@ impl Worker {
     {
         self.handlers
             .insert(name.to_owned(), Handler::Streaming(Box::new(handler)));
+        self
+    }
+
+    /// Registers a method whose calls may run at the same time as other calls, on one of the
+    /// worker's handler threads (see [`Worker::max_concurrency`]): what an I/O-bound method
+    /// (a request to another service, a database query) wants. Without `max_concurrency` it
+    /// runs one call at a time, like [`Worker::method`]. A panic in it becomes an `error`
+    /// reply of kind `panic` for that call; the worker keeps serving.
+    #[must_use]
+    pub fn concurrent_method<F>(mut self, name: &str, handler: F) -> Self
+    where
+        F: Fn(&Call) -> Result<Value, HandlerError> + Send + Sync + 'static,
+    {
+        self.handlers
+            .insert(name.to_owned(), Handler::Concurrent(Arc::new(handler)));
+        self
+    }
+
+    /// Declares, in the init pong, that the worker serves up to `n` calls at once: the
+    /// runtime then sends it up to `n` of its pool's calls before the first has answered.
+    /// Methods registered with [`Worker::concurrent_method`] run on `n` handler threads;
+    /// the others still run one at a time on the serving thread, and while one of those runs
+    /// the replies of finished concurrent calls wait for it. Sessions and leases still hold
+    /// the worker alone. Only [`Worker::serve`] and [`Worker::serve_on_threaded`] serve
+    /// calls at once; [`Worker::serve_on`] reads its input only between calls and declares 1.
+    #[must_use]
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.max_concurrency = n;
         self
     }
 
@@ -334,13 +451,13 @@ impl Worker {
         output: W,
         max_frame: usize,
     ) -> Result<(), ServeError> {
-        let next = move || -> Result<Option<Incoming>, ProtocolError> {
+        let next = move || -> Result<Option<Step>, ProtocolError> {
             match read_frame(&mut input, max_frame)? {
                 None => Ok(None),
-                Some(payload) => Ok(Some(Incoming::new(decode(&payload)?))),
+                Some(payload) => Ok(Some(Step::Message(Incoming::new(decode(&payload)?)))),
             }
         };
-        self.run(next, output, max_frame, |_| {})
+        self.run(next, None, output, max_frame, |_| {})
     }
 
     /// Serves on the given reader and writer with a reader thread that reads the runtime's
@@ -359,6 +476,7 @@ impl Worker {
         W: Write,
     {
         let (tx, rx) = mpsc::channel();
+        let handlers = HandlerThreads::start(&self, &tx)?;
         let calls = Calls::default();
         let theirs = calls.clone();
         std::thread::Builder::new()
@@ -366,24 +484,33 @@ impl Worker {
             .spawn(move || read_ahead(input, max_frame, &tx, &theirs))
             .map_err(|e| ServeError::Config(format!("cannot start the reader thread: {e}")))?;
         let next = move || rx.recv().unwrap_or(Ok(None));
-        self.run(next, output, max_frame, |id| calls.ended(id))
+        self.run(next, handlers, output, max_frame, |id| calls.ended(id))
     }
 
     /// The serving loop: handles each message `next` yields until it yields `None` (EOF) or
-    /// `shutdown` comes.
+    /// `shutdown` comes, and writes the replies of calls that `handlers` ran.
     fn run<W: Write>(
         mut self,
-        mut next: impl FnMut() -> Result<Option<Incoming>, ProtocolError>,
+        mut next: impl FnMut() -> Result<Option<Step>, ProtocolError>,
+        handlers: Option<HandlerThreads>,
         mut output: W,
         max_frame: usize,
         mut call_ended: impl FnMut(u64),
     ) -> Result<(), ServeError> {
-        while let Some(Incoming {
-            msg,
-            received,
-            cancelled,
-        }) = next()?
-        {
+        let declared = handlers.as_ref().map(|h| h.declared);
+        while let Some(step) = next()? {
+            let Incoming {
+                msg,
+                received,
+                cancelled,
+            } = match step {
+                Step::Message(incoming) => incoming,
+                Step::Finished { id, result } => {
+                    call_ended(id);
+                    reply(&mut output, id, result, max_frame)?;
+                    continue;
+                }
+            };
             match msg {
                 ToWorker::Init { id, .. } => {
                     let failure = self
@@ -402,7 +529,7 @@ impl Worker {
                         pid: std::process::id(),
                         methods: self.handlers.keys().cloned().collect(),
                         message: failure.clone(),
-                        max_concurrency: None,
+                        max_concurrency: declared,
                     };
                     write_msg(&mut output, &pong, max_frame)?;
                     if let Some(reason) = failure {
@@ -430,6 +557,14 @@ impl Worker {
                             kinds::UNKNOWN_METHOD,
                             format!("no method named {:?}", call.method),
                         )),
+                        Some(Handler::Concurrent(f)) => match &handlers {
+                            Some(threads) => {
+                                // Its reply comes back as a `Step::Finished`.
+                                threads.run(f.clone(), call);
+                                continue;
+                            }
+                            None => run_caught(f.as_ref(), &call),
+                        },
                         Some(Handler::Unary(f)) => f(&call),
                         Some(Handler::Streaming(f)) => {
                             let mut sink = ChunkSink {
@@ -455,8 +590,8 @@ impl Worker {
                 ToWorker::Ping { id } => {
                     write_msg(&mut output, &FromWorker::Pong { id }, max_frame)?
                 }
-                // Calls run one at a time: the reader thread has already marked the call a
-                // cancel names (if it was still running); here it has ended.
+                // The reader thread has already marked the call a cancel names, if it was
+                // still running; here it has ended (or runs on a handler thread).
                 ToWorker::Cancel { .. } => {}
                 ToWorker::Shutdown { .. } => return Ok(()),
             }
@@ -499,12 +634,7 @@ impl Calls {
 /// The reader thread of [`Worker::serve_on_threaded`]: reads messages ahead of the serving
 /// loop, and marks a call cancelled when a `cancel` naming it arrives before it has ended, or
 /// every unfinished call when serving is about to end (EOF, `shutdown`, a violation).
-fn read_ahead<R: Read>(
-    mut input: R,
-    max_frame: usize,
-    tx: &mpsc::Sender<Result<Option<Incoming>, ProtocolError>>,
-    calls: &Calls,
-) {
+fn read_ahead<R: Read>(mut input: R, max_frame: usize, tx: &Events, calls: &Calls) {
     loop {
         let read = read_frame(&mut input, max_frame)
             .and_then(|payload| payload.map(|p| decode::<ToWorker>(&p)).transpose());
@@ -537,7 +667,7 @@ fn read_ahead<R: Read>(
             }
             _ => false,
         };
-        if tx.send(Ok(Some(incoming))).is_err() || last {
+        if tx.send(Ok(Some(Step::Message(incoming)))).is_err() || last {
             return;
         }
     }

@@ -2,9 +2,11 @@
 //! `Worker::serve` uses) over a socket pair: `cancel`, `deadline_ms`, EOF, `shutdown` and
 //! violations while a call runs.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Barrier};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,10 +27,15 @@ struct Peer {
 
 impl Peer {
     fn start() -> Self {
+        Self::serving(|w| w)
+    }
+
+    /// A worker with this file's methods, changed by `build`, served on a thread.
+    fn serving(build: impl FnOnce(Worker) -> Worker + Send + 'static) -> Self {
         let (sock, theirs) = UnixStream::pair().unwrap();
         let worker = std::thread::spawn(move || {
             let output = theirs.try_clone().unwrap();
-            Worker::new()
+            build(Worker::new())
                 .method("echo", |c| Ok(c.body.clone()))
                 .method("wait", |c| {
                     let ms = c.body.as_u64().unwrap_or(0);
@@ -217,4 +224,146 @@ fn an_init_of_another_version_is_answered_with_ours() {
             body: Value::from(1)
         })
     );
+}
+
+/// A worker serving up to `n` calls at once, with concurrent methods: `meet` returns only once
+/// `n` calls of it are running together (so it cannot pass one call at a time), `wait` sleeps,
+/// `boom` panics.
+fn concurrent(n: usize) -> Peer {
+    let meeting = Arc::new(Barrier::new(n));
+    Peer::serving(move |w| {
+        w.max_concurrency(n)
+            .concurrent_method("meet", move |c| {
+                meeting.wait();
+                Ok(c.body.clone())
+            })
+            .concurrent_method("nap", |c| {
+                c.sleep(Duration::from_millis(c.body.as_u64().unwrap_or(0)))?;
+                Ok(c.body.clone())
+            })
+            .concurrent_method("boom", |_| panic!("boom went the handler"))
+    })
+}
+
+fn init(p: &mut Peer) -> Option<u32> {
+    p.send(&ToWorker::Init { id: 0, version: 1 });
+    match p.recv() {
+        Some(FromWorker::InitPong {
+            status: InitStatus::Ok,
+            max_concurrency,
+            ..
+        }) => max_concurrency,
+        other => panic!("expected an init pong, got {other:?}"),
+    }
+}
+
+/// Replies to `n` calls, by id.
+fn replies(p: &mut Peer, n: usize) -> BTreeMap<u64, FromWorker> {
+    (0..n)
+        .map(|_| {
+            let reply = p.recv().expect("a reply");
+            (reply.id(), reply)
+        })
+        .collect()
+}
+
+#[test]
+fn a_concurrent_worker_declares_its_concurrency_and_serves_that_many_calls_at_once() {
+    let mut p = concurrent(4);
+    assert_eq!(init(&mut p), Some(4));
+    // Four calls that each wait for the other three: served one at a time, none would return.
+    for id in 1..=4 {
+        p.call(id, "meet", Value::from(id), None);
+    }
+    let got = replies(&mut p, 4);
+    for id in 1..=4 {
+        assert_eq!(
+            got.get(&id),
+            Some(&FromWorker::Ok {
+                id,
+                body: Value::from(id)
+            })
+        );
+    }
+}
+
+#[test]
+fn concurrent_calls_reply_as_they_finish_and_a_cancel_stops_only_its_call() {
+    let mut p = concurrent(3);
+    init(&mut p);
+    p.call(1, "nap", Value::from(60_000), None);
+    p.call(2, "nap", Value::from(60_000), None);
+    p.call(3, "nap", Value::from(20), None);
+    // The short one answers first, though it came last.
+    assert_eq!(
+        p.recv(),
+        Some(FromWorker::Ok {
+            id: 3,
+            body: Value::from(20)
+        })
+    );
+    // A ping is answered while two calls run.
+    p.send(&ToWorker::Ping { id: 9 });
+    assert_eq!(p.recv(), Some(FromWorker::Pong { id: 9 }));
+    p.send(&ToWorker::Cancel { id: 2 });
+    assert_eq!(error_kind(p.recv(), 2), kinds::CANCELLED);
+    p.send(&ToWorker::Cancel { id: 1 });
+    assert_eq!(error_kind(p.recv(), 1), kinds::CANCELLED);
+}
+
+#[test]
+fn a_panicking_concurrent_handler_fails_its_call_and_the_worker_keeps_serving() {
+    let mut p = concurrent(2);
+    init(&mut p);
+    p.call(1, "boom", Value::Nil, None);
+    match p.recv() {
+        Some(FromWorker::Error {
+            id: 1,
+            kind,
+            message,
+        }) => {
+            assert_eq!(kind, "panic");
+            assert!(message.contains("boom went the handler"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Both handler threads still serve.
+    p.call(2, "meet", Value::from(2), None);
+    p.call(3, "meet", Value::from(3), None);
+    assert_eq!(replies(&mut p, 2).len(), 2);
+    p.call(4, "echo", Value::from(4), None);
+    assert_eq!(
+        p.recv(),
+        Some(FromWorker::Ok {
+            id: 4,
+            body: Value::from(4)
+        })
+    );
+}
+
+#[test]
+fn eof_with_concurrent_calls_running_cancels_them_and_ends_serving_cleanly() {
+    let mut p = concurrent(2);
+    init(&mut p);
+    p.call(1, "nap", Value::from(60_000), None);
+    p.call(2, "nap", Value::from(60_000), None);
+    std::thread::sleep(Duration::from_millis(50));
+    p.sock.shutdown(Shutdown::Write).unwrap();
+    p.ended().unwrap();
+}
+
+#[test]
+fn without_max_concurrency_concurrent_methods_run_one_at_a_time_and_none_is_declared() {
+    let mut p = Peer::serving(|w| {
+        w.concurrent_method("nap", |c| {
+            c.sleep(Duration::from_millis(c.body.as_u64().unwrap_or(0)))?;
+            Ok(c.body.clone())
+        })
+    });
+    assert_eq!(init(&mut p), None);
+    p.call(1, "nap", Value::from(100), None);
+    p.call(2, "nap", Value::from(0), None);
+    // One at a time: the second answers after the first, though it is shorter.
+    assert_eq!(p.recv().map(|r| r.id()), Some(1));
+    assert_eq!(p.recv().map(|r| r.id()), Some(2));
 }
