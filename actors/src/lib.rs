@@ -7,6 +7,7 @@
 //! [`supervisor::PoolEvents`].
 
 pub mod engine;
+pub mod fleet;
 pub mod port;
 pub mod restart;
 pub mod supervisor;

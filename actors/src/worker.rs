@@ -204,6 +204,8 @@ pub struct WorkerShared {
     /// Its successor is ready (or its slot was removed): it serves no new caller; the reason.
     superseded: OnceLock<String>,
     shares: Mutex<Shares>,
+    /// The name of the engine hosting it (a container worker of a pool with a fleet).
+    engine: Option<String>,
 }
 
 impl WorkerShared {
@@ -224,6 +226,7 @@ impl WorkerShared {
             replacing: AtomicBool::new(false),
             superseded: OnceLock::new(),
             shares: Mutex::new(Shares::default()),
+            engine: None,
         }
     }
 
@@ -232,6 +235,18 @@ impl WorkerShared {
     pub fn with_limits(mut self, limits: RecycleLimits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Names the engine hosting the worker.
+    #[must_use]
+    pub fn with_engine(mut self, engine: impl Into<String>) -> Self {
+        self.engine = Some(engine.into());
+        self
+    }
+
+    /// The name of the engine hosting the worker, if its pool spreads over a fleet.
+    pub fn engine(&self) -> Option<&str> {
+        self.engine.as_deref()
     }
 
     /// This worker's own recycling limits (jitter already applied).

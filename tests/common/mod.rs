@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -137,6 +139,47 @@ fn needs_docker(test: &str, why: &str) {
         std::io::stderr(),
         "\n*** SKIPPED {test}: it needs Docker, but {why}. (Under CI=true this is a failure.) ***"
     );
+}
+
+/// The local engine and the demo worker's container spec over `transport` (the host-Python
+/// image, built if missing), or `None` (after a loud notice) if the test must skip.
+pub async fn demo_container(
+    test: &str,
+    transport: wharf::Transport,
+) -> Option<(wharf::Engine, wharf::ContainerSpec)> {
+    let engine = docker_engine(test).await?;
+    init_logs();
+    let opts = wharf::image::HostPythonOptions {
+        worker_package: Some(python_path().into()),
+        ..wharf::image::HostPythonOptions::default()
+    };
+    let img = wharf::image::ensure_host_python(&engine, &opts)
+        .await
+        .expect("the host-Python image builds");
+    let spec = img
+        .spec(["-m", "wharf_worker.demo"])
+        .transport(transport)
+        .init_timeout(Duration::from_secs(30));
+    Some((engine, spec))
+}
+
+/// The containers of pool `pool`: running ones, or all (`all`).
+pub async fn pool_containers(
+    engine: &wharf::Engine,
+    pool: &str,
+    all: bool,
+) -> Vec<bollard::models::ContainerSummary> {
+    let filters =
+        std::collections::HashMap::from([("label".to_owned(), vec![format!("wharf.pool={pool}")])]);
+    engine
+        .docker()
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
 }
 
 /// The target directory this test binary was built in.

@@ -84,6 +84,17 @@ impl WorkerSpec {
         }
     }
 
+    /// Places a container worker on `engine` (a process worker runs here whatever it says).
+    #[must_use]
+    pub fn on_engine(self, engine: &crate::engine::Engine) -> Self {
+        match self {
+            WorkerSpec::Container(spec) => {
+                WorkerSpec::Container(Box::new(spec.engine(engine.clone())))
+            }
+            other => other,
+        }
+    }
+
     /// How long the worker may take to answer the init ping.
     pub fn init_timeout(&self) -> Duration {
         match self {
