@@ -325,3 +325,41 @@ async fn a_cut_link_ends_calls_at_their_deadline_and_the_healed_host_is_swept() 
     assert_eq!(reply, Value::from("after"));
     pool.shutdown().await;
 }
+
+/// `container_pool --config FILE`, as a user runs it over the engines a file lists: under
+/// `docker kill`s on both hosts, every call is accounted for, none hangs, the workers are spread
+/// two and two, and nothing of the pool is left on either host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_pool_example_runs_over_the_engines_a_file_lists() {
+    let test = "the_container_pool_example_runs_over_the_engines_a_file_lists";
+    if docker_engine(test).await.is_none() {
+        return;
+    }
+    let Some(fleet) = Fleet::start(test).await else {
+        return;
+    };
+    let out = tokio::process::Command::new(example_exe("container_pool"))
+        .args(["--workers", "4", "--calls", "3000", "--concurrency", "8"])
+        .args(["--kill-every", "700", "--json", "--config"])
+        .arg(fleet.config_file())
+        .output()
+        .await
+        .expect("container_pool runs");
+    let summary = example_summary(&out, 3000);
+    assert_eq!(summary["transport"], "attach");
+    assert_eq!(summary["recovered"], true);
+    assert_eq!(summary["containers_left"], 0);
+    assert_eq!(
+        summary["workers_by_engine"],
+        serde_json::json!({"h2": 2, "h3": 2})
+    );
+    let failed = summary["failed"].as_u64().unwrap();
+    assert!(
+        failed <= summary["kills"].as_u64().unwrap() * 2,
+        "{summary}"
+    );
+    for i in 0..2 {
+        let engine = fleet.engine_by_socket(i).await;
+        assert_eq!(containers(&engine, "container-pool", true).await.len(), 0);
+    }
+}

@@ -189,6 +189,7 @@ pub struct ConfigFile {
     origin: String,
     runtime: RuntimeSettings,
     pools: BTreeMap<String, PoolConfig>,
+    engines: BTreeMap<String, FleetEngine>,
 }
 
 impl ConfigFile {
@@ -271,6 +272,7 @@ impl ConfigFile {
             origin: origin.to_owned(),
             runtime: raw.runtime.into(),
             pools,
+            engines,
         })
     }
 
@@ -297,6 +299,11 @@ impl ConfigFile {
     /// Every pool's configuration, by name.
     pub fn configs(&self) -> impl Iterator<Item = &PoolConfig> {
         self.pools.values()
+    }
+
+    /// The `[[engines]]` the file lists, by name (not contacted: each may be down now).
+    pub fn engines(&self) -> impl Iterator<Item = &FleetEngine> {
+        self.engines.values()
     }
 
     /// A builder for the pool `name`, to adjust in code before [`PoolBuilder::build`].

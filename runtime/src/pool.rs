@@ -1586,6 +1586,29 @@ impl Pool {
             if let Err(e) = swept {
                 tracing::warn!(pool = %inner.config.name, error = %e, "cannot remove the pool's containers");
             }
+            // And on every engine of its fleet (what one that does not answer keeps is swept
+            // by the pool of this name a later runtime starts on it).
+            if let Some(fleet) = &inner.fleet {
+                let limit = inner.config.engine_health.timeout * 5;
+                let sweeps = (0..fleet.len()).map(|i| {
+                    let engine = fleet.engine(i).engine.clone();
+                    async move {
+                        let swept = tokio::time::timeout(limit, container::sweep(&engine, mine));
+                        (engine.name().to_owned(), swept.await)
+                    }
+                });
+                for (engine, swept) in futures::future::join_all(sweeps).await {
+                    match swept {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(pool = %inner.config.name, engine, error = %e, "cannot remove the pool's containers")
+                        }
+                        Err(_) => {
+                            tracing::warn!(pool = %inner.config.name, engine, "the engine did not answer the sweep of the pool's containers")
+                        }
+                    }
+                }
+            }
         }
         // Every worker is gone: the gauges say so now, not at a sample that may never come.
         inner.rss_total.store(0, Ordering::Relaxed);

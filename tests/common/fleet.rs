@@ -309,6 +309,13 @@ impl Fleet {
             .collect()
     }
 
+    /// A configuration file listing the hosts' engines (`[[engines]]`), in the fleet's folder.
+    pub fn config_file(&self) -> PathBuf {
+        let path = self.base.join("fleet.toml");
+        std::fs::write(&path, self.engines_toml()).expect("the fleet's folder is writable");
+        path
+    }
+
     /// SIGKILLs host `i`'s dockerd (its containers keep running under their shims, as on a
     /// real host whose daemon crashed).
     pub fn kill_dockerd(&mut self, i: usize) {

@@ -182,6 +182,37 @@ pub async fn pool_containers(
         .unwrap()
 }
 
+/// An example's binary, built next to the test binaries by `cargo test`.
+pub fn example_exe(name: &str) -> PathBuf {
+    // <target>/<profile>/deps/<test binary> -> <target>/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.ancestors()
+        .nth(2)
+        .expect("a test binary lives in <target>/<profile>/deps")
+        .join("examples")
+        .join(name)
+}
+
+/// The `--json` summary an example printed on its last line, after checking that it exited
+/// successfully, that none of its `calls` hung and that every one is accounted for.
+pub fn example_summary(out: &std::process::Output, calls: u64) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    println!("{summary}");
+    assert_eq!(summary["hung"], 0);
+    let (ok, failed) = (
+        summary["ok"].as_u64().unwrap(),
+        summary["failed"].as_u64().unwrap(),
+    );
+    assert_eq!(ok + failed, calls, "every call is accounted for");
+    summary
+}
+
 /// The target directory this test binary was built in.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
