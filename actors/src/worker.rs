@@ -570,8 +570,14 @@ impl Actor for WorkerActor {
         match msg {
             WorkerMsg::PortClosed => {
                 // The reap can overtake the reader: let it report what the worker last sent
-                // (bounded: a grandchild may hold the channel open).
-                state.port.reader_finished(READER_GRACE).await;
+                // (bounded: a grandchild may hold the channel open). Not for a worker whose
+                // engine is lost: its stream will say nothing more.
+                if !matches!(
+                    state.port.close_reason(),
+                    Some(PortError::EngineLost { .. })
+                ) {
+                    state.port.reader_finished(READER_GRACE).await;
+                }
                 let kind = match (state.port.exit_status(), state.port.close_reason()) {
                     (_, Some(PortError::ProtocolViolation { reason })) => {
                         ExitKind::Crashed(PortError::ProtocolViolation { reason })

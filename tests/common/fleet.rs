@@ -217,35 +217,16 @@ impl Fleet {
                 std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
             }
             std::fs::write(dir.join("daemon.json"), "{}").map_err(|e| e.to_string())?;
-            let log = std::fs::File::create(dir.join("dockerd.log")).map_err(|e| e.to_string())?;
-            let p = |name: &str| dir.join(name).display().to_string();
-            let c = |name: &str| certs.join(name).display().to_string();
-            let daemon = Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{netns}"))
-                .args(["--", "dockerd", "--config-file", &p("daemon.json")])
-                .args(["--data-root", &p("data"), "--exec-root", &p("exec")])
-                .args(["--pidfile", &p("docker.pid")])
-                .args(["--host", &format!("unix://{}", p("docker.sock"))])
-                .args(["--host", &format!("tcp://{ip}:2376")])
-                .args(["--tlsverify", "--tlscacert", &c("ca.pem")])
-                .args(["--tlscert", &c(&format!("server{n}-cert.pem"))])
-                .args(["--tlskey", &c(&format!("server{n}-key.pem"))])
-                .args(["--bridge", "none", "--iptables=false", "--ip-masq=false"])
-                .args(["--storage-driver", "overlay2"])
-                .args(["--cgroup-parent", &format!("/{netns}")])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().map_err(|e| e.to_string())?)
-                .stderr(log)
-                .spawn()
-                .map_err(|e| format!("dockerd: {e}"))?;
-            self.hosts.push(Host {
+            let mut host = Host {
                 name: format!("h{n}"),
                 ip: ip.clone(),
                 netns,
                 bridge_port: port,
                 dir,
-                daemon: Some(daemon),
-            });
+                daemon: None,
+            };
+            host.daemon = Some(spawn_dockerd(&host, &certs)?);
+            self.hosts.push(host);
         }
         Ok(())
     }
@@ -325,6 +306,34 @@ impl Fleet {
         }
     }
 
+    /// Starts host `i`'s dockerd again (after [`Fleet::kill_dockerd`]) and waits until it
+    /// answers; its containers from before are gone (the daemon kills what it finds).
+    pub async fn restart_dockerd(&mut self, i: usize) {
+        let certs = self.base.join("certs");
+        let host = &mut self.hosts[i];
+        assert!(host.daemon.is_none(), "{}'s dockerd is running", host.name);
+        // Its containerd outlived it and would keep the new one from starting (as a host's
+        // service manager would, stop it; the containers' shims stay).
+        let dir = host.dir.display().to_string();
+        for pid in processes_naming(&dir) {
+            let argv0 = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if argv0.split(|b| *b == 0).next() == Some(b"containerd".as_slice()) {
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while alive(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        // Its pid file may name a zombie (where nothing reaps orphans), which dockerd would
+        // take for a running containerd.
+        let _ = std::fs::remove_file(host.dir.join("exec/containerd/containerd.pid"));
+        host.daemon = Some(spawn_dockerd(host, &certs).expect("dockerd starts again"));
+        wait_up(host, Duration::from_secs(60))
+            .await
+            .expect("the restarted dockerd answers");
+    }
+
     /// Cuts host `i` off the network (its daemon and containers keep running).
     pub fn cut(&self, i: usize) {
         let sw = format!("{}-sw", self.id);
@@ -365,6 +374,37 @@ impl Drop for Fleet {
         let netns: Vec<String> = self.hosts.iter().map(|h| h.netns.clone()).collect();
         teardown(&self.id, &self.base, &netns, daemons);
     }
+}
+
+/// Starts `host`'s dockerd in its namespace, with its own directories and TLS listener; its
+/// log goes to `dockerd.log` in its directory.
+fn spawn_dockerd(host: &Host, certs: &Path) -> Result<Child, String> {
+    let n = &host.name[1..];
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(host.dir.join("dockerd.log"))
+        .map_err(|e| e.to_string())?;
+    let p = |name: &str| host.dir.join(name).display().to_string();
+    let c = |name: &str| certs.join(name).display().to_string();
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", host.netns))
+        .args(["--", "dockerd", "--config-file", &p("daemon.json")])
+        .args(["--data-root", &p("data"), "--exec-root", &p("exec")])
+        .args(["--pidfile", &p("docker.pid")])
+        .args(["--host", &format!("unix://{}", p("docker.sock"))])
+        .args(["--host", &format!("tcp://{}:2376", host.ip)])
+        .args(["--tlsverify", "--tlscacert", &c("ca.pem")])
+        .args(["--tlscert", &c(&format!("server{n}-cert.pem"))])
+        .args(["--tlskey", &c(&format!("server{n}-key.pem"))])
+        .args(["--bridge", "none", "--iptables=false", "--ip-masq=false"])
+        .args(["--storage-driver", "overlay2"])
+        .args(["--cgroup-parent", &format!("/{}", host.netns)])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("dockerd: {e}"))
 }
 
 /// Undoes fleet `id`: kills what runs from it, unmounts, deletes namespaces, cgroups and files.
