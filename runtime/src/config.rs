@@ -211,6 +211,30 @@ impl PoolBuilder {
     /// worker on the least-loaded engine that is up, moves the workers of an engine it loses
     /// to the others, and ships its image from the local engine to each (see
     /// `docs/scale-out.md`). Its workers must use the attach transport.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use wharf::{ContainerSpec, Engine, FleetEngine, Pool, TlsFiles, Transport};
+    ///
+    /// let tls = TlsFiles {
+    ///     ca: "certs/ca.pem".into(),
+    ///     cert: "certs/cert.pem".into(),
+    ///     key: "certs/key.pem".into(),
+    /// };
+    /// let h2 = Engine::tls("h2", "tcp://10.250.0.2:2376", &tls, Duration::from_secs(30))?;
+    /// let h3 = Engine::tls("h3", "tcp://10.250.0.3:2376", &tls, Duration::from_secs(30))?;
+    /// let spec = ContainerSpec::new("my/worker:1", ["python3", "-m", "my_worker"])
+    ///     .transport(Transport::Attach);
+    /// let pool = Pool::builder(spec)
+    ///     .size(8)
+    ///     .engine(FleetEngine::from(h2).capacity(16))
+    ///     .engine(h3)
+    ///     .build()
+    ///     .await?;
+    /// println!("{:?}", pool.workers_by_engine()); // {"h2": 4, "h3": 4}
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn engine(mut self, engine: impl Into<FleetEngine>) -> Self {
         self.config.engines.push(engine.into());
