@@ -20,13 +20,15 @@ use wharf::{CallOptions, Engine, Error, Health, HealthOptions, Pool, PortError, 
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// A fleet, and a pool `name` of four demo workers over attach on its two hosts, ready, two on
-/// each; `None` if the test must skip (after a loud notice).
-async fn start(test: &str, name: &str) -> Option<(Fleet, Pool)> {
+/// each, that fails if more than `max_restarts` restarts count against it within a minute;
+/// `None` if the test must skip (after a loud notice).
+async fn start(test: &str, name: &str, max_restarts: u32) -> Option<(Fleet, Pool)> {
     let (_, spec) = demo_container(test, Transport::Attach).await?;
     let fleet = Fleet::start(test).await?;
     let pool = Pool::builder(spec)
         .name(name)
         .size(4)
+        .intensity(max_restarts, Duration::from_secs(60))
         .engine(fleet.engine(0).await)
         .engine(fleet.engine(1).await)
         .engine_health(HealthOptions {
@@ -90,7 +92,7 @@ async fn engine_down(pool: &Pool, name: &str, down: bool) -> bool {
 async fn a_pool_spreads_over_two_engines_and_replaces_a_killed_container_on_its_host() {
     let test = "a_pool_spreads_over_two_engines";
     let name = "scale-spread";
-    let Some((fleet, pool)) = start(test, name).await else {
+    let Some((fleet, pool)) = start(test, name, 1).await else {
         return;
     };
     let (h2, h3) = (fleet.engine(0).await, fleet.engine(1).await);
@@ -176,7 +178,7 @@ fn load(
 async fn a_killed_daemon_fails_its_calls_typed_and_the_pool_moves_to_the_other_host() {
     let test = "a_killed_daemon_fails_its_calls_typed";
     let name = "scale-kill";
-    let Some((mut fleet, pool)) = start(test, name).await else {
+    let Some((mut fleet, pool)) = start(test, name, 0).await else {
         return;
     };
 
@@ -220,8 +222,7 @@ async fn a_killed_daemon_fails_its_calls_typed_and_the_pool_moves_to_the_other_h
     // The calls go on, on h2.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_tx.send(true).unwrap();
-    let mut ok = 0;
-    let mut typed = 0;
+    let (mut ok, mut typed) = (0, 0);
     for caller in callers {
         for outcome in caller.await.unwrap() {
             match outcome {
@@ -232,17 +233,19 @@ async fn a_killed_daemon_fails_its_calls_typed_and_the_pool_moves_to_the_other_h
         }
     }
     assert!(ok > 0, "calls were served");
+    println!("{ok} calls served, {typed} failed with their worker (typed)");
     // The session's worker is gone with its engine: lost, not silently moved.
     match session.call::<Value>("state_get", &"k").await {
         Err(Error::SessionLost { .. }) => {}
         other => panic!("expected SessionLost, got {other:?}"),
     }
-    // The engine's failures did not count against the pool: it is running, not failed.
+    // The engine's failures did not count against the pool (no restart may: its intensity is
+    // 0): it is running, not failed.
     let state = pool.state();
     assert_eq!(state.workers, 4, "{state:?}");
-    assert!(
-        typed <= 3,
-        "at most one call per caller was in flight on h3: {typed}"
+    assert_eq!(
+        pool.call::<Value>("echo", &1).await.unwrap(),
+        Value::from(1)
     );
     let h2 = fleet.engine(0).await;
     assert_eq!(running(&h2, name).await.len(), 4);
@@ -253,7 +256,7 @@ async fn a_killed_daemon_fails_its_calls_typed_and_the_pool_moves_to_the_other_h
 async fn a_cut_link_ends_calls_at_their_deadline_and_the_healed_host_is_swept() {
     let test = "a_cut_link_ends_calls_at_their_deadline";
     let name = "scale-cut";
-    let Some((fleet, pool)) = start(test, name).await else {
+    let Some((fleet, pool)) = start(test, name, 10).await else {
         return;
     };
     let h3_socket = fleet.engine_by_socket(1).await;

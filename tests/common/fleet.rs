@@ -124,9 +124,18 @@ impl Fleet {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let id = format!("{PREFIX}{pid}{}", (b'a' + (n % 26) as u8) as char);
-        // A /24 of 10.250-10.254 per fixture, from the pid and the letter.
-        let k = pid.wrapping_mul(26).wrapping_add(n) % (5 * 254);
-        let subnet = format!("10.{}.{}", 250 + k / 254, 1 + k % 254);
+        // A /24 of 10.250-10.254 per fixture, from the pid and the letter, skipping those this
+        // machine already has an address in (another test process's fleet).
+        let taken = Command::new("ip")
+            .args(["-4", "-o", "addr", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let subnet = (0..5 * 254)
+            .map(|i| (pid.wrapping_mul(26).wrapping_add(n).wrapping_add(i)) % (5 * 254))
+            .map(|k| format!("10.{}.{}", 250 + k / 254, 1 + k % 254))
+            .find(|subnet| !taken.contains(&format!(" {subnet}.")))
+            .expect("a free /24 in 10.250.0.0/13");
         let base = root_dir().join(&id);
         let mut fleet = Fleet {
             id: id.clone(),

@@ -461,23 +461,25 @@ struct ContainerHost {
 /// and its slot, waiting without end.
 const KILL_CONFIRM: Duration = Duration::from_secs(10);
 
-impl ContainerHost {
-    /// Publishes the container's end as a kill the engine could not confirm (status 137),
-    /// unless its end is known already.
-    fn give_up(&self) {
-        use std::os::unix::process::ExitStatusExt;
-        if let Some(exit) = self.exit.get() {
-            exit.send_if_modified(|status| {
-                let unknown = status.is_none();
-                if unknown {
-                    tracing::warn!(container = %self.id, engine = %self.engine.name(), "the engine did not confirm the container's end: taken for killed");
-                    *status = Some(ExitStatus::from_raw(137 << 8));
-                }
-                unknown
-            });
+/// Publishes a container's end as a kill its engine could not confirm (status 137), unless
+/// its end is known already.
+fn take_for_killed(exit: &watch::Sender<Option<ExitStatus>>, container: &str, engine: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    exit.send_if_modified(|status| {
+        let unknown = status.is_none();
+        if unknown {
+            tracing::warn!(
+                container,
+                engine,
+                "the engine did not confirm the container's end: taken for killed"
+            );
+            *status = Some(ExitStatus::from_raw(137 << 8));
         }
-    }
+        unknown
+    });
+}
 
+impl ContainerHost {
     /// Sends `signal` to the container from a task (the engine's API is not instant).
     fn signal(&self, signal: &'static str) {
         if self.released.load(Ordering::Acquire) {
@@ -504,25 +506,23 @@ impl Host for ContainerHost {
 
     fn kill(&self) {
         self.signal("SIGKILL");
+        let Some(exit) = self.exit.get().cloned() else {
+            return;
+        };
+        let (id, engine) = (self.id.clone(), self.engine.name().to_owned());
         if self.engine.is_lost() {
             // Its engine is unreachable: nothing will confirm the end. The engine's return
             // sweeps the container.
-            return self.give_up();
+            return take_for_killed(&exit, &id, &engine);
         }
-        let (Some(exit), Ok(rt)) = (self.exit.get(), tokio::runtime::Handle::try_current()) else {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (mut ended, host) = (exit.subscribe(), self.exit.get().cloned());
-        let id = self.id.clone();
-        let engine = self.engine.name().to_owned();
         rt.spawn(async move {
+            let mut ended = exit.subscribe();
             let confirmed = tokio::time::timeout(KILL_CONFIRM, ended.wait_for(Option::is_some));
             if confirmed.await.is_err() {
-                tracing::warn!(container = %id, engine, "no end confirmed {KILL_CONFIRM:?} after a kill: taken for killed");
-                if let Some(exit) = host {
-                    use std::os::unix::process::ExitStatusExt;
-                    exit.send_if_modified(|s| s.is_none() && s.replace(ExitStatus::from_raw(137 << 8)).is_none());
-                }
+                take_for_killed(&exit, &id, &engine);
             }
         });
     }
