@@ -386,29 +386,28 @@ impl Supervisor {
         if !st.engines.iter().all(|e| e.settled) {
             return placement::Choice::Nowhere;
         }
-        let loads: Vec<placement::Load> = (0..fleet.len())
-            .map(|i| {
-                let on = |s: &&Slot| s.engine == Some(i);
-                let spec = fleet.engine(i);
-                placement::Load {
-                    usable: st.engines[i].usable,
-                    workers: st
-                        .slots
-                        .iter()
-                        .filter(on)
-                        .filter(|s| matches!(s.status, SlotStatus::Starting | SlotStatus::Running))
-                        .count(),
-                    launching: st
-                        .slots
-                        .iter()
-                        .filter(on)
-                        .filter(|s| s.status == SlotStatus::Starting)
-                        .count(),
-                    capacity: spec.capacity,
-                    startup_concurrency: spec.startup_concurrency,
-                }
+        // One pass over the slots: what each engine runs and launches for this pool.
+        let mut loads: Vec<placement::Load> = (0..fleet.len())
+            .map(|i| placement::Load {
+                usable: st.engines[i].usable,
+                capacity: fleet.engine(i).capacity,
+                startup_concurrency: fleet.engine(i).startup_concurrency,
+                ..placement::Load::default()
             })
             .collect();
+        for s in &st.slots {
+            let Some(load) = s.engine.and_then(|i| loads.get_mut(i)) else {
+                continue;
+            };
+            match s.status {
+                SlotStatus::Starting => {
+                    load.workers += 1;
+                    load.launching += 1;
+                }
+                SlotStatus::Running => load.workers += 1,
+                _ => {}
+            }
+        }
         placement::spread(&loads, st.slots[slot].engine)
     }
 

@@ -50,6 +50,57 @@ async fn one_worker(spec: &ContainerSpec, name: &str, engines: &[&Engine]) -> an
     Ok(pool)
 }
 
+/// This process's resident memory (KiB) and open sockets.
+fn footprint() -> (u64, usize) {
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let sockets = std::fs::read_dir("/proc/self/fd")
+        .map(|fds| {
+            fds.flatten()
+                .filter(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    (rss, sockets)
+}
+
+/// What `workers` remote workers (half on each host) cost this process: resident memory
+/// (KiB) and sockets per worker, from a pool of that many against none.
+async fn cost_per_worker(
+    fleet: &Fleet,
+    spec: &ContainerSpec,
+    workers: usize,
+) -> anyhow::Result<(f64, f64)> {
+    let (rss0, sockets0) = footprint();
+    let pool = Pool::builder(spec.clone())
+        .name(NAMES[3])
+        .size(workers)
+        .engine(fleet.engine(0).await)
+        .engine(fleet.engine(1).await)
+        .build()
+        .await?;
+    pool.wait_ready(workers, READY).await?;
+    // Every worker used once, so each has its buffers.
+    for _ in 0..workers * 4 {
+        pool.call_value("echo", body(100), wharf::CallOptions::new())
+            .await?;
+    }
+    let (rss1, sockets1) = footprint();
+    pool.shutdown().await;
+    let n = workers as f64;
+    Ok((
+        (rss1 as f64 - rss0 as f64) / n,
+        (sockets1 as f64 - sockets0 as f64) / n,
+    ))
+}
+
 /// How a host is lost.
 #[derive(Clone, Copy, Debug)]
 enum Loss {
@@ -158,8 +209,11 @@ pub async fn scale_out(env: &Env, s: Scale) -> Outcome {
     let [s50, a50, r50] = m50.map(|v| median(&v));
     let [s99, a99, r99] = m99.map(|v| median(&v));
 
-    // 2. Moving a lost engine's slots, against one cold start on the surviving host.
+    // 2. What a remote worker costs this process (memory, connections).
     let spec = spec.transport(Transport::Attach);
+    let (kib_per_worker, sockets_per_worker) = cost_per_worker(&fleet, &spec, 16).await?;
+
+    // 3. Moving a lost engine's slots, against one cold start on the surviving host.
     let remote_spec = spec.clone().engine(h2.clone());
     let (mut kill_move, mut kill_down, mut cut_move, mut cut_down, mut cold) =
         (vec![], vec![], vec![], vec![], vec![]);
@@ -215,6 +269,10 @@ pub async fn scale_out(env: &Env, s: Scale) -> Outcome {
             "local_attach": {"p50_us": a50, "p99_us": a99},
             "remote_attach_tls": {"p50_us": r50, "p99_us": r99},
         },
+        "per_remote_worker": {
+            "supervisor_rss_kib": kib_per_worker,
+            "sockets": sockets_per_worker,
+        },
         "lost_engine": {
             "health": {
                 "interval_ms": health.interval.as_millis(),
@@ -267,6 +325,10 @@ pub async fn scale_out(env: &Env, s: Scale) -> Outcome {
         (
             "link cut: 2 slots moved (down after missed pings)".to_owned(),
             format!("{cut_move:.0} ms (marked down at {cut_down:.0} ms)"),
+        ),
+        (
+            "per remote worker, in the supervisor: memory, sockets".to_owned(),
+            format!("{kib_per_worker:.0} KiB, {sockets_per_worker:.2}"),
         ),
         ("containers left afterwards".to_owned(), left.to_string()),
     ];
