@@ -438,6 +438,11 @@ fn engines_are_listed_once_and_named_by_pools() {
     assert_eq!(web.engines[1].capacity, None);
     assert_eq!(web.engine_health.interval, Duration::from_millis(250));
     assert_eq!(web.engine_health.down_after, 3);
+    assert!(
+        web.summary().contains(", over engines a, b, call timeout"),
+        "{}",
+        web.summary()
+    );
     assert_eq!(
         web.engine_health.timeout,
         wharf::HealthOptions::default().timeout

@@ -450,7 +450,8 @@ impl From<PoolBuilder> for PoolConfig {
 
 impl PoolConfig {
     /// One line that says what the pool runs and how many: `4 workers (+2 overflow), eager,
-    /// process python3 -m wharf_worker.demo, call timeout 30s`.
+    /// process python3 -m wharf_worker.demo, call timeout 30s` (and `, over engines h2, h3`
+    /// for a pool spread over engines).
     pub fn summary(&self) -> String {
         let mut s = format!(
             "{} worker{}",
@@ -474,6 +475,10 @@ impl PoolConfig {
                 s.push_str(&format!(", container {} {}", c.image, c.command.join(" ")));
             }
             other => s.push_str(&format!(", {}", other.describe())),
+        }
+        if !self.engines.is_empty() {
+            let names: Vec<&str> = self.engines.iter().map(|e| e.engine.name()).collect();
+            s.push_str(&format!(", over engines {}", names.join(", ")));
         }
         s.push_str(&format!(
             ", call timeout {}",
