@@ -14,7 +14,10 @@ use std::time::Duration;
 use bollard::query_parameters::KillContainerOptions;
 use common::fleet::Fleet;
 use common::*;
-use wharf::{CallOptions, Engine, Error, Health, HealthOptions, Pool, PortError, Transport, Value};
+use wharf::{
+    CallOptions, Engine, Error, Health, HealthCheck, HealthOptions, Pool, PortError, Transport,
+    Value,
+};
 
 /// Long enough for anything the fleet does; a scenario that takes this long has failed.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -29,6 +32,13 @@ async fn start(test: &str, name: &str, max_restarts: u32) -> Option<(Fleet, Pool
         .name(name)
         .size(4)
         .intensity(max_restarts, Duration::from_secs(60))
+        // Health pings every 200 ms: a worker cut off from them ends by itself after
+        // (0.2 s + 1 s) × 3 (its watchdog).
+        .health_check(HealthCheck {
+            interval: Some(Duration::from_millis(200)),
+            timeout: Duration::from_secs(1),
+            max_missed: 2,
+        })
         .engine(fleet.engine(0).await)
         .engine(fleet.engine(1).await)
         .engine_health(HealthOptions {
@@ -268,7 +278,7 @@ async fn a_cut_link_ends_calls_at_their_deadline_and_the_healed_host_is_swept() 
             let pool = pool.clone();
             tokio::spawn(async move {
                 let options = CallOptions::new().deadline(Duration::from_secs(4));
-                let call = pool.call_with::<Value>("sleep", &30_000, options);
+                let call = pool.call_with::<Value>("sleep", &8_000, options);
                 tokio::time::timeout(Duration::from_secs(30), call)
                     .await
                     .expect("no call hangs past its deadline")
@@ -281,7 +291,7 @@ async fn a_cut_link_ends_calls_at_their_deadline_and_the_healed_host_is_swept() 
     let mut ended = (0, 0);
     for call in slow {
         match call.await.unwrap() {
-            Ok(v) => panic!("a 30 s call finished within its 4 s deadline: {v:?}"),
+            Ok(v) => panic!("an 8 s call finished within its 4 s deadline: {v:?}"),
             Err(Error::WorkerDied {
                 cause: PortError::EngineLost { engine, .. },
                 ..
@@ -304,7 +314,19 @@ async fn a_cut_link_ends_calls_at_their_deadline_and_the_healed_host_is_swept() 
         counts(&[("h2", 4), ("h3", 0)]),
         "h3's slots moved to h2"
     );
-    // The cut-off workers still run on h3 (the engine is unreachable, not dead).
+    // The cut-off workers are still on h3 (the engine is unreachable, not dead), and end by
+    // themselves once their call is over and no ping comes (their watchdog), long before the
+    // engine would notice the dead attach connections.
+    assert!(!containers(&h3_socket, name, true).await.is_empty());
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while !running(&h3_socket, name).await.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        running(&h3_socket, name).await.len(),
+        0,
+        "the cut-off workers ended by themselves"
+    );
     assert!(!containers(&h3_socket, name, true).await.is_empty());
 
     fleet.heal(1);

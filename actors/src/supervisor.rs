@@ -436,6 +436,12 @@ impl Supervisor {
             let on = &fleet.engine(i).engine;
             shared = shared.with_engine(on.name());
             spec = spec.on_engine(on);
+            // A worker the runtime may be cut off from ends by itself when the health pings
+            // stop coming: after as many as would declare it dead, and one more.
+            if let Some(interval) = st.args.health.interval {
+                let missed = st.args.health.max_missed.saturating_add(1);
+                spec = spec.watchdog((interval + st.args.health.timeout) * missed);
+            }
         }
         let shared = Arc::new(shared);
         st.args.events.worker_starting(&shared);

@@ -503,6 +503,9 @@ pub struct WorkerActorState {
     missed: u32,
     /// A health ping is under way.
     pinging: bool,
+    /// The worker keeps a watchdog: it is pinged when held too, so that it never goes
+    /// without a word from the runtime for longer than its watchdog allows.
+    feed_watchdog: bool,
 }
 
 impl WorkerActorState {
@@ -558,6 +561,7 @@ impl Actor for WorkerActor {
             supervisor: args.supervisor,
             missed: 0,
             pinging: false,
+            feed_watchdog: args.spec.watchdog_after().is_some(),
         })
     }
 
@@ -612,6 +616,13 @@ impl Actor for WorkerActor {
                 }
                 if lifecycle != Lifecycle::Idle {
                     state.missed = 0;
+                    if state.feed_watchdog && lifecycle == Lifecycle::Held {
+                        // Only to feed its watchdog: a held worker is its holder's business.
+                        let (port, timeout) = (state.port.clone(), state.health.timeout);
+                        tokio::spawn(async move {
+                            let _ = port.ping(timeout).await;
+                        });
+                    }
                     return Ok(());
                 }
                 if state.pinging {

@@ -42,6 +42,9 @@ pub use router::STREAM_BUFFER;
 
 use router::{Request, Router, Slot};
 
+/// The variable that asks a worker to keep a watchdog ([`WorkerSpec::watchdog`]).
+pub const WATCHDOG_ENV: &str = "WHARF_WATCHDOG_MS";
+
 /// How to start one worker: an OS process or a Docker container. Everything above the port
 /// (worker actor, supervisor, pool, sessions) treats both alike.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +96,37 @@ impl WorkerSpec {
             }
             other => other,
         }
+    }
+
+    /// Asks the worker to end by itself when it has heard nothing from the runtime for
+    /// `after` (`WHARF_WATCHDOG_MS`; the protocol's watchdog, for workers the runtime may be
+    /// cut off from). The runtime then pings it at least that often, held or not.
+    #[must_use]
+    pub fn watchdog(self, after: Duration) -> Self {
+        let ms = after.as_millis().max(1).to_string();
+        match self {
+            WorkerSpec::Process(spec) => WorkerSpec::Process(spec.env(WATCHDOG_ENV, ms)),
+            WorkerSpec::Container(spec) => {
+                WorkerSpec::Container(Box::new(spec.env(WATCHDOG_ENV, ms)))
+            }
+        }
+    }
+
+    /// The watchdog the worker was asked to keep ([`WorkerSpec::watchdog`]), if any.
+    pub fn watchdog_after(&self) -> Option<Duration> {
+        let ms = match self {
+            WorkerSpec::Process(spec) => spec
+                .env
+                .iter()
+                .find(|(k, _)| k == WATCHDOG_ENV)
+                .and_then(|(_, v)| v.to_str()?.parse().ok()),
+            WorkerSpec::Container(spec) => spec
+                .env
+                .iter()
+                .find(|(k, _)| k == WATCHDOG_ENV)
+                .and_then(|(_, v)| v.parse().ok()),
+        };
+        ms.map(Duration::from_millis)
     }
 
     /// How long the worker may take to answer the init ping.
