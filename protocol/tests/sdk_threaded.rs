@@ -25,10 +25,15 @@ struct Peer {
 
 impl Peer {
     fn start() -> Self {
+        Self::start_with(|w| w)
+    }
+
+    /// A worker set up by `setup` (a watchdog set, say) before its methods are added.
+    fn start_with(setup: fn(Worker) -> Worker) -> Self {
         let (sock, theirs) = UnixStream::pair().unwrap();
         let worker = std::thread::spawn(move || {
             let output = theirs.try_clone().unwrap();
-            Worker::new()
+            setup(Worker::new())
                 .method("echo", |c| Ok(c.body.clone()))
                 .method("wait", |c| {
                     let ms = c.body.as_u64().unwrap_or(0);
@@ -91,6 +96,24 @@ fn error_kind(msg: Option<FromWorker>, id: u64) -> String {
         Some(FromWorker::Error { id: got, kind, .. }) if got == id => kind,
         other => panic!("expected an error reply to {id}, got {other:?}"),
     }
+}
+
+#[test]
+fn a_watchdog_ends_serving_when_the_runtime_falls_silent() {
+    let mut p = Peer::start_with(|w| w.watchdog(Duration::from_millis(300)));
+    p.send(&ToWorker::Init {
+        id: 0,
+        version: wharf_protocol::PROTOCOL_VERSION,
+    });
+    assert!(matches!(p.recv(), Some(FromWorker::InitPong { .. })));
+    // Pinged every 0.1 s, it outlives its watchdog ...
+    for id in 1..=8 {
+        std::thread::sleep(Duration::from_millis(100));
+        p.send(&ToWorker::Ping { id });
+        assert_eq!(p.recv(), Some(FromWorker::Pong { id }));
+    }
+    // ... and silence ends it (the channel still open), as EOF would.
+    assert!(p.ended().is_ok());
 }
 
 #[test]
