@@ -8,7 +8,13 @@
 //! cargo run --release --example container_pool -- --workers 4 --calls 20000 --concurrency 16 --kill-every 500
 //! cargo run --release --example container_pool -- --transport attach --json
 //! cargo run --release --example container_pool -- --image my/worker:1   # an image with its own Python
+//! cargo run --release --example container_pool -- --config fleet.toml --json  # over the file's [[engines]]
 //! ```
+//!
+//! With `--config FILE`, the pool spreads over the Docker engines the file lists (its
+//! `[[engines]]` tables; see `docs/scale-out.md`), over the attach transport; the image is
+//! built on the local engine and shipped to each. The summary's `workers_by_engine` says where
+//! the workers ran at the end.
 
 #[path = "common/load.rs"]
 mod load;
@@ -23,7 +29,7 @@ use clap::{Parser, ValueEnum};
 use load::{say, Load};
 use rand::seq::IndexedRandom;
 use wharf::image::{self, HostPythonOptions};
-use wharf::{ContainerSpec, Engine, Pool, Transport};
+use wharf::{ConfigFile, ContainerSpec, Engine, FleetEngine, Pool, Transport};
 
 /// Where frames travel.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -63,6 +69,9 @@ struct Args {
     /// Print the summary as one JSON object on the last line.
     #[arg(long)]
     json: bool,
+    /// A configuration file whose `[[engines]]` the pool spreads over (attach transport).
+    #[arg(long)]
+    config: Option<std::path::PathBuf>,
 }
 
 const POOL: &str = "container-pool";
@@ -83,17 +92,37 @@ async fn main() -> anyhow::Result<()> {
     let engine = Engine::local(Duration::from_secs(10))
         .await
         .context("this example needs a Docker engine")?;
-    let spec = worker_spec(&engine, &args)
-        .await?
-        .transport(match args.transport {
-            TransportArg::Fifo => Transport::Fifo,
-            TransportArg::Socket => Transport::Socket,
-            TransportArg::Attach => Transport::Attach,
-        });
+    let fleet: Vec<FleetEngine> = match &args.config {
+        Some(path) => ConfigFile::load(path)?.engines().cloned().collect(),
+        None => Vec::new(),
+    };
+    if args.config.is_some() && fleet.is_empty() {
+        bail!("the configuration file lists no [[engines]]");
+    }
+    let transport = match args.transport {
+        _ if !fleet.is_empty() => Transport::Attach,
+        TransportArg::Fifo => Transport::Fifo,
+        TransportArg::Socket => Transport::Socket,
+        TransportArg::Attach => Transport::Attach,
+    };
+    let spec = worker_spec(&engine, &args).await?.transport(transport);
+    // Where each worker's container is: its engine by name (the local one without a file).
+    let engines: HashMap<String, Engine> = if fleet.is_empty() {
+        HashMap::from([("local".to_owned(), engine.clone())])
+    } else {
+        fleet
+            .iter()
+            .map(|e| (e.engine.name().to_owned(), e.engine.clone()))
+            .collect()
+    };
 
     // Room in the restart intensity for the kills this run makes on purpose.
     let kills_per_5s = 5_000u64.checked_div(args.kill_every).unwrap_or(0);
-    let pool = Pool::builder(spec)
+    let mut builder = Pool::builder(spec);
+    for e in fleet {
+        builder = builder.engine(e);
+    }
+    let pool = builder
         .name(POOL)
         .size(args.workers)
         .init_timeout(Duration::from_secs(30))
@@ -115,15 +144,21 @@ async fn main() -> anyhow::Result<()> {
     // `docker kill` the container of a random ready worker on the timer (a container still
     // starting is not a worker yet: killing those would only test start failures).
     let killer: load::Killer = {
-        let (engine, pool) = (engine.clone(), pool.clone());
+        let (engines, pool) = (engines.clone(), pool.clone());
         Arc::new(move || {
-            let engine = engine.clone();
-            let ready: Vec<String> = pool.worker_info().into_iter().map(|w| w.id).collect();
+            let ready: Vec<(String, Engine)> = pool
+                .worker_info()
+                .into_iter()
+                .filter_map(|w| {
+                    let on = engines.get(w.engine.as_deref().unwrap_or("local"))?;
+                    Some((w.id, on.clone()))
+                })
+                .collect();
             Box::pin(async move {
-                let Some(worker) = ready.choose(&mut rand::rng()) else {
+                let Some((worker, engine)) = ready.choose(&mut rand::rng()) else {
                     return false;
                 };
-                let Ok(ids) = containers(&engine, "wharf.worker", worker, false).await else {
+                let Ok(ids) = containers(engine, "wharf.worker", worker, false).await else {
                     return false;
                 };
                 let Some(victim) = ids.first() else {
@@ -153,13 +188,24 @@ async fn main() -> anyhow::Result<()> {
         .await
         .is_ok();
     let stats = pool.stats();
+    let mut workers_by_engine = pool.workers_by_engine();
+    if workers_by_engine.is_empty() {
+        workers_by_engine.insert("local".into(), pool.worker_info().len());
+    }
     pool.shutdown().await;
-    let containers_left = containers(&engine, "wharf.pool", POOL, true).await?.len();
+    let mut containers_left = 0;
+    for engine in engines.values() {
+        containers_left += containers(engine, "wharf.pool", POOL, true).await?.len();
+    }
 
     let mut summary = tally.summary(&plan, args.workers, stats.restarts, recovered);
-    let transport = format!("{:?}", args.transport).to_lowercase();
+    let transport = format!("{transport:?}").to_lowercase();
     summary.insert("transport".into(), transport.into());
     summary.insert("containers_left".into(), containers_left.into());
+    summary.insert(
+        "workers_by_engine".into(),
+        serde_json::to_value(&workers_by_engine)?,
+    );
     let summary = summary.into();
     load::report(&summary, args.json);
     if tally.hung > 0 {

@@ -411,3 +411,96 @@ fn wharf_config_check_summarises_a_valid_file() {
         )
     );
 }
+
+/// A container pool `web` over attach with `keys` in its table (from line 2), after `engines`.
+fn engines_file(engines: &str, keys: &str) -> String {
+    format!(
+        "{engines}[pools.web]\n{keys}\n[pools.web.container]\nimage = \"x\"\ncommand = \"y\"\n\
+         transport = \"attach\"\n"
+    )
+}
+
+#[test]
+fn engines_are_listed_once_and_named_by_pools() {
+    let engines = "[[engines]]\nname = \"a\"\nhost = \"unix:///var/run/docker.sock\"\n\
+                   capacity = 3\nstartup_concurrency = 2\n\n\
+                   [[engines]]\nname = \"b\"\nhost = \"unix:///var/run/docker.sock\"\n\n";
+    let text = engines_file(
+        engines,
+        "engines = [\"a\", \"b\"]\nengine_health = { interval = \"250ms\", down_after = 3 }",
+    );
+    let file = ConfigFile::parse(&text, "wharf.toml").unwrap();
+    let web = file.config("web").unwrap();
+    let names: Vec<&str> = web.engines.iter().map(|e| e.engine.name()).collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(web.engines[0].capacity, Some(3));
+    assert_eq!(web.engines[0].startup_concurrency, Some(2));
+    assert_eq!(web.engines[1].capacity, None);
+    assert_eq!(web.engine_health.interval, Duration::from_millis(250));
+    assert_eq!(web.engine_health.down_after, 3);
+    assert!(
+        web.summary().contains(", over engines a, b, call timeout"),
+        "{}",
+        web.summary()
+    );
+    assert_eq!(
+        web.engine_health.timeout,
+        wharf::HealthOptions::default().timeout
+    );
+}
+
+#[test]
+fn engine_mistakes_name_the_line_and_key() {
+    let unix = "[[engines]]\nname = \"a\"\nhost = \"unix:///var/run/docker.sock\"\n\n";
+    assert_eq!(
+        rejected(&engines_file(unix, "engines = [\"a\", \"zz\"]")),
+        "pools.web.engines: no [[engines]] entry is named \"zz\" (known: [\"a\"]) at \
+         wharf.toml:6"
+    );
+    assert_eq!(
+        rejected(&engines_file(
+            "[[engines]]\nname = \"a\"\nhost = \"tcp://10.0.0.1:2376\"\n",
+            ""
+        )),
+        "engines[0].host: cannot connect to the Docker engine a: tcp://10.0.0.1:2376: a TCP \
+         engine needs TLS (its CA, certificate and key): plain TCP exposes the engine to \
+         anyone on the network at wharf.toml:3"
+    );
+    let half = "[[engines]]\nname = \"a\"\nhost = \"tcp://h:2376\"\ntls_ca = \"ca.pem\"\n";
+    assert_eq!(
+        rejected(&engines_file(half, "")),
+        "engines[0].tls_ca: tls_ca, tls_cert and tls_key go together: give all three or none \
+         at wharf.toml:4"
+    );
+    let missing = "[[engines]]\nname = \"a\"\nhost = \"tcp://h:2376\"\n\
+                   tls_ca = \"/nonexistent/ca.pem\"\ntls_cert = \"/nonexistent/c.pem\"\n\
+                   tls_key = \"/nonexistent/k.pem\"\n";
+    let issue = rejected(&engines_file(missing, ""));
+    assert!(
+        issue.starts_with("engines[0].host: cannot connect to the Docker engine a:")
+            && issue.ends_with("at wharf.toml:3"),
+        "{issue}"
+    );
+    let twice = format!("{unix}{unix}");
+    assert_eq!(
+        rejected(&engines_file(&twice, "")),
+        "engines[1].name: a second engine named \"a\" at wharf.toml:6"
+    );
+    // Workers on engines are reached over attach only.
+    let fifo = format!(
+        "{unix}[pools.web]\nengines = [\"a\"]\n[pools.web.container]\nimage = \"x\"\n\
+         command = \"y\"\n"
+    );
+    assert_eq!(
+        rejected(&fifo),
+        "pools.web.container.transport: a pool spread over engines reaches its workers over \
+         the attach stream (FIFOs and sockets need the engine's host to be this one): set \
+         transport = \"attach\" at wharf.toml:7"
+    );
+    assert_eq!(
+        rejected(&format!(
+            "{unix}[pools.ml]\nengines = [\"a\"]\n[pools.ml.process]\ncommand = \"python3\"\n"
+        )),
+        "pools.ml.engines: engines host container workers only at wharf.toml:6"
+    );
+}

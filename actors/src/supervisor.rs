@@ -12,6 +12,17 @@
 //! successor launches in its slot; once the successor is ready the outgoing worker is
 //! *superseded* ([`PoolEvents::worker_superseded`]) and retired as soon as nobody holds it.
 //! The number of core slots can change at run time ([`SupervisorMsg::Resize`]).
+//!
+//! With a [`Fleet`] (container workers over several Docker engines), each launch is placed on
+//! an engine ([`placement::spread`]): a slot's engine is where its worker runs. An engine
+//! becomes usable for the pool once it is up and *prepared* (this pool's leftovers swept from
+//! it, the pool's image shipped to it). When its monitor takes it for lost, its workers are
+//! failed at once with [`PortError::EngineLost`] and their slots start again on the other
+//! engines, without counting toward the restart intensity: the engine's own circuit breaker
+//! (the monitor's backoff) stands in for it. An abnormal exit on an engine that still looks up
+//! is not counted at once either: the engine is probed first, and only an exit on an engine
+//! that answers counts as the worker's failure. Slots no engine has room for wait, *unplaced*,
+//! until one has.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,6 +32,8 @@ use ractor::{
     Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
 };
 
+use crate::fleet::{placement, Fleet, Health};
+use crate::port::container::{self, Sweep};
 use crate::port::{PortError, WorkerSpec};
 use crate::restart::{IntensityTracker, RestartPolicy, Strategy};
 use crate::worker::{
@@ -108,6 +121,36 @@ pub struct SupervisorArgs {
     pub recycle_jitter: f64,
     /// Where lifecycle events go.
     pub events: Arc<dyn PoolEvents>,
+    /// The engines container workers are spread over; `None`: each worker runs where its spec
+    /// says (ignored for process workers).
+    pub fleet: Option<Arc<Fleet>>,
+}
+
+/// How a worker of a fleet engine ended, while the supervisor asks the engine whether it was
+/// to blame ([`SupervisorMsg::Probed`]).
+#[derive(Debug)]
+pub enum Ending {
+    /// It ran, then ended so, after so long.
+    Exited(ExitKind, Duration),
+    /// Its launch failed.
+    LaunchFailed(PortError),
+}
+
+impl Ending {
+    fn engine_lost(&self) -> bool {
+        matches!(
+            self,
+            Ending::Exited(ExitKind::Crashed(PortError::EngineLost { .. }), _)
+                | Ending::LaunchFailed(PortError::EngineLost { .. })
+        )
+    }
+
+    fn is_abnormal(&self) -> bool {
+        match self {
+            Ending::Exited(kind, _) => kind.is_abnormal() && !kind.is_replacement(),
+            Ending::LaunchFailed(_) => true,
+        }
+    }
 }
 
 /// Messages to the supervisor.
@@ -164,6 +207,31 @@ pub enum SupervisorMsg {
     },
     /// Stop every worker gracefully, then reply.
     Shutdown(RpcReplyPort<()>),
+    /// Engine `engine` of the fleet changed health.
+    EngineHealth {
+        /// The engine's index in the fleet.
+        engine: usize,
+        /// Its health now.
+        health: Health,
+    },
+    /// Engine `engine` was prepared for the pool (swept, image in place), or could not be.
+    EnginePrepared {
+        /// The engine's index in the fleet.
+        engine: usize,
+        /// What came of it.
+        result: Result<(), String>,
+    },
+    /// Slot `slot`'s worker on engine `engine` ended abnormally and the engine has been probed.
+    Probed {
+        /// The slot.
+        slot: usize,
+        /// The slot's plan token when it ended.
+        token: u64,
+        /// The engine it ran on.
+        engine: usize,
+        /// How it ended.
+        ending: Ending,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +248,8 @@ enum SlotStatus {
     Backoff,
     /// Will not be started again.
     Stopped,
+    /// Waiting for an engine of the fleet with room for it.
+    Unplaced,
     /// Removed by a resize; may be reused by a later one.
     Removed,
 }
@@ -206,6 +276,8 @@ struct Slot {
     /// The previous worker, serving while `worker`'s launch (its successor) is under way.
     outgoing: Option<Outgoing>,
     overflow: bool,
+    /// The fleet engine its worker runs (or last ran) on.
+    engine: Option<usize>,
 }
 
 impl Slot {
@@ -219,6 +291,7 @@ impl Slot {
             worker: None,
             outgoing: None,
             overflow,
+            engine: None,
         }
     }
 }
@@ -236,6 +309,23 @@ pub struct SupervisorState {
     last_errors: VecDeque<PortError>,
     failed: bool,
     shutdown: Option<RpcReplyPort<()>>,
+    /// The fleet's engines as this pool sees them (empty without a fleet).
+    engines: Vec<EngineState>,
+}
+
+/// A fleet engine as the pool sees it.
+#[derive(Debug, Default)]
+struct EngineState {
+    /// Up and prepared: new workers may go there.
+    usable: bool,
+    /// A preparation is under way.
+    preparing: bool,
+    /// Its health, as last reported.
+    health: Option<Health>,
+    /// Its first preparation has ended (or it was found down): until every engine has
+    /// settled, the pool's first workers wait, so that they spread over all engines instead
+    /// of crowding onto the first one ready.
+    settled: bool,
 }
 
 /// The supervisor actor.
@@ -274,12 +364,63 @@ impl Supervisor {
             if st.slots[slot].status != SlotStatus::Queued {
                 continue;
             }
-            Self::launch(myself, st, slot);
+            match Self::place(st, slot) {
+                placement::Choice::Engine(engine) => Self::launch(myself, st, slot, Some(engine)),
+                placement::Choice::Busy => {
+                    st.queue.push_front(slot);
+                    return;
+                }
+                placement::Choice::Nowhere if st.args.fleet.is_none() => {
+                    Self::launch(myself, st, slot, None)
+                }
+                placement::Choice::Nowhere => st.slots[slot].status = SlotStatus::Unplaced,
+            }
         }
     }
 
-    fn launch(myself: &ActorRef<SupervisorMsg>, st: &mut SupervisorState, slot: usize) {
+    /// The engine for `slot`'s next worker (`Nowhere` without a fleet: the spec says).
+    fn place(st: &SupervisorState, slot: usize) -> placement::Choice {
+        let Some(fleet) = &st.args.fleet else {
+            return placement::Choice::Nowhere;
+        };
+        if !st.engines.iter().all(|e| e.settled) {
+            return placement::Choice::Nowhere;
+        }
+        // One pass over the slots: what each engine runs and launches for this pool.
+        let mut loads: Vec<placement::Load> = (0..fleet.len())
+            .map(|i| placement::Load {
+                usable: st.engines[i].usable,
+                capacity: fleet.engine(i).capacity,
+                startup_concurrency: fleet.engine(i).startup_concurrency,
+                ..placement::Load::default()
+            })
+            .collect();
+        for s in &st.slots {
+            let Some(load) = s.engine.and_then(|i| loads.get_mut(i)) else {
+                continue;
+            };
+            match s.status {
+                SlotStatus::Starting => {
+                    load.workers += 1;
+                    load.launching += 1;
+                }
+                SlotStatus::Running => load.workers += 1,
+                _ => {}
+            }
+        }
+        placement::spread(&loads, st.slots[slot].engine)
+    }
+
+    fn launch(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        slot: usize,
+        engine: Option<usize>,
+    ) {
         let s = &mut st.slots[slot];
+        if engine.is_some() {
+            s.engine = engine;
+        }
         s.status = SlotStatus::Starting;
         s.launches += 1;
         let token = s.token;
@@ -289,11 +430,24 @@ impl Supervisor {
             max_lifetime: st.args.max_lifetime,
         }
         .jittered(st.args.recycle_jitter);
-        let shared = Arc::new(WorkerShared::new(id.clone(), slot).with_limits(limits));
+        let mut shared = WorkerShared::new(id.clone(), slot).with_limits(limits);
+        let mut spec = st.args.spec.clone().worker_id(id);
+        if let (Some(fleet), Some(i)) = (&st.args.fleet, engine) {
+            let on = &fleet.engine(i).engine;
+            shared = shared.with_engine(on.name());
+            spec = spec.on_engine(on);
+            // A worker the runtime may be cut off from ends by itself when the health pings
+            // stop coming: after as many as would declare it dead, and one more.
+            if let Some(interval) = st.args.health.interval {
+                let missed = st.args.health.max_missed.saturating_add(1);
+                spec = spec.watchdog((interval + st.args.health.timeout) * missed);
+            }
+        }
+        let shared = Arc::new(shared);
         st.args.events.worker_starting(&shared);
         st.launching += 1;
         let args = WorkerArgs {
-            spec: st.args.spec.clone().worker_id(id),
+            spec,
             shared: shared.clone(),
             health: st.args.health,
             shutdown_grace: st.args.shutdown_grace,
@@ -598,6 +752,189 @@ impl Supervisor {
         st.args.size = size;
     }
 
+    /// A failed launch in `slot` that was not its engine's fault: counted toward the slot's
+    /// start failures (and the pool fails when there are too many in a row).
+    fn launch_failed(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        slot: usize,
+        error: PortError,
+    ) {
+        let s = &mut st.slots[slot];
+        s.start_failures += 1;
+        if s.start_failures >= st.args.policy.max_start_failures.max(1) {
+            tracing::error!(
+                pool = %st.args.name,
+                slot,
+                failures = s.start_failures,
+                "a worker failed to start too many times in a row"
+            );
+            let reason = format!(
+                "the worker in slot {slot} failed to start {} times in a row",
+                s.start_failures
+            );
+            Self::escalate(st, reason);
+        } else {
+            let kind = ExitKind::Crashed(error);
+            Self::on_exit(myself, st, slot, kind, Duration::ZERO);
+        }
+    }
+
+    /// Handles the end of `slot`'s worker (or launch), whose plan is current. On a fleet engine
+    /// an abnormal end is not held against the worker before the engine has been asked: it is
+    /// probed first (see [`SupervisorMsg::Probed`]).
+    fn exited(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        slot: usize,
+        ending: Ending,
+    ) {
+        let engine = st.slots[slot].engine.filter(|_| st.args.fleet.is_some());
+        let Some(engine) = engine else {
+            return Self::settle(myself, st, slot, ending);
+        };
+        if ending.engine_lost() || !st.engines[engine].usable {
+            return Self::engine_lost_exit(myself, st, slot);
+        }
+        if !ending.is_abnormal() || st.failed || st.shutdown.is_some() {
+            return Self::settle(myself, st, slot, ending);
+        }
+        let s = &mut st.slots[slot];
+        s.worker = None;
+        s.status = SlotStatus::Backoff;
+        let token = s.token;
+        let (fleet, me) = (st.args.fleet.clone(), myself.clone());
+        tokio::spawn(async move {
+            if let Some(fleet) = fleet {
+                fleet.probe(engine).await;
+            }
+            let _ = me.cast(SupervisorMsg::Probed {
+                slot,
+                token,
+                engine,
+                ending,
+            });
+        });
+    }
+
+    /// Handles an end the worker (not its engine) answers for.
+    fn settle(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        slot: usize,
+        ending: Ending,
+    ) {
+        match ending {
+            Ending::Exited(kind, ran_for) => Self::on_exit(myself, st, slot, kind, ran_for),
+            Ending::LaunchFailed(error) => Self::launch_failed(myself, st, slot, error),
+        }
+    }
+
+    /// `slot`'s worker (or launch) was lost with its engine: the slot starts again at once,
+    /// elsewhere, counting nothing against the pool.
+    fn engine_lost_exit(myself: &ActorRef<SupervisorMsg>, st: &mut SupervisorState, slot: usize) {
+        let s = &mut st.slots[slot];
+        s.worker = None;
+        s.engine = None;
+        if st.failed || st.shutdown.is_some() {
+            s.status = SlotStatus::Stopped;
+        } else if s.overflow {
+            s.status = SlotStatus::Unstarted;
+        } else {
+            st.args.events.restarting(slot, Duration::ZERO);
+            Self::schedule(myself, st, slot, Duration::ZERO);
+        }
+    }
+
+    /// Why `slot`'s engine is not usable, if it has one and it is not.
+    fn engine_gone(st: &SupervisorState, slot: usize) -> Option<PortError> {
+        let fleet = st.args.fleet.as_ref()?;
+        let engine = st.slots[slot].engine?;
+        if st.engines[engine].usable {
+            return None;
+        }
+        let reason = match fleet.health(engine) {
+            Health::Down { reason } => reason,
+            _ => "it is not ready for this pool".into(),
+        };
+        Some(PortError::EngineLost {
+            engine: fleet.engine(engine).engine.name().to_owned(),
+            reason,
+        })
+    }
+
+    /// Engine `engine` is taken for lost: no new worker goes there, and every worker of the
+    /// pool on it is failed at once (their calls in flight with [`PortError::EngineLost`]).
+    fn engine_down(st: &mut SupervisorState, engine: usize, reason: &str) {
+        let Some(fleet) = &st.args.fleet else {
+            return;
+        };
+        st.engines[engine].usable = false;
+        let name = fleet.engine(engine).engine.name().to_owned();
+        let error = PortError::EngineLost {
+            engine: name.clone(),
+            reason: reason.to_owned(),
+        };
+        let fail = |worker: &WorkerHandle| {
+            if worker.shared.engine() == Some(name.as_str()) && worker.is_alive() {
+                worker.kill_because(ExitKind::Crashed(error.clone()), error.clone());
+            }
+        };
+        for s in &st.slots {
+            s.worker.iter().for_each(fail);
+            s.outgoing.iter().for_each(|o| fail(&o.worker));
+        }
+        st.retiring.values().for_each(fail);
+    }
+
+    /// Makes engine `engine` ready for this pool: sweeps the pool's containers left on it
+    /// (from a dead runtime, or from before it was lost) and ships the pool's image to it.
+    fn prepare(myself: &ActorRef<SupervisorMsg>, st: &mut SupervisorState, engine: usize) {
+        let (Some(fleet), WorkerSpec::Container(spec)) = (&st.args.fleet, &st.args.spec) else {
+            return;
+        };
+        st.engines[engine].preparing = true;
+        let target = fleet.engine(engine).engine.clone();
+        let (spec, me) = (spec.clone(), myself.clone());
+        tokio::spawn(async move {
+            let result = async {
+                container::sweep(&target, Sweep::Leftovers { pool: &spec.pool }).await?;
+                if !spec.instance.is_empty() {
+                    let instance = Sweep::Instance {
+                        instance: &spec.instance,
+                    };
+                    container::sweep(&target, instance).await?;
+                }
+                let source = container::local_engine().await?;
+                let limit = Duration::from_secs(300);
+                crate::fleet::ship::ensure_image(&source, &target, &spec.image, limit).await?;
+                Ok::<(), crate::engine::EngineError>(())
+            }
+            .await
+            .map_err(|e| e.to_string());
+            let _ = me.cast(SupervisorMsg::EnginePrepared { engine, result });
+        });
+    }
+
+    /// Engine `engine` has had its first verdict; once every engine has, the first workers go.
+    fn engine_settled(myself: &ActorRef<SupervisorMsg>, st: &mut SupervisorState, engine: usize) {
+        if !st.engines[engine].settled {
+            st.engines[engine].settled = true;
+            Self::place_unplaced(myself, st);
+        }
+    }
+
+    /// Queues the slots waiting for an engine again: one may have room now.
+    fn place_unplaced(myself: &ActorRef<SupervisorMsg>, st: &mut SupervisorState) {
+        for slot in 0..st.slots.len() {
+            if st.slots[slot].status == SlotStatus::Unplaced {
+                st.slots[slot].status = SlotStatus::Queued;
+                st.queue.push_back(slot);
+            }
+        }
+        Self::launch_queued(myself, st);
+    }
+
     fn escalate(st: &mut SupervisorState, reason: String) {
         st.failed = true;
         st.queue.clear();
@@ -685,7 +1022,31 @@ impl Actor for Supervisor {
             last_errors: VecDeque::new(),
             failed: false,
             shutdown: None,
+            engines: Vec::new(),
         };
+        if !matches!(st.args.spec, WorkerSpec::Container(_)) {
+            st.args.fleet = None;
+        }
+        if let Some(fleet) = st.args.fleet.clone() {
+            st.engines = (0..fleet.len()).map(|_| EngineState::default()).collect();
+            // Health changes come in as messages.
+            for engine in 0..fleet.len() {
+                let mut changes = fleet.subscribe(engine);
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let health = changes.borrow_and_update().clone();
+                        if me
+                            .cast(SupervisorMsg::EngineHealth { engine, health })
+                            .is_err()
+                            || changes.changed().await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
         if st.args.eager {
             for slot in 0..st.args.size {
                 Self::enqueue(&myself, &mut st, slot);
@@ -730,9 +1091,17 @@ impl Actor for Supervisor {
                             port,
                             actor,
                         };
+                        let lost = Self::engine_gone(st, slot);
                         if !current {
                             handle.kill(ExitKind::Stopped);
                             st.args.events.worker_exited(&shared, &ExitKind::Stopped);
+                        } else if let Some(error) = lost {
+                            // Its engine was lost while it launched.
+                            handle.kill_because(ExitKind::Crashed(error.clone()), error.clone());
+                            st.args
+                                .events
+                                .worker_exited(&shared, &ExitKind::Crashed(error));
+                            Self::engine_lost_exit(&myself, st, slot);
                         } else if shared.lifecycle() == Lifecycle::Dead {
                             // It died before this message arrived; its termination was not ours
                             // to see yet, so handle the exit here.
@@ -741,7 +1110,8 @@ impl Actor for Supervisor {
                             if st.slots[slot].outgoing.is_some() {
                                 Self::successor_failed(&myself, st, slot, kind);
                             } else {
-                                Self::on_exit(&myself, st, slot, kind, shared.age());
+                                let ending = Ending::Exited(kind, shared.age());
+                                Self::exited(&myself, st, slot, ending);
                             }
                         } else {
                             st.actors.insert(handle.actor.get_id(), (slot, token));
@@ -767,24 +1137,7 @@ impl Actor for Supervisor {
                             let kind = ExitKind::Crashed(error);
                             Self::successor_failed(&myself, st, slot, kind);
                         } else if current {
-                            let s = &mut st.slots[slot];
-                            s.start_failures += 1;
-                            if s.start_failures >= st.args.policy.max_start_failures.max(1) {
-                                tracing::error!(
-                                    pool = %st.args.name,
-                                    slot,
-                                    failures = s.start_failures,
-                                    "a worker failed to start too many times in a row"
-                                );
-                                let reason = format!(
-                                    "the worker in slot {slot} failed to start {} times in a row",
-                                    s.start_failures
-                                );
-                                Self::escalate(st, reason);
-                            } else {
-                                let kind = ExitKind::Crashed(error);
-                                Self::on_exit(&myself, st, slot, kind, Duration::ZERO);
-                            }
+                            Self::exited(&myself, st, slot, Ending::LaunchFailed(error));
                         }
                     }
                 }
@@ -835,6 +1188,88 @@ impl Actor for Supervisor {
                     Self::resize(&myself, st, size);
                 }
                 let _ = reply.send(());
+            }
+            SupervisorMsg::EngineHealth { engine, health } => {
+                let Some(fleet) = st.args.fleet.clone() else {
+                    return Ok(());
+                };
+                if st.failed || st.shutdown.is_some() {
+                    return Ok(());
+                }
+                st.engines[engine].health = Some(health.clone());
+                match health {
+                    Health::Up => {
+                        let e = &st.engines[engine];
+                        if !e.usable && !e.preparing {
+                            Self::prepare(&myself, st, engine);
+                        }
+                    }
+                    Health::Down { reason } => {
+                        Self::engine_settled(&myself, st, engine);
+                        tracing::warn!(pool = %st.args.name, engine = %fleet.engine(engine).engine.name(), reason, "engine lost: its workers are failed and their slots move");
+                        Self::engine_down(st, engine, &reason);
+                    }
+                    Health::Unknown => {}
+                }
+            }
+            SupervisorMsg::EnginePrepared { engine, result } => {
+                let Some(fleet) = st.args.fleet.clone() else {
+                    return Ok(());
+                };
+                st.engines[engine].preparing = false;
+                if st.failed || st.shutdown.is_some() {
+                    return Ok(());
+                }
+                let name = fleet.engine(engine).engine.name().to_owned();
+                match result {
+                    Ok(()) if fleet.health(engine).is_up() => {
+                        tracing::info!(pool = %st.args.name, engine = %name, "engine ready for the pool");
+                        st.engines[engine].usable = true;
+                        Self::engine_settled(&myself, st, engine);
+                        Self::place_unplaced(&myself, st);
+                    }
+                    // It went down meanwhile: its next Up prepares it again.
+                    Ok(()) => {}
+                    Err(error) => {
+                        Self::engine_settled(&myself, st, engine);
+                        tracing::warn!(pool = %st.args.name, engine = %name, error, "cannot prepare the engine for the pool; trying again");
+                        let retry = fleet.options().interval.max(Duration::from_secs(1)) * 5;
+                        myself.send_after(retry, move || SupervisorMsg::EngineHealth {
+                            engine,
+                            health: fleet.health(engine),
+                        });
+                    }
+                }
+            }
+            SupervisorMsg::Probed {
+                slot,
+                token,
+                engine,
+                ending,
+            } => {
+                let s = &st.slots[slot];
+                if s.token != token || s.status != SlotStatus::Backoff {
+                    return Ok(());
+                }
+                let down = st
+                    .args
+                    .fleet
+                    .as_ref()
+                    .map(|f| f.health(engine))
+                    .and_then(|h| match h {
+                        Health::Down { reason } => Some(reason),
+                        _ => None,
+                    });
+                match down {
+                    Some(reason) if !st.failed && st.shutdown.is_none() => {
+                        if st.engines[engine].usable {
+                            Self::engine_down(st, engine, &reason);
+                        }
+                        Self::engine_lost_exit(&myself, st, slot);
+                    }
+                    _ => Self::settle(&myself, st, slot, ending),
+                }
+                Self::maybe_finish_shutdown(st);
             }
             SupervisorMsg::Shutdown(reply) => {
                 st.shutdown = Some(reply);
@@ -923,7 +1358,8 @@ impl Actor for Supervisor {
         let kind = ended(&worker);
         st.args.events.worker_exited(&worker.shared, &kind);
         if st.slots[slot].token == token {
-            Self::on_exit(&myself, st, slot, kind, worker.shared.age());
+            let ending = Ending::Exited(kind, worker.shared.age());
+            Self::exited(&myself, st, slot, ending);
         } else {
             st.slots[slot].worker = None;
         }

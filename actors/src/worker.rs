@@ -204,6 +204,8 @@ pub struct WorkerShared {
     /// Its successor is ready (or its slot was removed): it serves no new caller; the reason.
     superseded: OnceLock<String>,
     shares: Mutex<Shares>,
+    /// The name of the engine hosting it (a container worker of a pool with a fleet).
+    engine: Option<String>,
 }
 
 impl WorkerShared {
@@ -224,6 +226,7 @@ impl WorkerShared {
             replacing: AtomicBool::new(false),
             superseded: OnceLock::new(),
             shares: Mutex::new(Shares::default()),
+            engine: None,
         }
     }
 
@@ -232,6 +235,18 @@ impl WorkerShared {
     pub fn with_limits(mut self, limits: RecycleLimits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Names the engine hosting the worker.
+    #[must_use]
+    pub fn with_engine(mut self, engine: impl Into<String>) -> Self {
+        self.engine = Some(engine.into());
+        self
+    }
+
+    /// The name of the engine hosting the worker, if its pool spreads over a fleet.
+    pub fn engine(&self) -> Option<&str> {
+        self.engine.as_deref()
     }
 
     /// This worker's own recycling limits (jitter already applied).
@@ -488,6 +503,9 @@ pub struct WorkerActorState {
     missed: u32,
     /// A health ping is under way.
     pinging: bool,
+    /// The worker keeps a watchdog: it is pinged when held too, so that it never goes
+    /// without a word from the runtime for longer than its watchdog allows.
+    feed_watchdog: bool,
 }
 
 impl WorkerActorState {
@@ -543,6 +561,7 @@ impl Actor for WorkerActor {
             supervisor: args.supervisor,
             missed: 0,
             pinging: false,
+            feed_watchdog: args.spec.watchdog_after().is_some(),
         })
     }
 
@@ -555,8 +574,14 @@ impl Actor for WorkerActor {
         match msg {
             WorkerMsg::PortClosed => {
                 // The reap can overtake the reader: let it report what the worker last sent
-                // (bounded: a grandchild may hold the channel open).
-                state.port.reader_finished(READER_GRACE).await;
+                // (bounded: a grandchild may hold the channel open). Not for a worker whose
+                // engine is lost: its stream will say nothing more.
+                if !matches!(
+                    state.port.close_reason(),
+                    Some(PortError::EngineLost { .. })
+                ) {
+                    state.port.reader_finished(READER_GRACE).await;
+                }
                 let kind = match (state.port.exit_status(), state.port.close_reason()) {
                     (_, Some(PortError::ProtocolViolation { reason })) => {
                         ExitKind::Crashed(PortError::ProtocolViolation { reason })
@@ -591,6 +616,13 @@ impl Actor for WorkerActor {
                 }
                 if lifecycle != Lifecycle::Idle {
                     state.missed = 0;
+                    if state.feed_watchdog && lifecycle == Lifecycle::Held {
+                        // Only to feed its watchdog: a held worker is its holder's business.
+                        let (port, timeout) = (state.port.clone(), state.health.timeout);
+                        tokio::spawn(async move {
+                            let _ = port.ping(timeout).await;
+                        });
+                    }
                     return Ok(());
                 }
                 if state.pinging {

@@ -102,6 +102,23 @@ async fn labelled(engine: &Engine, name: &str, all: bool) -> anyhow::Result<Vec<
         .collect())
 }
 
+/// Removes the containers of the pools `names` left on `engine` (with a warning each); returns
+/// how many there were.
+pub(crate) async fn remove_left(engine: &Engine, names: &[&str]) -> anyhow::Result<usize> {
+    let mut left = 0;
+    for name in names {
+        for (id, _) in labelled(engine, name, true).await? {
+            eprintln!(
+                "WARNING: container {id} ({name}) left behind on {}; removing it",
+                engine.name()
+            );
+            left += 1;
+            let _ = engine.docker().remove_container(&id, force()).await;
+        }
+    }
+    Ok(left)
+}
+
 fn force() -> Option<RemoveContainerOptions> {
     Some(RemoveContainerOptions {
         force: true,
@@ -162,7 +179,7 @@ fn docker_run_spec(img: &HostPythonImage) -> ProcessSpec {
 }
 
 /// A one-off container worker's spec, labelled `wharf.pool=pool` with a fresh instance.
-fn one_off(spec: &ContainerSpec, pool: &str, n: usize) -> (WorkerSpec, String) {
+pub(crate) fn one_off(spec: &ContainerSpec, pool: &str, n: usize) -> (WorkerSpec, String) {
     let instance = new_instance();
     let mut ws: WorkerSpec = spec.clone().worker_id(format!("{pool}-{n}")).into();
     ws.set_pool(pool, &instance);
@@ -428,14 +445,7 @@ pub async fn containers(env: &Env, s: Scale) -> Outcome {
     let detect = median(&detect);
 
     // Nothing of ours may be left.
-    let mut left = 0;
-    for name in NAMES {
-        for (id, _) in labelled(&engine, name, true).await? {
-            eprintln!("containers: WARNING: container {id} ({name}) left behind; removing it");
-            left += 1;
-            let _ = engine.docker().remove_container(&id, force()).await;
-        }
-    }
+    let left = remove_left(&engine, &NAMES).await?;
 
     let mut figures = json!({
         "engine": engine_name,

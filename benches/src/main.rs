@@ -7,9 +7,13 @@
 //! 2x between runs, ratios measured side by side do not.
 
 mod containers;
+#[allow(dead_code)]
+#[path = "../../tests/common/fleet.rs"]
+mod fleet;
 mod floor;
 mod inprocess;
 mod rolling;
+mod scale_out;
 mod scenarios;
 mod single_actor;
 
@@ -32,8 +36,9 @@ struct Args {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Run only these scenarios (roundtrip, throughput, map, concurrent_io, checkout,
-    /// warm_vs_cold, recovery, payload, rolling, containers, inprocess); all by default.
-    /// `containers` needs a Docker engine and is skipped, with a message, when none answers.
+    /// warm_vs_cold, recovery, payload, rolling, containers, inprocess, scale_out); all by
+    /// default. `containers` needs a Docker engine and is skipped, with a message, when none
+    /// answers; `scale_out` also needs root and network namespaces for its fleet.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Internal: run as a host that embeds Python (`startup`, `exit` or `segv`), for the
@@ -263,6 +268,10 @@ async fn main() -> anyhow::Result<()> {
     if wanted("containers") {
         eprintln!("== containers");
         record("containers", containers::containers(&env, scale).await?);
+    }
+    if wanted("scale_out") {
+        eprintln!("== scale_out");
+        record("scale_out", scale_out::scale_out(&env, scale).await?);
     }
     if wanted("inprocess") {
         eprintln!("== inprocess");

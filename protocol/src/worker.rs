@@ -303,6 +303,8 @@ pub struct Worker {
     on_reset: Vec<Hook>,
     /// Calls served at once (0 and 1: one at a time).
     max_concurrency: usize,
+    /// End after this long without a message while waiting for one ([`Worker::watchdog`]).
+    watchdog: Option<Duration>,
 }
 
 impl Worker {
@@ -381,11 +383,30 @@ impl Worker {
         self
     }
 
+    /// Ends serving (as at EOF) when no message has come from the runtime for `after` while
+    /// the worker waits for one: the runtime, which then pings at least that often, is gone or
+    /// cut off. [`Worker::serve`] sets it from `WHARF_WATCHDOG_MS`; it applies to
+    /// [`Worker::serve_on_threaded`] (what `serve` uses).
+    #[must_use]
+    pub fn watchdog(mut self, after: Duration) -> Self {
+        self.watchdog = Some(after);
+        self
+    }
+
     /// Serves on the channel named by the environment (`WHARF_CHANNEL`: `fds`, `stdio`,
     /// `socket` or `fifo`; `WHARF_FD_IN`, `WHARF_FD_OUT`, `WHARF_SOCKET`, `WHARF_FIFO_IN`,
-    /// `WHARF_FIFO_OUT`, `WHARF_MAX_FRAME`). Returns on EOF or `shutdown`.
-    pub fn serve(self) -> Result<(), ServeError> {
+    /// `WHARF_FIFO_OUT`, `WHARF_MAX_FRAME`, `WHARF_WATCHDOG_MS`). Returns on EOF or
+    /// `shutdown`.
+    pub fn serve(mut self) -> Result<(), ServeError> {
         let env = |k: &str| std::env::var(k).ok();
+        if let Some(v) = env("WHARF_WATCHDOG_MS") {
+            let ms: u64 = v.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                ServeError::Config(format!(
+                    "WHARF_WATCHDOG_MS={v} is not a positive number of milliseconds"
+                ))
+            })?;
+            self.watchdog = Some(Duration::from_millis(ms));
+        }
         let max_frame = match env("WHARF_MAX_FRAME") {
             Some(v) => v
                 .parse()
@@ -483,7 +504,31 @@ impl Worker {
             .name("wharf-reader".into())
             .spawn(move || read_ahead(input, max_frame, &tx, &theirs))
             .map_err(|e| ServeError::Config(format!("cannot start the reader thread: {e}")))?;
-        let next = move || rx.recv().unwrap_or(Ok(None));
+        let watchdog = self.watchdog;
+        // Only a message from the runtime feeds the watchdog, not a handler thread's result.
+        let mut heard = Instant::now();
+        let next = move || match watchdog {
+            None => rx.recv().unwrap_or(Ok(None)),
+            Some(after) => {
+                let left = (heard + after).saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(step) => {
+                        if matches!(step, Ok(Some(Step::Message(_)))) {
+                            heard = Instant::now();
+                        }
+                        step
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        eprintln!(
+                            "wharf worker: nothing from the runtime for {after:?} \
+                             (WHARF_WATCHDOG_MS): it is gone or cut off; exiting"
+                        );
+                        Ok(None)
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Ok(None),
+                }
+            }
+        };
         self.run(next, handlers, output, max_frame, |id| calls.ended(id))
     }
 

@@ -101,6 +101,24 @@ fn error_kind(msg: Option<FromWorker>, id: u64) -> String {
 }
 
 #[test]
+fn a_watchdog_ends_serving_when_the_runtime_falls_silent() {
+    let mut p = Peer::serving(|w| w.watchdog(Duration::from_millis(300)));
+    p.send(&ToWorker::Init {
+        id: 0,
+        version: wharf_protocol::PROTOCOL_VERSION,
+    });
+    assert!(matches!(p.recv(), Some(FromWorker::InitPong { .. })));
+    // Pinged every 0.1 s, it outlives its watchdog ...
+    for id in 1..=8 {
+        std::thread::sleep(Duration::from_millis(100));
+        p.send(&ToWorker::Ping { id });
+        assert_eq!(p.recv(), Some(FromWorker::Pong { id }));
+    }
+    // ... and silence ends it (the channel still open), as EOF would.
+    assert!(p.ended().is_ok());
+}
+
+#[test]
 fn a_cancel_stops_the_running_call_at_once() {
     let mut p = Peer::start();
     p.call(1, "wait", Value::from(60_000), None);

@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use wharf_actors::port::{Channel, WorkerSpec};
+use wharf_actors::fleet::{FleetEngine, HealthOptions};
+use wharf_actors::port::{Channel, Transport, WorkerSpec};
 use wharf_actors::restart::{Backoff, Intensity, RestartPolicy, RestartType, Strategy};
 use wharf_actors::worker::HealthCheck;
 
@@ -94,6 +95,11 @@ pub struct PoolConfig {
     pub session_reset_timeout: Duration,
     /// Retries of idempotent calls whose worker died.
     pub retry: Retry,
+    /// The Docker engines a container pool spreads its workers over (empty: the spec's own
+    /// engine). See `docs/scale-out.md`.
+    pub engines: Vec<FleetEngine>,
+    /// How those engines are watched.
+    pub engine_health: HealthOptions,
 }
 
 /// Builds a [`Pool`]: `Pool::builder(spec).size(4).build().await`. Every setting has a
@@ -164,6 +170,8 @@ impl PoolBuilder {
                 drain_timeout: Duration::from_secs(5),
                 session_reset_timeout: Duration::from_secs(5),
                 retry: Retry::default(),
+                engines: Vec::new(),
+                engine_health: HealthOptions::default(),
             },
         }
     }
@@ -198,6 +206,49 @@ impl PoolBuilder {
         self.config.eager = false;
         self
     }
+    /// Adds a Docker engine to spread the pool's container workers over (with its capacity
+    /// and start-up concurrency, if a [`FleetEngine`]). A pool with engines places each
+    /// worker on the least-loaded engine that is up, moves the workers of an engine it loses
+    /// to the others, and ships its image from the local engine to each (see
+    /// `docs/scale-out.md`). Its workers must use the attach transport.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use wharf::{ContainerSpec, Engine, FleetEngine, Pool, TlsFiles, Transport};
+    ///
+    /// let tls = TlsFiles {
+    ///     ca: "certs/ca.pem".into(),
+    ///     cert: "certs/cert.pem".into(),
+    ///     key: "certs/key.pem".into(),
+    /// };
+    /// let h2 = Engine::tls("h2", "tcp://10.250.0.2:2376", &tls, Duration::from_secs(30))?;
+    /// let h3 = Engine::tls("h3", "tcp://10.250.0.3:2376", &tls, Duration::from_secs(30))?;
+    /// let spec = ContainerSpec::new("my/worker:1", ["python3", "-m", "my_worker"])
+    ///     .transport(Transport::Attach);
+    /// let pool = Pool::builder(spec)
+    ///     .size(8)
+    ///     .engine(FleetEngine::from(h2).capacity(16))
+    ///     .engine(h3)
+    ///     .build()
+    ///     .await?;
+    /// println!("{:?}", pool.workers_by_engine()); // {"h2": 4, "h3": 4}
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn engine(mut self, engine: impl Into<FleetEngine>) -> Self {
+        self.config.engines.push(engine.into());
+        self
+    }
+
+    /// How the pool's engines are watched (default: a ping every second, answered within 2 s,
+    /// two missed in a row take an engine down).
+    #[must_use]
+    pub fn engine_health(mut self, options: HealthOptions) -> Self {
+        self.config.engine_health = options;
+        self
+    }
+
     /// Most launches at once (default 4): many interpreters importing at once fight for CPU.
     #[must_use]
     pub fn startup_concurrency(mut self, n: usize) -> Self {
@@ -399,7 +450,8 @@ impl From<PoolBuilder> for PoolConfig {
 
 impl PoolConfig {
     /// One line that says what the pool runs and how many: `4 workers (+2 overflow), eager,
-    /// process python3 -m wharf_worker.demo, call timeout 30s`.
+    /// process python3 -m wharf_worker.demo, call timeout 30s` (and `, over engines h2, h3`
+    /// for a pool spread over engines).
     pub fn summary(&self) -> String {
         let mut s = format!(
             "{} worker{}",
@@ -423,6 +475,10 @@ impl PoolConfig {
                 s.push_str(&format!(", container {} {}", c.image, c.command.join(" ")));
             }
             other => s.push_str(&format!(", {}", other.describe())),
+        }
+        if !self.engines.is_empty() {
+            let names: Vec<&str> = self.engines.iter().map(|e| e.engine.name()).collect();
+            s.push_str(&format!(", over engines {}", names.join(", ")));
         }
         s.push_str(&format!(
             ", call timeout {}",
@@ -545,6 +601,46 @@ impl PoolConfig {
             );
         }
         nonzero("session_reset_timeout", self.session_reset_timeout)?;
+        self.validate_engines()
+    }
+
+    fn validate_engines(&self) -> Result<()> {
+        let bad = |field: &'static str, reason: String| Err(Error::Config { field, reason });
+        if self.engines.is_empty() {
+            return Ok(());
+        }
+        match &self.spec {
+            WorkerSpec::Container(spec) if spec.transport != Transport::Attach => {
+                return bad(
+                    "container.transport",
+                    "a pool spread over engines reaches its workers over the attach stream \
+                     (FIFOs and sockets need the engine's host to be this one): set \
+                     transport = \"attach\""
+                        .into(),
+                );
+            }
+            WorkerSpec::Container(_) => {}
+            _ => return bad("engines", "engines host container workers only".into()),
+        }
+        for (i, e) in self.engines.iter().enumerate() {
+            let name = e.engine.name();
+            if self.engines[..i].iter().any(|o| o.engine.name() == name) {
+                return bad("engines", format!("the engine {name:?} is listed twice"));
+            }
+            if e.capacity == Some(0) {
+                return bad(
+                    "engines.capacity",
+                    format!("0 for engine {name:?}: must be at least 1"),
+                );
+            }
+        }
+        let h = &self.engine_health;
+        if h.interval.is_zero() || h.timeout.is_zero() || h.down_after == 0 {
+            return bad(
+                "engine_health",
+                "interval, timeout and down_after must all be above zero".into(),
+            );
+        }
         Ok(())
     }
 }

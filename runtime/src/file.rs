@@ -19,6 +19,21 @@
 //! [pools.ml.process]           # or [pools.ml.container], exactly one of the two
 //! command = ["python3", "-m", "wharf_worker.demo"]
 //! env = { MODEL = "small" }
+//!
+//! [[engines]]                  # Docker engines container pools may spread over
+//! name = "h2"
+//! host = "tcp://10.250.0.2:2376"
+//! tls_ca = "certs/ca.pem"      # TLS files, relative to the current directory
+//! tls_cert = "certs/cert.pem"
+//! tls_key = "certs/key.pem"
+//! capacity = 16                # most workers of one pool on it (default: no limit)
+//!
+//! [pools.web]
+//! engines = ["h2"]             # spread over these (the container transport must be attach)
+//! [pools.web.container]
+//! image = "my/worker:1"
+//! command = ["python3", "-m", "my_worker"]
+//! transport = "attach"
 //! ```
 //!
 //! Every key, its meaning and its default: `docs/configuration.md`, and the annotated example
@@ -49,6 +64,8 @@ use serde::Deserialize;
 use serde_path_to_error::Segment;
 use thiserror::Error;
 use toml::de::{DeTable, DeValue};
+use wharf_actors::engine::{Engine, TlsFiles};
+use wharf_actors::fleet::{FleetEngine, HealthOptions};
 use wharf_actors::port::{Channel, ContainerSpec, Mount, ProcessSpec, Transport, WorkerSpec};
 use wharf_actors::restart::{Backoff, RestartType, Strategy};
 use wharf_actors::worker::HealthCheck;
@@ -172,6 +189,7 @@ pub struct ConfigFile {
     origin: String,
     runtime: RuntimeSettings,
     pools: BTreeMap<String, PoolConfig>,
+    engines: BTreeMap<String, FleetEngine>,
 }
 
 impl ConfigFile {
@@ -209,9 +227,32 @@ impl ConfigFile {
             }
         };
         let mut issues = Vec::new();
+        let mut engines = BTreeMap::new();
+        for (i, raw_engine) in raw.engines.into_iter().enumerate() {
+            let at = |key: &str| {
+                let mut path = vec![Seg::Key("engines".into()), Seg::Index(i)];
+                path.extend((!key.is_empty()).then(|| Seg::Key(key.to_owned())));
+                path
+            };
+            if engines.contains_key(&raw_engine.name) {
+                let path = at("name");
+                let message = format!("a second engine named {:?}", raw_engine.name);
+                issues.push(doc.issue(&path, doc.line_of_key(&path), message));
+                continue;
+            }
+            match raw_engine.into_engine() {
+                Ok(engine) => {
+                    engines.insert(engine.engine.name().to_owned(), engine);
+                }
+                Err((key, message)) => {
+                    let path = at(&key);
+                    issues.push(doc.issue(&path, doc.line_of_key(&path), message));
+                }
+            }
+        }
         let mut pools = BTreeMap::new();
         for (name, raw_pool) in raw.pools {
-            match raw_pool.into_config(&name) {
+            match raw_pool.into_config(&name, &engines) {
                 Ok(config) => match config.validate() {
                     Ok(()) => {
                         pools.insert(name, config);
@@ -231,6 +272,7 @@ impl ConfigFile {
             origin: origin.to_owned(),
             runtime: raw.runtime.into(),
             pools,
+            engines,
         })
     }
 
@@ -257,6 +299,11 @@ impl ConfigFile {
     /// Every pool's configuration, by name.
     pub fn configs(&self) -> impl Iterator<Item = &PoolConfig> {
         self.pools.values()
+    }
+
+    /// The `[[engines]]` the file lists, by name (not contacted: each may be down now).
+    pub fn engines(&self) -> impl Iterator<Item = &FleetEngine> {
+        self.engines.values()
     }
 
     /// A builder for the pool `name`, to adjust in code before [`PoolBuilder::build`].
@@ -436,6 +483,59 @@ struct RawFile {
     runtime: RawRuntime,
     #[serde(default)]
     pools: BTreeMap<String, RawPool>,
+    #[serde(default)]
+    engines: Vec<RawEngine>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawEngine {
+    name: String,
+    host: String,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    capacity: Option<Positive<usize>>,
+    startup_concurrency: Option<Positive<usize>>,
+    request_timeout: Option<Dur>,
+}
+
+impl RawEngine {
+    /// The engine (not contacted: it may be down now), or the key that is wrong and why.
+    fn into_engine(self) -> Result<FleetEngine, ApplyError> {
+        if self.name.is_empty() {
+            return Err(("name".into(), "must not be empty".into()));
+        }
+        let tls = match (self.tls_ca, self.tls_cert, self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+            (None, None, None) => None,
+            _ => {
+                return Err((
+                    "tls_ca".into(),
+                    "tls_ca, tls_cert and tls_key go together: give all three or none".into(),
+                ))
+            }
+        };
+        let timeout = self
+            .request_timeout
+            .map_or(Duration::from_secs(30), |d| d.0);
+        let engine = Engine::at(&self.name, &self.host, tls.as_ref(), timeout)
+            .map_err(|e| ("host".to_owned(), e.to_string()))?;
+        Ok(FleetEngine {
+            engine,
+            capacity: self.capacity.map(|c| c.0),
+            startup_concurrency: self.startup_concurrency.map(|c| c.0),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+struct RawEngineHealth {
+    interval: Option<Dur>,
+    timeout: Option<Dur>,
+    down_after: Option<Positive<u32>>,
+    max_backoff: Option<Dur>,
 }
 
 #[derive(Deserialize, Default)]
@@ -484,6 +584,8 @@ struct RawPool {
     drain_timeout: Option<Dur>,
     session_reset_timeout: Option<Dur>,
     retry: Option<RawRetry>,
+    engines: Option<Vec<String>>,
+    engine_health: Option<RawEngineHealth>,
 }
 
 #[derive(Deserialize)]
@@ -600,7 +702,11 @@ type ApplyError = (String, String);
 
 impl RawPool {
     /// The pool's configuration: the builder's defaults with this table's keys applied.
-    fn into_config(self, name: &str) -> Result<PoolConfig, ApplyError> {
+    fn into_config(
+        self,
+        name: &str,
+        engines: &BTreeMap<String, FleetEngine>,
+    ) -> Result<PoolConfig, ApplyError> {
         let spec: WorkerSpec = match (self.process, self.container) {
             (Some(p), None) => p.into_spec().into(),
             (None, Some(c)) => c.into_spec()?.into(),
@@ -699,6 +805,25 @@ impl RawPool {
                 r.max_retries.map_or(d.max_retries, |v| v.0),
                 r.delay.map_or(d.delay, |v| v.0),
             );
+        }
+        for engine in self.engines.unwrap_or_default() {
+            let Some(found) = engines.get(&engine) else {
+                let known: Vec<&str> = engines.keys().map(String::as_str).collect();
+                return Err((
+                    "engines".into(),
+                    format!("no [[engines]] entry is named {engine:?} (known: {known:?})"),
+                ));
+            };
+            b = b.engine(found.clone());
+        }
+        if let Some(h) = self.engine_health {
+            let d = HealthOptions::default();
+            b = b.engine_health(HealthOptions {
+                interval: h.interval.map_or(d.interval, |v| v.0),
+                timeout: h.timeout.map_or(d.timeout, |v| v.0),
+                down_after: h.down_after.map_or(d.down_after, |v| v.0),
+                max_backoff: h.max_backoff.map_or(d.max_backoff, |v| v.0),
+            });
         }
         Ok(b.into_config())
     }

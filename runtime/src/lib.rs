@@ -48,7 +48,8 @@ pub use runtime::{
 };
 pub use session::Session;
 pub use stats::PoolStats;
-pub use wharf_actors::engine::{Engine, EngineError};
+pub use wharf_actors::engine::{Engine, EngineError, TlsFiles};
+pub use wharf_actors::fleet::{FleetEngine, Health, HealthOptions};
 pub use wharf_actors::port::{
     Channel, ContainerSpec, ExitInfo, Mount, PortError, ProcessSpec, Transport, WorkerSpec,
 };

@@ -15,6 +15,7 @@ use ractor::{Actor, ActorRef};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{Notify, Semaphore, TryAcquireError};
+use wharf_actors::fleet::{Fleet, Health};
 use wharf_actors::port::container::{self, Sweep};
 use wharf_actors::port::{PortError, WorkerSpec};
 use wharf_actors::supervisor::{
@@ -91,6 +92,8 @@ pub(crate) struct Inner {
     /// How each slot's last worker ended (an exit's label, or `start_failed`): the cause of
     /// the slot's next restart, for the metrics.
     last_exit: Mutex<HashMap<usize, &'static str>>,
+    /// The engines the pool spreads over, and their health (see `docs/scale-out.md`).
+    fleet: Option<Arc<Fleet>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -974,6 +977,8 @@ pub struct WorkerInfo {
     pub max_calls: Option<u64>,
     /// Its own `max_lifetime`: the pool's, less its share of `recycle_jitter`.
     pub max_lifetime: Option<Duration>,
+    /// The engine hosting it, if the pool spreads over engines.
+    pub engine: Option<String>,
 }
 
 /// A supervised pool of external workers. Cheap to clone; every clone is the same pool.
@@ -1051,6 +1056,8 @@ impl Pool {
             telemetry: Telemetry::new(&config.name),
             rss_total: AtomicU64::new(0),
             last_exit: Mutex::new(HashMap::new()),
+            fleet: (!config.engines.is_empty())
+                .then(|| Fleet::new(config.engines.clone(), config.engine_health)),
             config,
         });
         let c = &inner.config;
@@ -1069,6 +1076,7 @@ impl Pool {
             max_lifetime: c.max_lifetime,
             recycle_jitter: c.recycle_jitter,
             events: Arc::new(SupervisorView(Arc::downgrade(&inner))),
+            fleet: inner.fleet.clone(),
         };
         static SUPERVISORS: AtomicU64 = AtomicU64::new(0);
         let name = format!(
@@ -1375,11 +1383,37 @@ impl Pool {
                     calls: w.calls(),
                     max_calls: w.limits().max_calls,
                     max_lifetime: w.limits().max_lifetime,
+                    engine: w.engine().map(str::to_owned),
                 })
             })
             .collect();
         v.sort_by_key(|w| w.slot);
         v
+    }
+
+    /// The pool's engines by name, with their health now (empty if the pool does not spread
+    /// over engines).
+    pub fn engines(&self) -> Vec<(String, Health)> {
+        let Some(fleet) = &self.inner.fleet else {
+            return Vec::new();
+        };
+        (0..fleet.len())
+            .map(|i| (fleet.engine(i).engine.name().to_owned(), fleet.health(i)))
+            .collect()
+    }
+
+    /// How many running workers each engine hosts (engines without one included; empty if the
+    /// pool does not spread over engines).
+    pub fn workers_by_engine(&self) -> BTreeMap<String, usize> {
+        let mut counts: BTreeMap<String, usize> = self
+            .engines()
+            .into_iter()
+            .map(|(name, _)| (name, 0))
+            .collect();
+        for engine in self.worker_info().into_iter().filter_map(|w| w.engine) {
+            *counts.entry(engine).or_default() += 1;
+        }
+        counts
     }
 
     /// The OS process ids of the workers that are running now.
@@ -1551,6 +1585,29 @@ impl Pool {
             };
             if let Err(e) = swept {
                 tracing::warn!(pool = %inner.config.name, error = %e, "cannot remove the pool's containers");
+            }
+            // And on every engine of its fleet (what one that does not answer keeps is swept
+            // by the pool of this name a later runtime starts on it).
+            if let Some(fleet) = &inner.fleet {
+                let limit = inner.config.engine_health.timeout * 5;
+                let sweeps = (0..fleet.len()).map(|i| {
+                    let engine = fleet.engine(i).engine.clone();
+                    async move {
+                        let swept = tokio::time::timeout(limit, container::sweep(&engine, mine));
+                        (engine.name().to_owned(), swept.await)
+                    }
+                });
+                for (engine, swept) in futures::future::join_all(sweeps).await {
+                    match swept {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(pool = %inner.config.name, engine, error = %e, "cannot remove the pool's containers")
+                        }
+                        Err(_) => {
+                            tracing::warn!(pool = %inner.config.name, engine, "the engine did not answer the sweep of the pool's containers")
+                        }
+                    }
+                }
             }
         }
         // Every worker is gone: the gauges say so now, not at a sample that may never come.

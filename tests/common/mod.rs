@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -137,6 +139,78 @@ fn needs_docker(test: &str, why: &str) {
         std::io::stderr(),
         "\n*** SKIPPED {test}: it needs Docker, but {why}. (Under CI=true this is a failure.) ***"
     );
+}
+
+/// The local engine and the demo worker's container spec over `transport` (the host-Python
+/// image, built if missing), or `None` (after a loud notice) if the test must skip.
+pub async fn demo_container(
+    test: &str,
+    transport: wharf::Transport,
+) -> Option<(wharf::Engine, wharf::ContainerSpec)> {
+    let engine = docker_engine(test).await?;
+    init_logs();
+    let opts = wharf::image::HostPythonOptions {
+        worker_package: Some(python_path().into()),
+        ..wharf::image::HostPythonOptions::default()
+    };
+    let img = wharf::image::ensure_host_python(&engine, &opts)
+        .await
+        .expect("the host-Python image builds");
+    let spec = img
+        .spec(["-m", "wharf_worker.demo"])
+        .transport(transport)
+        .init_timeout(Duration::from_secs(30));
+    Some((engine, spec))
+}
+
+/// The containers of pool `pool`: running ones, or all (`all`).
+pub async fn pool_containers(
+    engine: &wharf::Engine,
+    pool: &str,
+    all: bool,
+) -> Vec<bollard::models::ContainerSummary> {
+    let filters =
+        std::collections::HashMap::from([("label".to_owned(), vec![format!("wharf.pool={pool}")])]);
+    engine
+        .docker()
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+}
+
+/// An example's binary, built next to the test binaries by `cargo test`.
+pub fn example_exe(name: &str) -> PathBuf {
+    // <target>/<profile>/deps/<test binary> -> <target>/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.ancestors()
+        .nth(2)
+        .expect("a test binary lives in <target>/<profile>/deps")
+        .join("examples")
+        .join(name)
+}
+
+/// The `--json` summary an example printed on its last line, after checking that it exited
+/// successfully, that none of its `calls` hung and that every one is accounted for.
+pub fn example_summary(out: &std::process::Output, calls: u64) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    println!("{summary}");
+    assert_eq!(summary["hung"], 0);
+    let (ok, failed) = (
+        summary["ok"].as_u64().unwrap(),
+        summary["failed"].as_u64().unwrap(),
+    );
+    assert_eq!(ok + failed, calls, "every call is accounted for");
+    summary
 }
 
 /// The target directory this test binary was built in.

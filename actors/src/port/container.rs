@@ -299,6 +299,16 @@ pub fn owner() -> &'static str {
     OWNER.get_or_init(|| format!("{}-{:08x}", std::process::id(), rand::random::<u32>()))
 }
 
+/// Whether `s` has the form of an [`owner`]: `<pid>-<8 hex digits>`.
+fn is_owner(s: &str) -> bool {
+    s.split_once('-').is_some_and(|(pid, tag)| {
+        !pid.is_empty()
+            && pid.bytes().all(|b| b.is_ascii_digit())
+            && tag.len() == 8
+            && tag.bytes().all(|b| b.is_ascii_hexdigit())
+    })
+}
+
 /// Where this runtime runs, for `wharf.host` labels: the boot id and the pid namespace.
 fn host_id() -> &'static str {
     static HOST: OnceLock<String> = OnceLock::new();
@@ -442,6 +452,31 @@ struct ContainerHost {
     /// The per-launch channel directory (socket or FIFOs), removed on release.
     channel_dir: Option<PathBuf>,
     released: AtomicBool,
+    /// Publishes how the container ended (set once it is started; see [`watch_exit`]).
+    exit: OnceLock<Arc<watch::Sender<Option<ExitStatus>>>>,
+}
+
+/// How long a killed container's end may take to be confirmed by its engine before the
+/// worker is taken for dead anyway: an engine that does not answer must not keep a worker,
+/// and its slot, waiting without end.
+const KILL_CONFIRM: Duration = Duration::from_secs(10);
+
+/// Publishes a container's end as a kill its engine could not confirm (status 137), unless
+/// its end is known already.
+fn take_for_killed(exit: &watch::Sender<Option<ExitStatus>>, container: &str, engine: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    exit.send_if_modified(|status| {
+        let unknown = status.is_none();
+        if unknown {
+            tracing::warn!(
+                container,
+                engine,
+                "the engine did not confirm the container's end: taken for killed"
+            );
+            *status = Some(ExitStatus::from_raw(137 << 8));
+        }
+        unknown
+    });
 }
 
 impl ContainerHost {
@@ -471,6 +506,25 @@ impl Host for ContainerHost {
 
     fn kill(&self) {
         self.signal("SIGKILL");
+        let Some(exit) = self.exit.get().cloned() else {
+            return;
+        };
+        let (id, engine) = (self.id.clone(), self.engine.name().to_owned());
+        if self.engine.is_lost() {
+            // Its engine is unreachable: nothing will confirm the end. The engine's return
+            // sweeps the container.
+            return take_for_killed(&exit, &id, &engine);
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let mut ended = exit.subscribe();
+            let confirmed = tokio::time::timeout(KILL_CONFIRM, ended.wait_for(Option::is_some));
+            if confirmed.await.is_err() {
+                take_for_killed(&exit, &id, &engine);
+            }
+        });
     }
 
     fn release(&self) {
@@ -544,7 +598,9 @@ fn sweep_channel_dirs() {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(owner) = name.strip_prefix("wharf-") else {
+            // Only names of the form a runtime gives them (`wharf-<pid>-<8 hex digits>`): any
+            // other `wharf-*` directory is someone else's.
+            let Some(owner) = name.strip_prefix("wharf-").filter(|o| is_owner(o)) else {
                 continue;
             };
             if entry.path().is_dir() && owner_gone(owner, host_id()) {
@@ -692,6 +748,7 @@ pub(crate) async fn launch(spec: &ContainerSpec) -> Result<Arc<Router>, PortErro
         oom_killed: AtomicBool::new(false),
         channel_dir: dir,
         released: AtomicBool::new(false),
+        exit: OnceLock::new(),
     });
     let router = start(spec, &host, local).await?;
     guard.name = None;
@@ -807,6 +864,8 @@ async fn start(
 
     // The engine's side of the watch: the exit code once the container stops running.
     let (exit_tx, exit_rx) = watch::channel(None);
+    let exit_tx = Arc::new(exit_tx);
+    let _ = host.exit.set(exit_tx.clone());
     let open = Arc::new(AtomicBool::new(true));
     tokio::spawn(watch_exit(host.clone(), exit_tx, open.clone()));
 
@@ -880,7 +939,7 @@ async fn start(
 /// Waits for the container to stop running, reads how it ended, and publishes it.
 async fn watch_exit(
     host: Arc<ContainerHost>,
-    exit: watch::Sender<Option<ExitStatus>>,
+    exit: Arc<watch::Sender<Option<ExitStatus>>>,
     open: Arc<AtomicBool>,
 ) {
     use std::os::unix::process::ExitStatusExt;
@@ -908,7 +967,10 @@ async fn watch_exit(
     // An engine that cannot say (it went away) reports the worker as killed.
     let code = code.unwrap_or(137).clamp(0, 255) as i32;
     open.store(false, Ordering::Release);
-    let _ = exit.send(Some(ExitStatus::from_raw(code << 8)));
+    // Unless it was taken for killed already (its engine did not answer).
+    exit.send_if_modified(|status| {
+        status.is_none() && status.replace(ExitStatus::from_raw(code << 8)).is_none()
+    });
 }
 
 /// Splits Docker's attach stream into the worker's stdout and stderr bytes. Frames are

@@ -112,6 +112,16 @@ pub enum PortError {
     /// The port was shut down by the runtime.
     #[error("port is closed")]
     Closed,
+    /// The Docker engine hosting the worker was taken for lost (it stopped answering, its
+    /// daemon died, or its link was cut): the worker was failed at once rather than left to
+    /// a TCP timeout. A call in flight may or may not have run.
+    #[error("the Docker engine {engine} hosting the worker was lost ({reason})")]
+    EngineLost {
+        /// The engine's name.
+        engine: String,
+        /// Why it was taken for lost.
+        reason: String,
+    },
 }
 
 impl PortError {

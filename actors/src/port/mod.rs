@@ -42,6 +42,9 @@ pub use router::STREAM_BUFFER;
 
 use router::{Request, Router, Slot};
 
+/// The variable that asks a worker to keep a watchdog ([`WorkerSpec::watchdog`]).
+pub const WATCHDOG_ENV: &str = "WHARF_WATCHDOG_MS";
+
 /// How to start one worker: an OS process or a Docker container. Everything above the port
 /// (worker actor, supervisor, pool, sessions) treats both alike.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +85,48 @@ impl WorkerSpec {
             spec.pool = pool.to_owned();
             spec.instance = instance.to_owned();
         }
+    }
+
+    /// Places a container worker on `engine` (a process worker runs here whatever it says).
+    #[must_use]
+    pub fn on_engine(self, engine: &crate::engine::Engine) -> Self {
+        match self {
+            WorkerSpec::Container(spec) => {
+                WorkerSpec::Container(Box::new(spec.engine(engine.clone())))
+            }
+            other => other,
+        }
+    }
+
+    /// Asks the worker to end by itself when it has heard nothing from the runtime for
+    /// `after` (`WHARF_WATCHDOG_MS`; the protocol's watchdog, for workers the runtime may be
+    /// cut off from). The runtime then pings it at least that often, held or not.
+    #[must_use]
+    pub fn watchdog(self, after: Duration) -> Self {
+        let ms = after.as_millis().max(1).to_string();
+        match self {
+            WorkerSpec::Process(spec) => WorkerSpec::Process(spec.env(WATCHDOG_ENV, ms)),
+            WorkerSpec::Container(spec) => {
+                WorkerSpec::Container(Box::new(spec.env(WATCHDOG_ENV, ms)))
+            }
+        }
+    }
+
+    /// The watchdog the worker was asked to keep ([`WorkerSpec::watchdog`]), if any.
+    pub fn watchdog_after(&self) -> Option<Duration> {
+        let ms = match self {
+            WorkerSpec::Process(spec) => spec
+                .env
+                .iter()
+                .find(|(k, _)| k == WATCHDOG_ENV)
+                .and_then(|(_, v)| v.to_str()?.parse().ok()),
+            WorkerSpec::Container(spec) => spec
+                .env
+                .iter()
+                .find(|(k, _)| k == WATCHDOG_ENV)
+                .and_then(|(_, v)| v.parse().ok()),
+        };
+        ms.map(Duration::from_millis)
     }
 
     /// How long the worker may take to answer the init ping.

@@ -52,6 +52,22 @@ class DemoTests(unittest.TestCase):
         self.assertEqual(pong["status"], "ok", self.peer.stderr_text())
         return self.peer
 
+    def test_a_watchdog_ends_a_worker_the_runtime_stopped_speaking_to(self):
+        peer = self.spawn(WHARF_WATCHDOG_MS=1000)
+        self.assertEqual(peer.init()["status"], "ok", peer.stderr_text())
+        # Spoken to every 0.1 s, it outlives its watchdog ...
+        for i in range(12):
+            time.sleep(0.1)
+            self.assertEqual(peer.call("echo", i)["body"], i)
+        # ... and silence ends it, by itself (its input is still open), with status 0.
+        self.assertEqual(peer.wait(), 0, peer.stderr_text())
+        self.assertIn("WHARF_WATCHDOG_MS", peer.stderr_text())
+
+    def test_a_watchdog_that_is_not_a_duration_is_refused(self):
+        peer = self.spawn(WHARF_WATCHDOG_MS="soon")
+        self.assertEqual(peer.wait(), 2)
+        self.assertIn("WHARF_WATCHDOG_MS", peer.stderr_text())
+
     def assert_echoes(self, values):
         for v in values:
             with self.subTest(value=repr(v)[:60]):

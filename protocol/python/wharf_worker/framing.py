@@ -119,6 +119,10 @@ class FrameReader:
         self._pos = stop
         return decode(memoryview(buf)[pos + HEADER_LEN : stop])
 
+    def pending_bytes(self) -> int:
+        """How many bytes are buffered and not yet read as messages."""
+        return len(self._buf) - self._pos
+
     def fill(self, timeout: float) -> bool:
         """Waits up to ``timeout`` seconds for input and buffers what has arrived, without
         blocking longer (for reading while a call runs; see :meth:`buffered`). Returns False

@@ -251,6 +251,9 @@ class Worker:
         self._pending: "collections.deque[dict[str, Any]]" = collections.deque()
         self._input_closed = False
         self._max_frame = DEFAULT_MAX_FRAME
+        # End by itself after this many seconds without a byte from the runtime while waiting
+        # for a message (WHARF_WATCHDOG_MS; None: never).
+        self._watchdog: Optional[float] = None
         # One packer for every reply (packb would build a new one per call); it resets itself
         # when packing fails.
         self._pack = msgpack.Packer(use_bin_type=True).pack
@@ -341,6 +344,15 @@ class Worker:
         except ValueError:
             log.error("WHARF_MAX_FRAME=%r is not a frame size in bytes", env.get("WHARF_MAX_FRAME"))
             return 2
+        watchdog = env.get("WHARF_WATCHDOG_MS")
+        if watchdog:
+            try:
+                self._watchdog = int(watchdog) / 1000.0
+                if self._watchdog <= 0:
+                    raise ValueError
+            except ValueError:
+                log.error("WHARF_WATCHDOG_MS=%r is not a positive number of milliseconds", watchdog)
+                return 2
         channel = env.get("WHARF_CHANNEL") or "fds"
         if channel == "fds":
             try:
@@ -397,7 +409,7 @@ class Worker:
         self._reader = FrameReader(fd_in, max_frame)
         self._pending.clear()
         self._input_closed = False
-        read = self._reader.read
+        read = self._reader.read if self._watchdog is None else self._read_watched
         pending = self._pending
         call = self._call
         try:
@@ -441,6 +453,30 @@ class Worker:
         except OSError as e:
             log.error("cannot read from the channel: %s; exiting", e)
             return 2
+
+    def _read_watched(self) -> "Optional[dict[str, Any]]":
+        """The next message, as ``FrameReader.read``, but ending the worker (status 0) when no
+        byte has come for ``self._watchdog`` seconds: the runtime, which pings at least that
+        often, is gone or cut off (a worker on a remote engine would otherwise wait until the
+        engine notices the dead connection)."""
+        reader = self._reader
+        watchdog = self._watchdog
+        heard = time.monotonic()
+        while True:
+            msg = reader.buffered()
+            if msg is not None:
+                return msg
+            before = reader.pending_bytes()
+            if not reader.fill(max(heard + watchdog - time.monotonic(), 0)):
+                return None
+            if reader.pending_bytes() != before:
+                heard = time.monotonic()
+            elif time.monotonic() - heard >= watchdog:
+                log.warning(
+                    "nothing from the runtime for %.1f s (WHARF_WATCHDOG_MS): it is gone or cut "
+                    "off; exiting", watchdog
+                )
+                raise _Exit(0)
 
     # -- messages ----------------------------------------------------------------------------
 
