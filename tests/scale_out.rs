@@ -15,8 +15,8 @@ use bollard::query_parameters::KillContainerOptions;
 use common::fleet::Fleet;
 use common::*;
 use wharf::{
-    CallOptions, Engine, Error, Health, HealthCheck, HealthOptions, Pool, PortError, Transport,
-    Value,
+    CallOptions, Engine, Error, Health, HealthCheck, HealthOptions, Pool, PoolBuilder, PortError,
+    RestartType, Transport, Value,
 };
 
 /// Long enough for anything the fleet does; a scenario that takes this long has failed.
@@ -26,9 +26,19 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// each, that fails if more than `max_restarts` restarts count against it within a minute;
 /// `None` if the test must skip (after a loud notice).
 async fn start(test: &str, name: &str, max_restarts: u32) -> Option<(Fleet, Pool)> {
+    start_with(test, name, max_restarts, |b| b).await
+}
+
+/// [`start`], with the pool's builder changed by `more`.
+async fn start_with(
+    test: &str,
+    name: &str,
+    max_restarts: u32,
+    more: impl FnOnce(PoolBuilder) -> PoolBuilder,
+) -> Option<(Fleet, Pool)> {
     let (_, spec) = demo_container(test, Transport::Attach).await?;
     let fleet = Fleet::start(test).await?;
-    let pool = Pool::builder(spec)
+    let pool = more(Pool::builder(spec))
         .name(name)
         .size(4)
         .intensity(max_restarts, Duration::from_secs(60))
@@ -259,6 +269,74 @@ async fn a_killed_daemon_fails_its_calls_typed_and_the_pool_moves_to_the_other_h
     );
     let h2 = fleet.engine(0).await;
     assert_eq!(running(&h2, name).await.len(), 4);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_on_their_way_out_lost_with_a_killed_daemon_count_nothing_against_the_pool() {
+    let test = "workers_on_their_way_out_lost_with_a_killed_daemon";
+    let name = "scale-out-going";
+    // No restart may count against it: one counted failure fails the pool.
+    let Some((mut fleet, pool)) = start(test, name, 0).await else {
+        return;
+    };
+    // Every worker held, then replaced (make before break): four successors start and the
+    // four held workers stay on, superseded, until their leases end.
+    let mut leases = Vec::new();
+    for _ in 0..4 {
+        leases.push(pool.checkout().await.unwrap());
+    }
+    let restart = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.rolling_restart(4).await }
+    });
+    assert!(
+        eventually(LIMIT, || pool.worker_info().len() == 8
+            && pool.state().idle == 4)
+        .await,
+        "four successors ready beside the four held workers: {:?}",
+        pool.state()
+    );
+    fleet.kill_dockerd(1);
+    assert!(engine_down(&pool, "h3", true).await, "h3 is marked down");
+    // Its superseded workers and its successors went with it: none of that is a failure.
+    assert_eq!(
+        settle(&pool, &counts(&[("h2", 4), ("h3", 0)])).await,
+        counts(&[("h2", 4), ("h3", 0)]),
+        "the pool serves from h2 at full size"
+    );
+    assert!(pool.failure().is_none(), "{:?}", pool.failure());
+    drop(leases);
+    let _ = tokio::time::timeout(LIMIT, restart).await;
+    assert!(pool.failure().is_none(), "{:?}", pool.failure());
+    assert_eq!(
+        pool.call::<Value>("echo", &1).await.unwrap(),
+        Value::from(1)
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_workers_lost_with_their_engine_are_not_restarted() {
+    let test = "temporary_workers_lost_with_their_engine";
+    let name = "scale-temporary";
+    let temporary = |b: PoolBuilder| b.restart_type(RestartType::Temporary);
+    let Some((mut fleet, pool)) = start_with(test, name, 10, temporary).await else {
+        return;
+    };
+    fleet.kill_dockerd(1);
+    assert!(engine_down(&pool, "h3", true).await, "h3 is marked down");
+    assert!(
+        eventually(LIMIT, || pool.worker_info().len() == 2).await,
+        "h3's two workers are gone: {:?}",
+        pool.worker_info()
+    );
+    // Give a restart, if there were one, time to show: a temporary worker is not restarted,
+    // whatever ended it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pool.workers_by_engine(), counts(&[("h2", 2), ("h3", 0)]));
+    assert_eq!(pool.worker_info().len(), 2);
+    assert!(pool.failure().is_none(), "{:?}", pool.failure());
     pool.shutdown().await;
 }
 

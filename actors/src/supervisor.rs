@@ -232,6 +232,26 @@ pub enum SupervisorMsg {
         /// How it ended.
         ending: Ending,
     },
+    /// The successor launched in `slot` on a fleet engine failed and the engine has been
+    /// probed: handled as a failed successor unless the engine is down.
+    ProbedSuccessor {
+        /// The slot.
+        slot: usize,
+        /// The slot's plan token when it failed.
+        token: u64,
+        /// How it ended.
+        kind: ExitKind,
+    },
+    /// A worker out of its slot (superseded, outgoing) on engine `engine` ended abnormally
+    /// and the engine has been probed: counted toward the intensity unless the engine is down.
+    ProbedFailure {
+        /// The engine it ran on.
+        engine: usize,
+        /// The worker, for the reason if the pool fails.
+        who: String,
+        /// How it ended.
+        kind: ExitKind,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -497,7 +517,14 @@ impl Supervisor {
             // Overflow workers are not restarted (demand starts new ones), but their failures
             // count: a crash or unfit loop fed by demand must fail the pool like any other.
             st.slots[slot].status = SlotStatus::Unstarted;
-            Self::count_failure(st, &format!("overflow worker in slot {slot}"), &kind);
+            // (One lost with its engine never comes here: see `exited`.)
+            Self::count_failure(
+                myself,
+                st,
+                None,
+                format!("overflow worker in slot {slot}"),
+                kind,
+            );
             return;
         }
         if kind.is_replacement() {
@@ -568,9 +595,40 @@ impl Supervisor {
 
     /// Counts an abnormal exit of a worker that needs no restart of its own (an overflow
     /// worker, an outgoing or superseded one) toward the intensity, so that a crash loop still
-    /// fails the pool; `who` names it in the reason.
-    fn count_failure(st: &mut SupervisorState, who: &str, kind: &ExitKind) {
+    /// fails the pool; `who` names it in the reason. A worker lost with its engine counts for
+    /// nothing (that is the engine's failure, not the worker's); on a fleet engine that still
+    /// looks up, the engine is asked first, as for a slot's worker (see
+    /// [`SupervisorMsg::ProbedFailure`]).
+    fn count_failure(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        engine: Option<&str>,
+        who: String,
+        kind: ExitKind,
+    ) {
         if st.failed || st.shutdown.is_some() || !kind.is_abnormal() {
+            return;
+        }
+        if Self::lost_with_engine(st, engine, &kind) {
+            return;
+        }
+        let fleet = st.args.fleet.clone();
+        if let Some((fleet, engine)) =
+            fleet.and_then(|f| engine.and_then(|n| f.index_of(n)).map(|i| (f, i)))
+        {
+            let me = myself.clone();
+            tokio::spawn(async move {
+                fleet.probe(engine).await;
+                let _ = me.cast(SupervisorMsg::ProbedFailure { engine, who, kind });
+            });
+            return;
+        }
+        Self::record_failure(st, &who, &kind);
+    }
+
+    /// Records a failure toward the intensity; escalates when there are too many.
+    fn record_failure(st: &mut SupervisorState, who: &str, kind: &ExitKind) {
+        if st.failed || st.shutdown.is_some() {
             return;
         }
         if !st.intensity.record(Instant::now()) {
@@ -582,6 +640,20 @@ impl Supervisor {
             );
             Self::escalate(st, reason);
         }
+    }
+
+    /// Whether a worker on the engine named `engine` that ended with `kind` was lost with its
+    /// engine: its exit says so, or that engine is down (or not ready) for this pool.
+    fn lost_with_engine(st: &SupervisorState, engine: Option<&str>, kind: &ExitKind) -> bool {
+        let Some(fleet) = &st.args.fleet else {
+            return false;
+        };
+        if matches!(kind, ExitKind::Crashed(PortError::EngineLost { .. })) {
+            return true;
+        }
+        engine
+            .and_then(|name| fleet.index_of(name))
+            .is_some_and(|i| !st.engines[i].usable)
     }
 
     /// Hands `worker` over to retirement, out of its slot: it serves no new caller and is
@@ -655,7 +727,30 @@ impl Supervisor {
         st: &mut SupervisorState,
         slot: usize,
         kind: ExitKind,
+        probed: bool,
     ) {
+        if st.slots[slot].outgoing.is_none() {
+            return;
+        }
+        let engine = Self::slot_engine_name(st, slot);
+        if Self::lost_with_engine(st, engine.as_deref(), &kind) {
+            // Not the successor's failure: it starts again at once on another engine while the
+            // outgoing worker keeps serving; nothing counts against the pool.
+            st.slots[slot].engine = None;
+            st.args.events.restarting(slot, Duration::ZERO);
+            return Self::schedule(myself, st, slot, Duration::ZERO);
+        }
+        if !probed {
+            if let (Some(fleet), Some(engine)) = (st.args.fleet.clone(), st.slots[slot].engine) {
+                // On an engine that still looks up: ask it first, as for a slot's worker.
+                let (token, me) = (st.slots[slot].token, myself.clone());
+                tokio::spawn(async move {
+                    fleet.probe(engine).await;
+                    let _ = me.cast(SupervisorMsg::ProbedSuccessor { slot, token, kind });
+                });
+                return;
+            }
+        }
         let Some(mut out) = st.slots[slot].outgoing.take() else {
             return;
         };
@@ -831,8 +926,11 @@ impl Supervisor {
     }
 
     /// `slot`'s worker (or launch) was lost with its engine: the slot starts again at once,
-    /// elsewhere, counting nothing against the pool.
+    /// elsewhere, counting nothing against the pool — unless its restart type says a worker
+    /// that ended abnormally is not restarted (temporary workers).
     fn engine_lost_exit(myself: &ActorRef<SupervisorMsg>, st: &mut SupervisorState, slot: usize) {
+        let lost = Self::engine_gone(st, slot);
+        let restarts = st.args.policy.restart.restarts(true);
         let s = &mut st.slots[slot];
         s.worker = None;
         s.engine = None;
@@ -840,10 +938,21 @@ impl Supervisor {
             s.status = SlotStatus::Stopped;
         } else if s.overflow {
             s.status = SlotStatus::Unstarted;
+        } else if !restarts {
+            s.status = SlotStatus::Stopped;
+            let kind = ExitKind::Crashed(lost.unwrap_or(PortError::Closed));
+            Self::check_exhausted(st, &kind);
         } else {
             st.args.events.restarting(slot, Duration::ZERO);
             Self::schedule(myself, st, slot, Duration::ZERO);
         }
+    }
+
+    /// The name of the engine `slot` launches on (or runs on), in a fleet.
+    fn slot_engine_name(st: &SupervisorState, slot: usize) -> Option<String> {
+        let fleet = st.args.fleet.as_ref()?;
+        let engine = st.slots[slot].engine?;
+        Some(fleet.engine(engine).engine.name().to_owned())
     }
 
     /// Why `slot`'s engine is not usable, if it has one and it is not.
@@ -1108,7 +1217,7 @@ impl Actor for Supervisor {
                             let kind = shared.exit_kind().unwrap_or(ExitKind::Normal);
                             st.args.events.worker_exited(&shared, &kind);
                             if st.slots[slot].outgoing.is_some() {
-                                Self::successor_failed(&myself, st, slot, kind);
+                                Self::successor_failed(&myself, st, slot, kind, false);
                             } else {
                                 let ending = Ending::Exited(kind, shared.age());
                                 Self::exited(&myself, st, slot, ending);
@@ -1135,7 +1244,7 @@ impl Actor for Supervisor {
                         Self::remember_error(st, error.clone());
                         if current && st.slots[slot].outgoing.is_some() {
                             let kind = ExitKind::Crashed(error);
-                            Self::successor_failed(&myself, st, slot, kind);
+                            Self::successor_failed(&myself, st, slot, kind, false);
                         } else if current {
                             Self::exited(&myself, st, slot, Ending::LaunchFailed(error));
                         }
@@ -1271,6 +1380,33 @@ impl Actor for Supervisor {
                 }
                 Self::maybe_finish_shutdown(st);
             }
+            SupervisorMsg::ProbedSuccessor { slot, token, kind } => {
+                if st.slots[slot].token != token || st.failed || st.shutdown.is_some() {
+                    return Ok(());
+                }
+                if let (Some(fleet), Some(engine)) = (&st.args.fleet, st.slots[slot].engine) {
+                    if let Health::Down { reason } = fleet.health(engine) {
+                        if st.engines[engine].usable {
+                            Self::engine_down(st, engine, &reason);
+                        }
+                    }
+                }
+                Self::successor_failed(&myself, st, slot, kind, true);
+            }
+            SupervisorMsg::ProbedFailure { engine, who, kind } => {
+                let down = st.args.fleet.as_ref().and_then(|f| match f.health(engine) {
+                    Health::Down { reason } => Some(reason),
+                    _ => None,
+                });
+                match down {
+                    Some(reason) => {
+                        if st.engines[engine].usable && !st.failed && st.shutdown.is_none() {
+                            Self::engine_down(st, engine, &reason);
+                        }
+                    }
+                    None => Self::record_failure(st, &who, &kind),
+                }
+            }
             SupervisorMsg::Shutdown(reply) => {
                 st.shutdown = Some(reply);
                 st.queue.clear();
@@ -1329,9 +1465,11 @@ impl Actor for Supervisor {
             let kind = ended(&worker);
             st.args.events.worker_exited(&worker.shared, &kind);
             Self::count_failure(
+                &myself,
                 st,
-                &format!("superseded worker {}", worker.shared.id),
-                &kind,
+                worker.shared.engine(),
+                format!("superseded worker {}", worker.shared.id),
+                kind,
             );
             Self::maybe_finish_shutdown(st);
             return Ok(());
@@ -1344,9 +1482,11 @@ impl Actor for Supervisor {
             st.args.events.worker_exited(&out.worker.shared, &kind);
             reply_all(out.waiters, &ReplaceOutcome::Gone);
             Self::count_failure(
+                &myself,
                 st,
-                &format!("outgoing worker {}", out.worker.shared.id),
-                &kind,
+                out.worker.shared.engine(),
+                format!("outgoing worker {}", out.worker.shared.id),
+                kind,
             );
             Self::maybe_finish_shutdown(st);
             return Ok(());

@@ -28,9 +28,10 @@ use wharf::{Engine, TlsFiles};
 /// The prefix of every name a fleet makes (namespaces, interfaces, directories, cgroups).
 const PREFIX: &str = "wf";
 
-/// Where fleets keep their files.
+/// Where fleets keep their files (short: the daemons' unix sockets live there, and a socket's
+/// path may not exceed 107 bytes).
 fn root_dir() -> PathBuf {
-    PathBuf::from("/tmp/wf-fleet")
+    std::env::temp_dir().join("wf-fleet")
 }
 
 /// One extra Docker host.
