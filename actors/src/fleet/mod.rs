@@ -25,6 +25,7 @@
 pub mod placement;
 pub mod ship;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -133,11 +134,29 @@ struct Member {
     missed: Mutex<u32>,
     /// Wakes the monitor for a ping now.
     wake: Notify,
+    /// Held while a ping is under way: whoever asks meanwhile takes that ping's verdict rather
+    /// than sending one of its own (several crashes during one slow answer are one round, and
+    /// one miss, not several).
+    pinging: tokio::sync::Mutex<()>,
+    /// Pings completed.
+    rounds: AtomicU64,
 }
 
 impl Member {
-    /// Pings the engine once and records what came of it; returns the health after.
+    /// Pings the engine once and records what came of it; returns the health after. If a
+    /// ping is already under way, waits for it and returns its verdict instead.
     async fn ping(&self, options: &HealthOptions) -> Health {
+        let seen = self.rounds.load(Ordering::Acquire);
+        let _turn = self.pinging.lock().await;
+        if self.rounds.load(Ordering::Acquire) != seen {
+            return self.health.borrow().clone();
+        }
+        let health = self.ping_now(options).await;
+        self.rounds.fetch_add(1, Ordering::AcqRel);
+        health
+    }
+
+    async fn ping_now(&self, options: &HealthOptions) -> Health {
         let engine = &self.spec.engine;
         let mut result = engine.ping(options.timeout).await;
         if result.is_ok() && !engine.is_negotiated() {
@@ -217,6 +236,8 @@ impl Fleet {
                     health: watch::Sender::new(Health::Unknown),
                     missed: Mutex::new(0),
                     wake: Notify::new(),
+                    pinging: tokio::sync::Mutex::new(()),
+                    rounds: AtomicU64::new(0),
                 })
             })
             .collect();
@@ -328,5 +349,49 @@ async fn monitor(member: Arc<Member>, options: HealthOptions) {
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine that takes connections and never answers: every ping times out.
+    fn silent_engine(dir: &std::path::Path) -> (Engine, tokio::task::JoinHandle<()>) {
+        let path = dir.join("silent.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                conns.push(conn);
+            }
+        });
+        let host = format!("unix://{}", path.display());
+        let engine = Engine::at("silent", &host, None, Duration::from_secs(5)).unwrap();
+        (engine, held)
+    }
+
+    #[tokio::test]
+    async fn probes_during_one_slow_ping_are_one_round_and_one_miss() {
+        let dir = std::env::temp_dir().join(format!("wharf-fleet-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (engine, held) = silent_engine(&dir);
+        let options = HealthOptions {
+            interval: Duration::from_secs(600),
+            timeout: Duration::from_millis(300),
+            down_after: 2,
+            max_backoff: Duration::from_secs(600),
+        };
+        let fleet = Fleet::new(vec![FleetEngine::from(engine)], options);
+        // Four crashes at once each ask for a probe, while the monitor's first ping is out.
+        let probes = futures::future::join_all((0..4).map(|_| fleet.probe(0))).await;
+        for health in probes {
+            assert!(!matches!(health, Health::Down { .. }), "{health:?}");
+        }
+        assert_eq!(*fleet.members[0].missed.lock().unwrap(), 1);
+        // A second round is a second miss: down, as `down_after` says.
+        assert!(matches!(fleet.probe(0).await, Health::Down { .. }));
+        held.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
