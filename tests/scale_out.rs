@@ -341,6 +341,41 @@ async fn temporary_workers_lost_with_their_engine_are_not_restarted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_under_way_on_a_cut_off_engine_does_not_hold_its_slot() {
+    let test = "a_launch_under_way_on_a_cut_off_engine";
+    let name = "scale-launch-cut";
+    let Some((fleet, pool)) = start(test, name, 10).await else {
+        return;
+    };
+    // h3 cut off but not yet taken for down: one of two new slots is placed there, and its
+    // launch hangs (the engine's requests time out after 10 s).
+    fleet.cut(1);
+    pool.resize(6).await.unwrap();
+    let state = || pool.state();
+    assert!(
+        eventually(LIMIT, || state().starting == 1
+            && state().idle + state().busy == 5)
+        .await,
+        "one new worker ready (on h2), the other's launch out (on h3): {:?}",
+        state()
+    );
+    assert!(engine_down(&pool, "h3", true).await, "h3 is marked down");
+    // Its slot moves at once, not when its launch gives up: the pool is whole on h2 while
+    // that launch is still out.
+    assert_eq!(
+        settle(&pool, &counts(&[("h2", 6), ("h3", 0)])).await,
+        counts(&[("h2", 6), ("h3", 0)]),
+    );
+    assert_eq!(
+        state().starting,
+        1,
+        "the launch on h3 has not ended yet: the slot did not wait for it"
+    );
+    fleet.heal(1);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_ends_calls_at_their_deadline_and_the_healed_host_is_swept() {
     let test = "a_cut_link_ends_calls_at_their_deadline";
     let name = "scale-cut";

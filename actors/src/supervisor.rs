@@ -974,8 +974,18 @@ impl Supervisor {
 
     /// Engine `engine` is taken for lost: no new worker goes there, and every worker of the
     /// pool on it is failed at once (their calls in flight with [`PortError::EngineLost`]).
-    fn engine_down(st: &mut SupervisorState, engine: usize, reason: &str) {
-        let Some(fleet) = &st.args.fleet else {
+    ///
+    /// Launches under way there do not wait for their own timeouts (a cut link answers
+    /// nothing until the engine's request timeout): their slots start again elsewhere now, and
+    /// a launch that ends later is no longer current (a worker it made is killed). Until it
+    /// ends it still holds a start-up slot.
+    fn engine_down(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        engine: usize,
+        reason: &str,
+    ) {
+        let Some(fleet) = st.args.fleet.clone() else {
             return;
         };
         st.engines[engine].usable = false;
@@ -985,8 +995,15 @@ impl Supervisor {
             reason: reason.to_owned(),
         };
         let fail = |worker: &WorkerHandle| {
-            if worker.shared.engine() == Some(name.as_str()) && worker.is_alive() {
+            if worker.shared.engine() != Some(name.as_str()) {
+                return;
+            }
+            if worker.is_alive() {
                 worker.kill_because(ExitKind::Crashed(error.clone()), error.clone());
+            } else {
+                // Killed already (unresponsive, say) and waiting for its engine to confirm
+                // it: the engine is lost and never will, so the kill is final now.
+                worker.port.kill(error.clone());
             }
         };
         for s in &st.slots {
@@ -994,6 +1011,22 @@ impl Supervisor {
             s.outgoing.iter().for_each(|o| fail(&o.worker));
         }
         st.retiring.values().for_each(fail);
+        let starting: Vec<usize> = (0..st.slots.len())
+            .filter(|&i| {
+                st.slots[i].status == SlotStatus::Starting && st.slots[i].engine == Some(engine)
+            })
+            .collect();
+        for slot in starting {
+            st.slots[slot].token += 1;
+            if st.slots[slot].outgoing.is_some() {
+                // A successor: it starts again elsewhere; the outgoing worker keeps serving.
+                st.slots[slot].engine = None;
+                st.args.events.restarting(slot, Duration::ZERO);
+                Self::schedule(myself, st, slot, Duration::ZERO);
+            } else {
+                Self::engine_lost_exit(myself, st, slot);
+            }
+        }
     }
 
     /// Makes engine `engine` ready for this pool: sweeps the pool's containers left on it
@@ -1316,7 +1349,7 @@ impl Actor for Supervisor {
                     Health::Down { reason } => {
                         Self::engine_settled(&myself, st, engine);
                         tracing::warn!(pool = %st.args.name, engine = %fleet.engine(engine).engine.name(), reason, "engine lost: its workers are failed and their slots move");
-                        Self::engine_down(st, engine, &reason);
+                        Self::engine_down(&myself, st, engine, &reason);
                     }
                     Health::Unknown => {}
                 }
@@ -1372,7 +1405,7 @@ impl Actor for Supervisor {
                 match down {
                     Some(reason) if !st.failed && st.shutdown.is_none() => {
                         if st.engines[engine].usable {
-                            Self::engine_down(st, engine, &reason);
+                            Self::engine_down(&myself, st, engine, &reason);
                         }
                         Self::engine_lost_exit(&myself, st, slot);
                     }
@@ -1387,7 +1420,7 @@ impl Actor for Supervisor {
                 if let (Some(fleet), Some(engine)) = (&st.args.fleet, st.slots[slot].engine) {
                     if let Health::Down { reason } = fleet.health(engine) {
                         if st.engines[engine].usable {
-                            Self::engine_down(st, engine, &reason);
+                            Self::engine_down(&myself, st, engine, &reason);
                         }
                     }
                 }
@@ -1401,7 +1434,7 @@ impl Actor for Supervisor {
                 match down {
                     Some(reason) => {
                         if st.engines[engine].usable && !st.failed && st.shutdown.is_none() {
-                            Self::engine_down(st, engine, &reason);
+                            Self::engine_down(&myself, st, engine, &reason);
                         }
                     }
                     None => Self::record_failure(st, &who, &kind),
