@@ -375,6 +375,59 @@ async fn a_launch_under_way_on_a_cut_off_engine_does_not_hold_its_slot() {
     pool.shutdown().await;
 }
 
+/// The engine session `id`'s worker runs on.
+async fn session_engine(pool: &Pool, session: &wharf::Session) -> Option<String> {
+    let worker = session.worker_id().await.unwrap();
+    pool.worker_info()
+        .into_iter()
+        .find(|w| w.id == worker)
+        .and_then(|w| w.engine)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_take_a_worker_on_their_home_engine_which_is_stable_while_it_is_up() {
+    let test = "sessions_take_a_worker_on_their_home_engine";
+    let name = "scale-home";
+    let Some((mut fleet, pool)) = start(test, name, 10).await else {
+        return;
+    };
+    let ids: Vec<String> = (0..12).map(|i| format!("user-{i}")).collect();
+    let homes: Vec<String> = ids.iter().map(|id| pool.home_engine(id).unwrap()).collect();
+    for engine in ["h2", "h3"] {
+        assert!(
+            homes.iter().any(|h| h == engine),
+            "some id lives on {engine}"
+        );
+    }
+    // One session at a time, every worker free: each lands on its home engine.
+    for (id, home) in ids.iter().zip(&homes) {
+        let session = pool.session(id).await.unwrap();
+        assert_eq!(
+            session_engine(&pool, &session).await.as_deref(),
+            Some(home.as_str())
+        );
+        session.end().await.unwrap();
+    }
+    // h3 down: its ids move to h2, the others keep their home.
+    fleet.kill_dockerd(1);
+    assert!(engine_down(&pool, "h3", true).await, "h3 is marked down");
+    for (id, home) in ids.iter().zip(&homes) {
+        assert_eq!(
+            pool.home_engine(id).as_deref(),
+            Some("h2"),
+            "{id} (home {home})"
+        );
+    }
+    assert_eq!(
+        settle(&pool, &counts(&[("h2", 4), ("h3", 0)])).await,
+        counts(&[("h2", 4), ("h3", 0)]),
+    );
+    let session = pool.session(&ids[0]).await.unwrap();
+    assert_eq!(session_engine(&pool, &session).await.as_deref(), Some("h2"));
+    session.end().await.unwrap();
+    pool.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_ends_calls_at_their_deadline_and_the_healed_host_is_swept() {
     let test = "a_cut_link_ends_calls_at_their_deadline";

@@ -106,6 +106,14 @@ impl Inner {
     }
 
     /// Core workers now.
+    /// See [`Pool::home_engine`].
+    pub(crate) fn home_engine(&self, session: &str) -> Option<String> {
+        let fleet = self.fleet.as_ref()?;
+        let up = |i: usize| !matches!(fleet.health(i), Health::Down { .. });
+        let home = wharf_actors::fleet::placement::home(session, fleet.len(), up)?;
+        Some(fleet.engine(home).engine.name().to_owned())
+    }
+
     pub fn size(&self) -> usize {
         self.size.load(Ordering::Relaxed)
     }
@@ -277,6 +285,17 @@ impl Inner {
         timeout: Option<Duration>,
         hold: Hold,
     ) -> Result<Lease> {
+        self.checkout_preferring(timeout, hold, None).await
+    }
+
+    /// [`Inner::checkout_as`], taking a free worker on engine `prefer` if there is one (any
+    /// free worker otherwise: a preference never makes a caller wait).
+    pub(crate) async fn checkout_preferring(
+        self: &Arc<Self>,
+        timeout: Option<Duration>,
+        hold: Hold,
+        prefer: Option<&str>,
+    ) -> Result<Lease> {
         // The clock is read only if the caller has to wait: the fast path is a few atomics and
         // one short lock.
         let mut started: Option<Instant> = None;
@@ -326,7 +345,17 @@ impl Inner {
                 }
             };
             permit.forget();
-            let Some(handle) = lock(&self.idle).pop() else {
+            let popped = {
+                let mut idle = lock(&self.idle);
+                let at = prefer.and_then(|engine| {
+                    idle.iter().rposition(|h| h.shared.engine() == Some(engine))
+                });
+                match at {
+                    Some(at) => Some(idle.remove(at)),
+                    None => idle.pop(),
+                }
+            };
+            let Some(handle) = popped else {
                 continue;
             };
             if handle.max_concurrency() > 1 {
@@ -1400,6 +1429,15 @@ impl Pool {
         (0..fleet.len())
             .map(|i| (fleet.engine(i).engine.name().to_owned(), fleet.health(i)))
             .collect()
+    }
+
+    /// The engine a session of id `session` prefers now: its *home*, chosen from the id by
+    /// a hash with a coprime step over the pool's engines (OpenWhisk's way), skipping engines
+    /// that are down, so it stays the same while its engine is up and changes only while it is
+    /// not. A session takes a free worker there if there is one, any free worker otherwise;
+    /// once open it never moves. `None` if the pool does not spread over engines.
+    pub fn home_engine(&self, session: &str) -> Option<String> {
+        self.inner.home_engine(session)
     }
 
     /// How many running workers each engine hosts (engines without one included; empty if the

@@ -19,7 +19,7 @@ use crate::config::SessionEnd;
 use crate::error::{Error, Result};
 use crate::events::PoolEvent;
 use crate::lease::Lease;
-use crate::pool::{to_value, Inner};
+use crate::pool::{to_value, Hold, Inner};
 
 enum Pin {
     Open(Lease),
@@ -149,7 +149,12 @@ impl Session {
             id: &id,
             armed: true,
         };
-        let mut lease = pool.checkout(Some(pool.config.checkout_timeout)).await?;
+        // On a pool spread over engines, a worker on the session's home engine if one is free.
+        let home = pool.home_engine(&id);
+        let timeout = Some(pool.config.checkout_timeout);
+        let mut lease = pool
+            .checkout_preferring(timeout, Hold::Exclusive, home.as_deref())
+            .await?;
         claim.armed = false;
         drop(claim);
         lease.set_session(id.clone());
