@@ -429,6 +429,56 @@ async fn sessions_take_a_worker_on_their_home_engine_which_is_stable_while_it_is
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launches_failing_on_an_engine_that_answers_open_its_breaker_not_the_pools() {
+    let test = "launches_failing_on_an_engine_that_answers";
+    let name = "scale-breaker";
+    let Some((_, spec)) = demo_container(test, Transport::Attach).await else {
+        return;
+    };
+    let Some((fleet, pool)) = start(test, name, 10).await else {
+        return;
+    };
+    // h3 answers its pings, but its copy of the image is broken now (an empty file system
+    // under the same name): every launch there fails.
+    let socket = fleet.hosts[1].socket();
+    let import = format!(
+        "tar cf - -T /dev/null | docker -H unix://{} import - {} >/dev/null",
+        socket.display(),
+        spec.image
+    );
+    let status = std::process::Command::new("sh")
+        .args(["-c", &import])
+        .status()
+        .unwrap();
+    assert!(status.success(), "the broken image is imported on h3");
+    // One of h3's workers is killed: its slot's launches fail on h3 until h3's breaker opens,
+    // then it starts on h2. Without the breaker, five failures in a row fail the pool.
+    let h3 = fleet.engine_by_socket(1).await;
+    let victim = running(&h3, name).await[0].clone();
+    h3.docker()
+        .kill_container(
+            &victim,
+            Some(KillContainerOptions {
+                signal: "SIGKILL".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        settle(&pool, &counts(&[("h2", 3), ("h3", 1)])).await,
+        counts(&[("h2", 3), ("h3", 1)]),
+        "{:?}",
+        pool.failure()
+    );
+    assert!(pool.failure().is_none(), "{:?}", pool.failure());
+    assert_eq!(
+        pool.call::<Value>("echo", &1).await.unwrap(),
+        Value::from(1)
+    );
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_ends_calls_at_their_deadline_and_the_healed_host_is_swept() {
     let test = "a_cut_link_ends_calls_at_their_deadline";
     let name = "scale-cut";

@@ -232,6 +232,12 @@ pub enum SupervisorMsg {
         /// How it ended.
         ending: Ending,
     },
+    /// Engine `engine`'s launch circuit breaker has been open long enough: one launch may try
+    /// it again.
+    BreakerClosing {
+        /// The engine.
+        engine: usize,
+    },
     /// The successor launched in `slot` on a fleet engine failed and the engine has been
     /// probed: handled as a failed successor unless the engine is down.
     ProbedSuccessor {
@@ -346,7 +352,17 @@ struct EngineState {
     /// settled, the pool's first workers wait, so that they spread over all engines instead
     /// of crowding onto the first one ready.
     settled: bool,
+    /// Launches that failed there in a row while it answered its pings.
+    launch_failures: u32,
+    /// Its launch circuit breaker is open: no new worker goes there until it closes.
+    tripped: bool,
+    /// Times the breaker opened since the engine's last successful launch (its backoff).
+    trips: u32,
 }
+
+/// Launches failing in a row on an engine that answers its pings before its circuit breaker
+/// opens (see [`Supervisor::engine_failed_launch`]).
+const LAUNCH_TRIP: u32 = 3;
 
 /// The supervisor actor.
 #[derive(Debug, Default)]
@@ -409,7 +425,7 @@ impl Supervisor {
         // One pass over the slots: what each engine runs and launches for this pool.
         let mut loads: Vec<placement::Load> = (0..fleet.len())
             .map(|i| placement::Load {
-                usable: st.engines[i].usable,
+                usable: st.engines[i].usable && !st.engines[i].tripped,
                 capacity: fleet.engine(i).capacity,
                 startup_concurrency: fleet.engine(i).startup_concurrency,
                 ..placement::Load::default()
@@ -855,6 +871,9 @@ impl Supervisor {
         slot: usize,
         error: PortError,
     ) {
+        if Self::engine_failed_launch(myself, st, slot, &error) {
+            return;
+        }
         let s = &mut st.slots[slot];
         s.start_failures += 1;
         if s.start_failures >= st.args.policy.max_start_failures.max(1) {
@@ -873,6 +892,55 @@ impl Supervisor {
             let kind = ExitKind::Crashed(error);
             Self::on_exit(myself, st, slot, kind, Duration::ZERO);
         }
+    }
+
+    /// A launch in `slot` failed on a fleet engine that answers its pings (a broken image or
+    /// runtime there, a full disk): while another engine can take the slot, that is counted
+    /// against the engine, not the slot or the pool — its launch circuit breaker. After
+    /// [`LAUNCH_TRIP`] failures in a row the breaker opens: no new worker goes there for the
+    /// health interval, doubled at each opening since the engine's last good launch (up to
+    /// the health options' `max_backoff`); then one launch may try it again (half open), and
+    /// one more failure opens it again. Its running workers are left alone. With no other
+    /// engine to go to, the failure is the slot's as anywhere (returns `false`).
+    fn engine_failed_launch(
+        myself: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        slot: usize,
+        error: &PortError,
+    ) -> bool {
+        let Some(fleet) = st.args.fleet.clone() else {
+            return false;
+        };
+        let Some(engine) = st.slots[slot].engine else {
+            return false;
+        };
+        let elsewhere = (0..st.engines.len())
+            .any(|i| i != engine && st.engines[i].usable && !st.engines[i].tripped);
+        if !elsewhere || st.failed || st.shutdown.is_some() {
+            return false;
+        }
+        let e = &mut st.engines[engine];
+        e.launch_failures += 1;
+        if e.launch_failures >= LAUNCH_TRIP {
+            e.tripped = true;
+            e.trips += 1;
+            let options = fleet.options();
+            let backoff = options
+                .interval
+                .saturating_mul(1 << e.trips.min(10))
+                .min(options.max_backoff.max(options.interval));
+            tracing::warn!(pool = %st.args.name, engine = %fleet.engine(engine).engine.name(), %error, ?backoff, "launches keep failing on this engine: none goes there for a while");
+            myself.send_after(backoff, move || SupervisorMsg::BreakerClosing { engine });
+        }
+        let policy = st.args.policy;
+        let s = &mut st.slots[slot];
+        // Not preferred again: the next launch goes where placement says.
+        s.engine = None;
+        s.failures += 1;
+        let delay = policy.backoff.delay(s.failures);
+        st.args.events.restarting(slot, delay);
+        Self::schedule(myself, st, slot, delay);
+        true
     }
 
     /// Handles the end of `slot`'s worker (or launch), whose plan is current. On a fleet engine
@@ -1257,6 +1325,12 @@ impl Actor for Supervisor {
                             }
                         } else {
                             st.actors.insert(handle.actor.get_id(), (slot, token));
+                            if let Some(e) =
+                                st.slots[slot].engine.and_then(|i| st.engines.get_mut(i))
+                            {
+                                e.launch_failures = 0;
+                                e.trips = 0;
+                            }
                             let s = &mut st.slots[slot];
                             s.start_failures = 0;
                             s.status = SlotStatus::Running;
@@ -1412,6 +1486,13 @@ impl Actor for Supervisor {
                     _ => Self::settle(&myself, st, slot, ending),
                 }
                 Self::maybe_finish_shutdown(st);
+            }
+            SupervisorMsg::BreakerClosing { engine } => {
+                let e = &mut st.engines[engine];
+                e.tripped = false;
+                // Half open: one more failure opens it again.
+                e.launch_failures = LAUNCH_TRIP - 1;
+                Self::place_unplaced(&myself, st);
             }
             SupervisorMsg::ProbedSuccessor { slot, token, kind } => {
                 if st.slots[slot].token != token || st.failed || st.shutdown.is_some() {
