@@ -94,6 +94,27 @@ async fn settle(pool: &Pool, want: &BTreeMap<String, usize>) -> BTreeMap<String,
     }
 }
 
+/// SIGKILLs container `id` on `engine`, behind the pool's back.
+async fn sigkill_container(engine: &Engine, id: &str) {
+    let options = KillContainerOptions {
+        signal: "SIGKILL".into(),
+    };
+    engine
+        .docker()
+        .kill_container(id, Some(options))
+        .await
+        .unwrap();
+}
+
+/// The pool has not failed and answers a call.
+async fn still_serves(pool: &Pool) {
+    assert!(pool.failure().is_none(), "{:?}", pool.failure());
+    assert_eq!(
+        pool.call::<Value>("echo", &1).await.unwrap(),
+        Value::from(1)
+    );
+}
+
 /// Waits until engine `name` of the pool has health `down` (down or not).
 async fn engine_down(pool: &Pool, name: &str, down: bool) -> bool {
     let is_down = || {
@@ -129,15 +150,7 @@ async fn a_pool_spreads_over_two_engines_and_replaces_a_killed_container_on_its_
 
     // A container killed on h3 is replaced on h3.
     let before = running(&h3, name).await;
-    h3.docker()
-        .kill_container(
-            &before[0],
-            Some(KillContainerOptions {
-                signal: "SIGKILL".into(),
-            }),
-        )
-        .await
-        .unwrap();
+    sigkill_container(&h3, &before[0]).await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     let mut now = running(&h3, name).await;
     while (now.len() != 2 || now.contains(&before[0])) && tokio::time::Instant::now() < deadline {
@@ -308,11 +321,7 @@ async fn workers_on_their_way_out_lost_with_a_killed_daemon_count_nothing_agains
     assert!(pool.failure().is_none(), "{:?}", pool.failure());
     drop(leases);
     let _ = tokio::time::timeout(LIMIT, restart).await;
-    assert!(pool.failure().is_none(), "{:?}", pool.failure());
-    assert_eq!(
-        pool.call::<Value>("echo", &1).await.unwrap(),
-        Value::from(1)
-    );
+    still_serves(&pool).await;
     pool.shutdown().await;
 }
 
@@ -455,26 +464,14 @@ async fn launches_failing_on_an_engine_that_answers_open_its_breaker_not_the_poo
     // then it starts on h2. Without the breaker, five failures in a row fail the pool.
     let h3 = fleet.engine_by_socket(1).await;
     let victim = running(&h3, name).await[0].clone();
-    h3.docker()
-        .kill_container(
-            &victim,
-            Some(KillContainerOptions {
-                signal: "SIGKILL".into(),
-            }),
-        )
-        .await
-        .unwrap();
+    sigkill_container(&h3, &victim).await;
     assert_eq!(
         settle(&pool, &counts(&[("h2", 3), ("h3", 1)])).await,
         counts(&[("h2", 3), ("h3", 1)]),
         "{:?}",
         pool.failure()
     );
-    assert!(pool.failure().is_none(), "{:?}", pool.failure());
-    assert_eq!(
-        pool.call::<Value>("echo", &1).await.unwrap(),
-        Value::from(1)
-    );
+    still_serves(&pool).await;
     pool.shutdown().await;
 }
 
